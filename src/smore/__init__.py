@@ -1,0 +1,42 @@
+"""smore: S'MoRE (Structural Mixture of Residual Experts) and the adapters it is compared with, on one code base.
+
+Entry points::
+
+    model = smore.adapt(model, smore.SMoREConfig(num_experts=[4, 4], top_k=[2, 2], ranks=[8, 8]))
+    loss = model(**batch).loss + smore.aux_loss(model)
+    print(smore.summary(model))
+    with smore.disable_adapters(model): ...
+    smore.save_adapter(model, "run/adapter"); smore.load_adapter(base_model, "run/adapter")
+"""
+
+from smore.config import AdapterConfig, SMoREConfig
+from smore.inject import (
+    adapt,
+    adapted_modules,
+    aux_loss,
+    disable_adapters,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+    summary,
+)
+from smore.registry import METHODS, config_from_dict, get_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "SMoREConfig",
+    "__version__",
+    "adapt",
+    "adapted_modules",
+    "aux_loss",
+    "config_from_dict",
+    "disable_adapters",
+    "get_method",
+    "load_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "summary",
+]

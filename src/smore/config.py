@@ -1,0 +1,233 @@
+"""Typed, validated adapter configurations.
+
+One name travels end to end: the YAML/JSON key, the dataclass field and the keyword argument of the module that
+uses it are the same word. Every field is checked in ``__post_init__`` and a bad value raises ``ValueError`` naming
+the field and the fix, before any model is touched.
+
+Notation of the S'MoRE paper (SPEC §1.1), level ℓ = 0 is the bottom (leaves), ℓ = L-1 the top:
+
+=============  ====================  ==========================================================
+paper          field                 meaning
+=============  ====================  ==========================================================
+s_ℓ            ``num_experts[ℓ]``    residual experts in level ℓ
+f_ℓ            ``top_k[ℓ]``          children picked per selected parent (per token at the top)
+r_ℓ            ``ranks[ℓ]``          rank of each expert of level ℓ
+α_ℓ (LoRA)     ``alpha[ℓ]``          scaling γ_ℓ = alpha_ℓ / r_ℓ; ``None`` means γ_ℓ = 1
+d_g,ℓ          ``router_dims[ℓ]``    width of the level-ℓ router query and keys
+d_down         ``down_proj_dim``     width of the token down-projection shared by all levels
+σ              ``activation``        non-linearity between levels
+=============  ====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, get_args
+
+GateType = Literal["dense", "switch", "noisy_topk"]
+Activation = Literal["identity", "tanh", "relu", "prelu"]
+ActivationPosition = Literal["all", "child", "child_v2"]
+InitMethod = Literal["normal", "b_zero", "bw_zero", "w_final_zero", "eq_1_layer"]
+RouterActivation = Literal["relu", "gelu", "silu", "tanh"]
+AuxReduction = Literal["sum", "mean"]
+
+
+def _check_choice(name: str, value: Any, literal: Any) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
+
+
+def _check_positive_ints(name: str, values: list[int], *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}[{i}]={v!r} must be an integer >= {low}.")
+
+
+def _as_list(name: str, value: Any) -> list:
+    if isinstance(value, tuple):
+        return list(value)
+    if not isinstance(value, list):
+        raise ValueError(f"{name}={value!r} must be a list with one entry per level (bottom level first).")
+    return value
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method: where the adapters go."""
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    """Module names to adapt: a list of name suffixes (``"up_proj"`` matches ``model.layers.0.mlp.up_proj``) or one
+    regular expression matched against the full module name."""
+    exclude_modules: list[str] | str | None = None
+    """Names to leave alone, matched the same way as ``target_modules``."""
+    layers_to_transform: list[int] | None = None
+    """Only adapt modules inside these decoder-layer indices (``...layers.{i}...``); ``None`` adapts every layer."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if not self.target_modules or not isinstance(self.target_modules, (list, str)):
+            raise ValueError(
+                f"target_modules={self.target_modules!r} must be a non-empty list of module-name suffixes "
+                "or a regular expression, e.g. ['gate_proj', 'up_proj', 'down_proj']."
+            )
+        if isinstance(self.target_modules, list) and not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules={self.target_modules!r} must hold non-empty strings only.")
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, (list, str)):
+            raise ValueError(f"exclude_modules={self.exclude_modules!r} must be a list of suffixes, a regex or null.")
+        if self.layers_to_transform is not None:
+            if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+                self.layers_to_transform = [self.layers_to_transform]
+            self.layers_to_transform = _as_list("layers_to_transform", self.layers_to_transform)
+            _check_positive_ints("layers_to_transform", self.layers_to_transform, allow_zero=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON/YAML form: ``method`` plus every field."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
+        """Build from a mapping; unknown keys are refused with the list of valid ones."""
+        values = {k: v for k, v in values.items() if k != "method"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}.")
+        return cls(**values)
+
+
+@dataclass
+class SMoREConfig(AdapterConfig):
+    """S'MoRE: a tree of residual experts per adapted linear layer (SPEC §1). Lists are per level, bottom first."""
+
+    method: ClassVar[str] = "smore"
+
+    num_experts: list[int] = field(default_factory=lambda: [4, 4])
+    """s_ℓ: residual experts in each level."""
+    top_k: list[int] = field(default_factory=lambda: [2, 2])
+    """f_ℓ: experts picked per selected parent (per token at the top). Ignored by the ``dense`` gate."""
+    ranks: list[int] = field(default_factory=lambda: [8, 8])
+    """r_ℓ: rank of every expert of a level."""
+    alpha: list[float] | None = None
+    """Per-level scaling numerators: γ_ℓ = alpha[ℓ] / ranks[ℓ]. ``None`` gives γ_ℓ = 1, as the paper's runs."""
+    router_dims: list[int] = field(default_factory=lambda: [32, 32])
+    """d_g,ℓ: width of each level's router query and expert keys."""
+    down_proj_dim: int = 32
+    """d_down: width of the token down-projection shared by the routers of all levels."""
+    router_activation: RouterActivation = "relu"
+    """Activation inside each level's two-layer router MLP."""
+    gate: GateType = "switch"
+    """``dense`` (every expert, softmax), ``switch`` (top-k of softmax) or ``noisy_topk`` (cosine + noise)."""
+    balance_weight: float = 0.01
+    """Weight of each gate's load-balancing loss."""
+    activation: Activation = "relu"
+    """σ between levels; ``prelu`` has one learnable slope per level."""
+    prelu_init: float = 0.25
+    """Initial slope of ``prelu`` (only read when activation is prelu)."""
+    activation_position: ActivationPosition = "all"
+    """Where σ acts (S'MoRE*): ``all`` (Eq. 3), ``child`` or ``child_v2``."""
+    shared_pool: bool = False
+    """S'MoRE#: one pool of experts shared by every level (needs equal num_experts and ranks)."""
+    init: InitMethod = "w_final_zero"
+    """Initialisation of B, W_ℓ and W_proj (SPEC §1.5); ``w_final_zero`` leaves the model unchanged."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_experts", "top_k", "ranks"):
+            setattr(self, name, _as_list(name, getattr(self, name)))
+            _check_positive_ints(name, getattr(self, name))
+        levels = len(self.num_experts)
+        if levels == 0:
+            raise ValueError("num_experts must have at least one level, e.g. [4, 4].")
+        if isinstance(self.router_dims, int) and not isinstance(self.router_dims, bool):
+            self.router_dims = [self.router_dims] * levels
+        self.router_dims = _as_list("router_dims", self.router_dims)
+        _check_positive_ints("router_dims", self.router_dims)
+        per_level = {"top_k": self.top_k, "ranks": self.ranks, "router_dims": self.router_dims}
+        if self.alpha is not None:
+            self.alpha = _as_list("alpha", self.alpha)
+            per_level["alpha"] = self.alpha
+        for name, values in per_level.items():
+            if len(values) != levels:
+                raise ValueError(
+                    f"{name} has {len(values)} entries but num_experts has {levels} levels; "
+                    f"give one {name} entry per level (bottom level first)."
+                )
+        if self.alpha is not None:
+            for i, a in enumerate(self.alpha):
+                if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a <= 0:
+                    raise ValueError(f"alpha[{i}]={a!r} must be a positive number (or set alpha to null).")
+        _check_choice("gate", self.gate, GateType)
+        _check_choice("activation", self.activation, Activation)
+        _check_choice("activation_position", self.activation_position, ActivationPosition)
+        _check_choice("init", self.init, InitMethod)
+        _check_choice("router_activation", self.router_activation, RouterActivation)
+        for level, (k, s) in enumerate(zip(self.top_k, self.num_experts)):
+            if k > s:
+                raise ValueError(
+                    f"top_k[{level}]={k} exceeds num_experts[{level}]={s}; pick at most num_experts experts."
+                )
+            if self.gate == "noisy_topk" and k == s:
+                raise ValueError(
+                    f"gate='noisy_topk' needs top_k[{level}] < num_experts[{level}] (got {k} of {s}): its load "
+                    "estimate uses the (k+1)-th logit. Lower top_k, raise num_experts, or use gate='dense'."
+                )
+        if isinstance(self.down_proj_dim, bool) or not isinstance(self.down_proj_dim, int) or self.down_proj_dim < 1:
+            raise ValueError(f"down_proj_dim={self.down_proj_dim!r} must be a positive integer, e.g. 32.")
+        if (
+            not isinstance(self.balance_weight, (int, float))
+            or not math.isfinite(self.balance_weight)
+            or (self.balance_weight < 0)
+        ):
+            raise ValueError(f"balance_weight={self.balance_weight!r} must be a finite number >= 0.")
+        if not isinstance(self.prelu_init, (int, float)) or not math.isfinite(self.prelu_init):
+            raise ValueError(f"prelu_init={self.prelu_init!r} must be a finite number.")
+        if not isinstance(self.shared_pool, bool):
+            raise ValueError(f"shared_pool={self.shared_pool!r} must be true or false.")
+        if self.shared_pool and (len(set(self.num_experts)) != 1 or len(set(self.ranks)) != 1):
+            raise ValueError(
+                f"shared_pool=True needs the same num_experts and ranks in every level (got num_experts="
+                f"{self.num_experts}, ranks={self.ranks}); make them equal or set shared_pool=False."
+            )
+
+    # -- derived quantities (SPEC §1.1) ------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        """L, the number of S'MoRE levels."""
+        return len(self.num_experts)
+
+    @property
+    def fanouts(self) -> list[int]:
+        """Children actually picked per parent: top_k, or every expert for the dense gate."""
+        return list(self.num_experts) if self.gate == "dense" else list(self.top_k)
+
+    @property
+    def widths(self) -> list[int]:
+        """d_0 … d_L: width of the message entering each level (d_0 = 0) and of the top message d_L."""
+        if self.shared_pool:
+            return [0] + [self.num_experts[0] * self.ranks[0]] * self.num_levels
+        widths = [0]
+        for s, r in zip(self.num_experts, self.ranks):
+            widths.append(widths[-1] + s * r)
+        return widths
+
+    @property
+    def slots(self) -> list[int]:
+        """F_0 … F_L: expert slots activated per token in each level (F_L = 1, the virtual root)."""
+        slots = [1]
+        for f in reversed(self.fanouts):
+            slots.insert(0, slots[0] * f)
+        return slots
+
+    @property
+    def scalings(self) -> list[float]:
+        """γ_ℓ = alpha_ℓ / r_ℓ, or 1 when no alpha is given."""
+        if self.alpha is None:
+            return [1.0] * self.num_levels
+        return [a / r for a, r in zip(self.alpha, self.ranks)]

@@ -1,0 +1,299 @@
+"""Injection: find the target layers, wrap them, freeze the rest; collect aux losses; adapter-only save and load.
+
+Small and explicit on purpose: walk ``named_modules()``, match by suffix or regex, replace with
+:class:`~smore.adapters.base.AdaptedLinear`, return the model. The adapter's config, its wrapped module names and the
+shared :class:`~smore.adapters.base.TokenMask` live on the model as ``model.smore_state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from smore.adapters.base import AdaptedLinear, TokenMask, linear_features
+from smore.config import AdapterConfig
+from smore.registry import config_from_dict, method_of
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+@dataclass
+class AdapterState:
+    """What ``adapt`` leaves on the model."""
+
+    config: AdapterConfig
+    modules: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Wrapped module name → (in_features, out_features)."""
+    token_mask: TokenMask = field(default_factory=TokenMask)
+    hook: torch.utils.hooks.RemovableHandle | None = None
+
+
+def _matches(name: str, patterns: list[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
+    """Modules that ``config`` selects, by name; raises a ``ValueError`` that lists what exists if none match."""
+    targets = {}
+    for name, module in model.named_modules():
+        if not name or not _matches(name, config.target_modules):
+            continue
+        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and _layer_index(name) not in config.layers_to_transform:
+            continue
+        if isinstance(module, AdaptedLinear):
+            raise ValueError(f"module {name!r} is already adapted; adapt a fresh model or load onto the base model.")
+        if linear_features(module) is None:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched {name!r}, a {type(module).__name__}; only "
+                "nn.Linear and transformers Conv1D layers can be adapted. Name its linear sub-layers instead."
+            )
+        targets[name] = module
+    if not targets:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_features(m)})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}, "
+            f"layers_to_transform={config.layers_to_transform!r}) matched no linear layer of this "
+            f"{type(model).__name__}. Its linear layers are named: {linear_names}."
+        )
+    return targets
+
+
+def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap the target layers of ``model`` with the adapter ``config`` describes, freeze everything else.
+
+    The model is changed in place and returned. New adapter weights take the device of each base layer and its
+    dtype (float32 for non-float bases).
+    """
+    if getattr(model, "smore_state", None) is not None:
+        raise ValueError("this model already carries a smore adapter; load or adapt a fresh base model.")
+    method = method_of(config)
+    targets = find_targets(model, config)
+    state = AdapterState(config=config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, base in targets.items():
+        in_features, out_features = linear_features(base)
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        delta = method.build(config, in_features, out_features).to(device=weight.device, dtype=dtype)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, AdaptedLinear(base, delta, state.token_mask))
+        state.modules[name] = (in_features, out_features)
+    state.hook = model.register_forward_pre_hook(state.token_mask.hook, with_kwargs=True)
+    model.smore_state = state
+    logger.info("adapted %d modules with %s", len(state.modules), config.method)
+    return model
+
+
+def adapted_modules(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """Every :class:`AdaptedLinear` in ``model``, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def _state(model: nn.Module) -> AdapterState:
+    state = getattr(model, "smore_state", None)
+    if state is None:
+        raise ValueError("this model carries no smore adapter; call smore.adapt(model, config) first.")
+    return state
+
+
+def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
+    """The auxiliary (load-balancing) losses of the last forward, summed over adapters (SPEC §1.3 Decision).
+
+    ``reduction="mean"`` averages over the adapters that have one. Returns a 0-dim tensor (0 when none has one).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction={reduction!r} is unknown; use 'sum' or 'mean'.")
+    losses = [
+        m.delta.aux_loss for m in adapted_modules(model).values() if getattr(m.delta, "aux_loss", None) is not None
+    ]
+    if not losses:
+        param = next(model.parameters())
+        return torch.zeros((), device=param.device)
+    total = torch.stack([loss.float() for loss in losses]).sum()
+    return total / len(losses) if reduction == "mean" else total
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (every adapter off); the previous state returns after."""
+    modules = list(adapted_modules(model).values())
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.enabled = was
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What ``adapt`` wrapped and what trains."""
+
+    method: str
+    modules: dict[str, tuple[int, int]]
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        shapes: dict[tuple[int, int], int] = {}
+        for shape in self.modules.values():
+            shapes[shape] = shapes.get(shape, 0) + 1
+        lines = [f"smore adapter: method={self.method}, {len(self.modules)} modules wrapped"]
+        for (d_in, d_out), count in sorted(shapes.items()):
+            lines.append(f"  {count:4d} x Linear {d_in} -> {d_out}")
+        share = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share:.4f}")
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module) -> AdapterSummary:
+    """A summary of the adapter on ``model``; ``print(smore.summary(model))`` shows it as a table."""
+    state = _state(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return AdapterSummary(state.config.method, dict(state.modules), trainable, total)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights only, keyed ``{module name}.{delta parameter}``."""
+    return {
+        f"{name}.{key}": tensor
+        for name, module in adapted_modules(model).items()
+        for key, tensor in module.delta.state_dict().items()
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter weights only) into ``path``.
+
+    Each file is written under a temporary name and renamed, so an interrupted save never leaves a torn file.
+    """
+    from smore import __version__
+
+    state = _state(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    base_name = getattr(getattr(model, "config", None), "name_or_path", None)
+    document = {
+        **state.config.to_dict(),
+        "smore_version": __version__,
+        "base_model": base_name or None,
+        "modules": {name: list(shape) for name, shape in state.modules.items()},
+    }
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    logger.info("saved %s adapter (%d tensors) to %s", state.config.method, len(tensors), path)
+    return path
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
+    """The config saved in an adapter folder and the raw JSON document."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise ValueError(f"{file} does not exist; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        document = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); the adapter config is corrupted.") from error
+    if not isinstance(document, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(document).__name__}.")
+    fields = {k: v for k, v in document.items() if k not in ("smore_version", "base_model", "modules")}
+    return config_from_dict(fields), document
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Adapt a base ``model`` with the adapter saved in ``path`` and load its weights.
+
+    Checks before touching the model that every saved module exists with the same shape, and afterwards that the
+    weights match exactly; any difference is listed in the ``ValueError``.
+    """
+    path = Path(path)
+    config, document = read_adapter_config(path)
+    saved_modules = {name: tuple(shape) for name, shape in document.get("modules", {}).items()}
+    problems = []
+    present = dict(model.named_modules())
+    for name, shape in saved_modules.items():
+        module = present.get(name)
+        features = None if module is None else linear_features(module)
+        if module is None:
+            problems.append(f"module {name!r} is missing from the model")
+        elif features is None:
+            problems.append(f"module {name!r} is a {type(module).__name__}, not a linear layer")
+        elif features != shape:
+            problems.append(
+                f"module {name!r} is {features[0]} -> {features[1]}, the adapter expects {shape[0]} -> {shape[1]}"
+            )
+    if problems:
+        raise ValueError(f"the adapter in {path} does not fit this {type(model).__name__}: " + "; ".join(problems[:20]))
+    weights_file = path / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise ValueError(f"{weights_file} does not exist; the adapter folder is incomplete.")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_file} cannot be read ({error}); the file is corrupted or truncated.") from error
+    adapt(model, config)
+    wrapped = set(model.smore_state.modules)
+    if saved_modules and wrapped != set(saved_modules):
+        extra, missing = sorted(wrapped - set(saved_modules)), sorted(set(saved_modules) - wrapped)
+        raise ValueError(
+            f"the adapter in {path} was saved for other modules: the config now also matches {extra[:10]} and "
+            f"misses {missing[:10]}."
+        )
+    load_adapter_weights(model, tensors, source=str(weights_file))
+    return model
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy adapter weights into an adapted model; every key and shape must match exactly."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"adapter weights from {source} do not match the adapted model: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}, shape mismatches (file vs model) {wrong[:10]}."
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))

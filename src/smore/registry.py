@@ -1,0 +1,60 @@
+"""Method registry: name → (config class, builder). Adding a method touches its own file and one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from smore.adapters.smore import build_smore
+from smore.config import AdapterConfig, SMoREConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter method: its config class and the builder of one delta for a ``d_in → d_out`` layer."""
+
+    name: str
+    config_class: type[AdapterConfig]
+    build: Callable[[Any, int, int], nn.Module]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered.")
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("smore", SMoREConfig, build_smore))
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; choose one of {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def method_of(config: AdapterConfig) -> Method:
+    """The registered method whose config class ``config`` is."""
+    for method in METHODS.values():
+        if type(config) is method.config_class:
+            return method
+    raise ValueError(
+        f"{type(config).__name__} is not a registered adapter config; use one of "
+        f"{[m.config_class.__name__ for m in METHODS.values()]}."
+    )
+
+
+def config_from_dict(values: dict[str, Any]) -> AdapterConfig:
+    """Build a config from its JSON/YAML form, whose ``method`` key names the method."""
+    if not isinstance(values, dict):
+        raise ValueError(f"an adapter config must be a mapping with a 'method' key, got {type(values).__name__}.")
+    if "method" not in values:
+        raise ValueError(f"the adapter config has no 'method' key; add method: one of {sorted(METHODS)}.")
+    return get_method(values["method"]).config_class.from_dict(values)

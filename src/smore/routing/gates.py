@@ -1,0 +1,161 @@
+"""The three gates of S'MoRE (SPEC §1.3): they turn router logits into a selection, mixing weights and an auxiliary
+load-balancing loss. The same gates serve the flat mixtures (MoLoRA, HydraLoRA), which feed them ``W_g x``.
+
+``scores(query, keys)`` makes the logits (dot product, or cosine for the noisy gate) and returns the keys as they
+were scored, since S'MoRE hands exactly those keys down to the children's routers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smore.routing.types import GateOutput
+
+
+def _valid_rows(tensor: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Keep the rows of real tokens: padding never counts in routing statistics."""
+    return tensor if valid is None else tensor[valid]
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation var/mean² (unbiased var, eps 1e-10), 0 for a single expert (Shazeer 2017)."""
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    values = values.float()
+    return values.var() / (values.mean() ** 2 + 1e-10)
+
+
+class Gate(nn.Module):
+    """Base gate: dot-product scores; subclasses pick experts and define the auxiliary loss."""
+
+    def __init__(self, *, num_experts: int, top_k: int, balance_weight: float = 0.0) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.balance_weight = balance_weight
+
+    @property
+    def fanout(self) -> int:
+        """Experts picked per query."""
+        return self.top_k
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (M, s) of queries (M, d_g) against keys (s, d_g), and the keys as scored."""
+        return query @ keys.t(), keys
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        *,
+        router_input: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        forced: torch.Tensor | None = None,
+    ) -> GateOutput:
+        """Select experts for logits (M, s). ``valid`` (M,) masks padding out of the statistics; ``forced`` (M, k)
+        imposes the selection (used to enumerate routing trees) while weights are still computed by the gate."""
+        raise NotImplementedError
+
+
+class DenseGate(Gate):
+    """Every expert, weighted by the softmax of the logits; no auxiliary loss (top_k is not used)."""
+
+    @property
+    def fanout(self) -> int:
+        return self.num_experts
+
+    def forward(self, logits, *, router_input=None, valid=None, forced=None) -> GateOutput:
+        probs = logits.softmax(dim=-1)
+        indices = torch.arange(self.num_experts, device=logits.device).expand_as(probs)
+        return GateOutput(indices=indices, weights=probs, probs=probs, aux_loss=logits.new_zeros(()))
+
+
+class SwitchGate(Gate):
+    """Top-k of the softmax, renormalised when k > 1; Switch Transformer loss ``w · s · Σ_j f_j P_j``."""
+
+    def forward(self, logits, *, router_input=None, valid=None, forced=None) -> GateOutput:
+        probs = logits.softmax(dim=-1)  # (M, s)
+        indices = probs.topk(self.top_k, dim=-1).indices if forced is None else forced
+        weights = probs.gather(-1, indices)  # (M, k)
+        if self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return GateOutput(indices=indices, weights=weights, probs=probs, aux_loss=self._aux(probs, indices, valid))
+
+    def _aux(self, probs: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        if self.balance_weight == 0:
+            return probs.new_zeros(())
+        probs, indices = _valid_rows(probs, valid), _valid_rows(indices, valid)
+        if probs.shape[0] == 0:
+            return probs.new_zeros(())
+        counts = torch.zeros(self.num_experts, device=probs.device, dtype=probs.dtype)
+        counts.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices, dtype=probs.dtype).reshape(-1))
+        share = counts / indices.numel()  # f_j: share of the routed slots sent to expert j
+        mean_prob = probs.mean(dim=0)  # P_j
+        return self.balance_weight * self.num_experts * (share * mean_prob).sum()
+
+
+class NoisyTopKGate(Gate):
+    """Shazeer's noisy top-k on cosine logits; loss ``w · (CV²(importance) + CV²(load))``.
+
+    In training the logits get ``ε · (softplus(W_noise z) + 0.01)``; ``W_noise`` starts at 0. α is the softmax over the
+    k selected noisy logits (for k = 1, the selected logit itself).
+    """
+
+    def __init__(self, *, num_experts: int, top_k: int, balance_weight: float = 0.0, router_input_dim: int) -> None:
+        super().__init__(num_experts=num_experts, top_k=top_k, balance_weight=balance_weight)
+        self.weight_noise = nn.Linear(router_input_dim, num_experts, bias=False)
+        nn.init.zeros_(self.weight_noise.weight)
+
+    def scores(self, query, keys):
+        keys = F.normalize(keys, dim=-1)
+        return F.normalize(query, dim=-1) @ keys.t(), keys
+
+    def forward(self, logits, *, router_input=None, valid=None, forced=None) -> GateOutput:
+        noisy, noise_std = logits, None
+        if self.training:
+            if router_input is None:
+                raise ValueError("NoisyTopKGate needs router_input in training to compute its noise scale.")
+            noise_std = F.softplus(self.weight_noise(router_input)) + 0.01
+            noisy = logits + torch.randn_like(logits) * noise_std
+        top = noisy.topk(min(self.top_k + 1, self.num_experts), dim=-1)
+        indices = top.indices[:, : self.top_k] if forced is None else forced
+        chosen = noisy.gather(-1, indices)
+        weights = chosen.softmax(dim=-1) if self.top_k > 1 else chosen
+        gates = torch.zeros_like(logits).scatter(-1, indices, weights)  # (M, s)
+        aux = self._aux(gates, logits, noisy, noise_std, top.values, indices, valid)
+        return GateOutput(indices=indices, weights=weights, probs=gates, aux_loss=aux)
+
+    def _aux(self, gates, clean, noisy, noise_std, top_values, indices, valid) -> torch.Tensor:
+        if self.balance_weight == 0:
+            return gates.new_zeros(())
+        importance = _valid_rows(gates, valid).sum(dim=0)
+        if noise_std is not None and self.top_k < self.num_experts:
+            load = _valid_rows(self._prob_in_top_k(clean, noisy, noise_std, top_values), valid).sum(dim=0)
+        else:  # no noise: the load is the plain count of selections
+            load = torch.zeros_like(importance).scatter_add_(
+                0, _valid_rows(indices, valid).reshape(-1), gates.new_ones(_valid_rows(indices, valid).numel())
+            )
+        return self.balance_weight * (cv_squared(importance) + cv_squared(load))
+
+    def _prob_in_top_k(self, clean, noisy, noise_std, top_values) -> torch.Tensor:
+        """Smooth P(expert j in top-k) under re-drawn noise, from the (k+1)-th and k-th noisy logits (Shazeer)."""
+        threshold_if_in = top_values[:, self.top_k : self.top_k + 1]
+        threshold_if_out = top_values[:, self.top_k - 1 : self.top_k]
+        normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        return torch.where(noisy > threshold_if_in, prob_if_in, prob_if_out)
+
+
+GATES: dict[str, type[Gate]] = {"dense": DenseGate, "switch": SwitchGate, "noisy_topk": NoisyTopKGate}
+
+
+def build_gate(gate: str, *, num_experts: int, top_k: int, balance_weight: float, router_input_dim: int) -> Gate:
+    """Gate by name from the registry ``GATES``."""
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r} is unknown; choose one of {sorted(GATES)}.")
+    kwargs = {"num_experts": num_experts, "top_k": top_k, "balance_weight": balance_weight}
+    if gate == "noisy_topk":
+        kwargs["router_input_dim"] = router_input_dim
+    return GATES[gate](**kwargs)
