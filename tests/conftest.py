@@ -12,7 +12,7 @@ import smore
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 2-layer, hidden-32 Llama with random weights, the same for the same seed."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    values = dict(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -20,8 +20,9 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        **overrides,
     )
+    values.update(overrides)
+    config = LlamaConfig(**values)
     return LlamaForCausalLM(config).eval()
 
 

@@ -100,6 +100,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         weight = base.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         delta = method.build(config, in_features, out_features).to(device=weight.device, dtype=dtype)
+        delta.train(base.training)  # a new module starts in training mode; follow the model's current mode
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, AdaptedLinear(base, delta, state.token_mask))

@@ -1,0 +1,320 @@
+"""Parameter and compute cost of adapters (SPEC §1.7), written analytically from the config and layer shapes.
+
+Nothing here builds a module: the counts are closed forms of the config, and the tests check that they equal
+``sum(p.numel() for p in build(config, d_in, d_out).parameters())`` exactly, so a change to a delta that adds or
+drops a tensor is caught. Each method registers its cost functions in :data:`COST_MODELS`; :func:`model_report` sums
+them over the layers a config would adapt in a model.
+
+Notation (SPEC §1.1), levels bottom first: ``s_ℓ`` experts, ``f_ℓ`` fanout, ``r_ℓ`` rank, ``d_ℓ`` message widths
+(``d_0 = 0``, ``d_L`` the top width; ``s·r`` at every level for the shared pool), ``F_ℓ`` slots per token,
+``d_g,ℓ`` router widths, ``d_down`` the router down-projection, ``d_in,ℓ = d_down + Σ_{j>ℓ} d_g,j`` the width of
+level ℓ's router input. "FLOPs" are multiply-adds (MACs) of the matrix products; bias additions, activations,
+softmax, top-k and gathers are element-wise or O(s) per slot and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from torch import nn
+
+from smore.adapters.base import linear_features
+from smore.config import AdapterConfig, SMoREConfig
+from smore.inject import find_targets
+
+logger = logging.getLogger(__name__)
+
+Counts = dict[str, int]
+
+
+def _check_features(in_features: Any, out_features: Any) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer (the adapted layer's width).")
+
+
+def _check_smore(config: Any) -> SMoREConfig:
+    if not isinstance(config, SMoREConfig):
+        raise ValueError(
+            f"config must be an SMoREConfig for the S'MoRE cost functions, got {type(config).__name__}; "
+            "use the cost model registered for its method (COST_MODELS[config.method])."
+        )
+    return config
+
+
+def _router_input_dims(config: SMoREConfig) -> list[int]:
+    """d_in,ℓ: the down-projected token plus the keys of every level above (SPEC §1.3)."""
+    return [config.down_proj_dim + sum(config.router_dims[level + 1 :]) for level in range(config.num_levels)]
+
+
+def _with_total(counts: Counts) -> Counts:
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _router_parameters(config: SMoREConfig, in_features: int) -> int:
+    """D (with bias), then per level the two-layer MLP (with biases), the keys and, for noisy top-k, W_noise."""
+    total = in_features * config.down_proj_dim + config.down_proj_dim
+    for d_in, d_g, s in zip(_router_input_dims(config), config.router_dims, config.num_experts):
+        total += d_in * d_g + d_g + d_g * d_g + d_g + s * d_g
+        if config.gate == "noisy_topk":
+            total += d_in * s  # W_noise: Linear(d_in,ℓ → s_ℓ) without bias
+    return total
+
+
+def smore_parameter_counts(config: SMoREConfig, in_features: int, out_features: int) -> Counts:
+    """Trainable parameters of one S'MoRE adapter on a ``in_features → out_features`` layer (SPEC §1.7).
+
+    Returns ``{"A", "B", "W", "proj", "router", "prelu", "total"}``, all biases included:
+
+    - ``A``: ``d·R + R`` with ``R = d_L`` (``Σ s_ℓ r_ℓ``, or ``s·r`` for the shared pool, where ``d_L = s·r`` too);
+    - ``B``: ``Σ_ℓ s_ℓ d_{ℓ+1} (r_ℓ + 1)``; the shared pool has one ``B`` of shape ``(s, s·r, r)``: ``s·sr·(r+1)``;
+    - ``W``: ``Σ_{ℓ≥1} d_{ℓ+1} (d_ℓ + 1)``;  ``proj``: ``d_out (d_L + 1)``;
+    - ``router``: ``d·d_down + d_down + Σ_ℓ (d_in,ℓ d_g + d_g + d_g² + d_g + s_ℓ d_g)`` (+ ``Σ_ℓ d_in,ℓ s_ℓ`` for
+      ``noisy_topk``);  ``prelu``: ``L`` slopes when ``activation="prelu"``, else 0.
+    """
+    config = _check_smore(config)
+    _check_features(in_features, out_features)
+    widths = config.widths
+    top = widths[-1]
+    if config.shared_pool:
+        s, r = config.num_experts[0], config.ranks[0]
+        b = s * top * (r + 1)  # one pool, stored once however many levels read it
+    else:
+        b = sum(s * widths[level + 1] * (r + 1) for level, (s, r) in enumerate(zip(config.num_experts, config.ranks)))
+    return _with_total(
+        {
+            "A": in_features * top + top,
+            "B": b,
+            "W": sum(widths[level + 1] * (widths[level] + 1) for level in range(1, config.num_levels)),
+            "proj": out_features * (top + 1),
+            "router": _router_parameters(config, in_features),
+            "prelu": config.num_levels if config.activation == "prelu" else 0,
+        }
+    )
+
+
+def smore_active_parameters(config: SMoREConfig, in_features: int, out_features: int) -> Counts:
+    """Parameters one token uses (SPEC §1.7), as ``{"A", "B", "W", "proj", "router", "prelu", "total"}``.
+
+    The selected experts' ``A`` and ``B`` rows (with biases): at most ``min(F_ℓ, s_ℓ)`` distinct experts in level
+    ℓ (all ``s_ℓ`` for the dense gate), or ``min(Σ_ℓ F_ℓ, s)`` for the shared pool, whose levels draw on the same
+    experts. Every ``W_ℓ``, ``W_proj`` and the PReLU slopes act on every token. **The router counts in full**: every
+    token runs the down-projection, the MLPs and the key scores (the noisy gate's ``W_noise`` is included too,
+    though it only runs in training). This is the upper bound over tokens: a token whose parents pick overlapping
+    children uses fewer distinct experts.
+    """
+    config = _check_smore(config)
+    params = smore_parameter_counts(config, in_features, out_features)
+    widths, slots = config.widths, config.slots
+    if config.shared_pool:
+        s, r = config.num_experts[0], config.ranks[0]
+        unique = min(sum(slots[: config.num_levels]), s)
+        a = unique * r * (in_features + 1)
+        b = unique * widths[-1] * (r + 1)
+    else:
+        a = b = 0
+        for level, (s, r) in enumerate(zip(config.num_experts, config.ranks)):
+            unique = min(slots[level], s)
+            a += unique * r * (in_features + 1)
+            b += unique * widths[level + 1] * (r + 1)
+    return _with_total(
+        {"A": a, "B": b, "W": params["W"], "proj": params["proj"], "router": params["router"], "prelu": params["prelu"]}
+    )
+
+
+def smore_flops_per_token(
+    config: SMoREConfig, in_features: int, out_features: int, *, training: bool = False
+) -> Counts:
+    """Multiply-adds per token of this library's S'MoRE forward, as ``{"A", "B", "W", "proj", "router", "total"}``.
+
+    The implementation trades a little compute for one big matmul, so these are not the paper's counts:
+
+    - ``A``: every expert's down-projection in one matmul, ``d·R`` (``R = Σ s_ℓ r_ℓ``, or ``s·r`` for the pool);
+    - ``B``: every expert's output in every level, routed or not, ``Σ_ℓ s_ℓ r_ℓ d_{ℓ+1}`` (the pool's ``B`` is
+      recomputed per level, since each level scales it by its own γ_ℓ);
+    - ``W``: ``W_ℓ`` once per slot of level ℓ ≥ 1, ``Σ_{ℓ≥1} F_ℓ d_ℓ d_{ℓ+1}``;  ``proj``: ``d_L · d_out``;
+    - ``router``: ``d·d_down`` plus, per level and per parent slot (``F_{ℓ+1}`` of them), the MLP
+      ``d_in,ℓ d_g + d_g²`` and the key scores ``s_ℓ d_g``; with ``training=True`` the noisy gate's noise scale
+      adds ``d_in,ℓ s_ℓ`` per parent slot (it is skipped in eval).
+    """
+    config = _check_smore(config)
+    _check_features(in_features, out_features)
+    widths, slots = config.widths, config.slots
+    router = in_features * config.down_proj_dim
+    for level, (d_in, d_g, s) in enumerate(zip(_router_input_dims(config), config.router_dims, config.num_experts)):
+        per_parent = d_in * d_g + d_g * d_g + s * d_g
+        if training and config.gate == "noisy_topk":
+            per_parent += d_in * s
+        router += slots[level + 1] * per_parent
+    return _with_total(
+        {
+            "A": in_features * widths[-1],
+            "B": sum(s * r * widths[level + 1] for level, (s, r) in enumerate(zip(config.num_experts, config.ranks))),
+            "W": sum(slots[level] * widths[level] * widths[level + 1] for level in range(1, config.num_levels)),
+            "proj": widths[-1] * out_features,
+            "router": router,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class PaperOverhead:
+    """The paper's Table 1 accounting for one adapter on a ``d → d`` layer."""
+
+    top_width: int
+    """d_L."""
+    main: int
+    """``2·d·d_L``: all A projections plus W_proj, the cost of a LoRA of rank d_L."""
+    delta: int
+    """``Σ_ℓ s_ℓ r_ℓ d_{ℓ+1} + Σ_{ℓ≥1} d_{ℓ+1} d_ℓ``: every B computed for every expert, each W_ℓ once."""
+    ratio: float
+    """``delta / main``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def paper_overhead(config: SMoREConfig, in_features: int) -> PaperOverhead:
+    """S'MoRE's compute overhead in the convention of the paper's Table 1 (SPEC §1.7), exactly as stated there.
+
+    Unlike :func:`smore_flops_per_token`, each ``W_ℓ`` counts once (not once per slot) and the router is left out.
+    Example: d = 4096, s = [4, 4], r = [8, 8] gives d_L = 64, main = 524 288 (≈ 0.5M), Δ = 5120, ratio ≈ 1.0 %.
+    """
+    config = _check_smore(config)
+    _check_features(in_features, in_features)
+    widths = config.widths
+    main = 2 * in_features * widths[-1]
+    delta = sum(s * r * widths[level + 1] for level, (s, r) in enumerate(zip(config.num_experts, config.ranks)))
+    delta += sum(widths[level + 1] * widths[level] for level in range(1, config.num_levels))
+    return PaperOverhead(top_width=widths[-1], main=main, delta=delta, ratio=delta / main)
+
+
+# -- registry -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The cost functions of one method, each ``(config, in_features, out_features) -> {..., "total": int}``.
+
+    ``active`` and ``flops`` may be ``None`` for a method that has not written them; reports then leave them out.
+    """
+
+    parameters: Callable[[Any, int, int], Counts]
+    active: Callable[[Any, int, int], Counts] | None = None
+    flops: Callable[[Any, int, int], Counts] | None = None
+
+
+COST_MODELS: dict[str, CostModel] = {
+    "smore": CostModel(smore_parameter_counts, smore_active_parameters, smore_flops_per_token),
+}
+"""Method name → its cost functions. A new method adds one line, e.g.
+``"lora": CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token)``."""
+
+
+def cost_model(method: str) -> CostModel:
+    """The registered cost model of ``method``."""
+    if method not in COST_MODELS:
+        raise ValueError(
+            f"method={method!r} has no cost model in smore.analysis.params.COST_MODELS; registered: "
+            f"{sorted(COST_MODELS)}. Add one line there for the new method."
+        )
+    return COST_MODELS[method]
+
+
+def layer_costs(config: AdapterConfig, in_features: int, out_features: int) -> dict[str, Counts | None]:
+    """``{"parameters", "active", "flops"}`` breakdowns of one adapter (``None`` where the method has none)."""
+    model = cost_model(config.method)
+    return {
+        "parameters": model.parameters(config, in_features, out_features),
+        "active": None if model.active is None else model.active(config, in_features, out_features),
+        "flops": None if model.flops is None else model.flops(config, in_features, out_features),
+    }
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Cost of the adapter on one target layer."""
+
+    name: str
+    in_features: int
+    out_features: int
+    parameters: int
+    active: int | None
+    flops: int | None
+
+
+@dataclass
+class ModelReport:
+    """Cost of adapting a whole model with one config: per target layer and summed."""
+
+    method: str
+    layers: list[LayerReport] = field(default_factory=list)
+    base_parameters: int = 0
+    """Parameters of the model before adaptation."""
+
+    @property
+    def trainable(self) -> int:
+        """Adapter parameters over all target layers: the trainable count after ``smore.adapt``."""
+        return sum(layer.parameters for layer in self.layers)
+
+    @property
+    def active(self) -> int | None:
+        """Active adapter parameters per token, summed over layers (``None`` if the method has no formula)."""
+        values = [layer.active for layer in self.layers]
+        return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def flops(self) -> int | None:
+        """Adapter multiply-adds per token, summed over layers (``None`` if the method has no formula)."""
+        values = [layer.flops for layer in self.layers]
+        return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def trainable_share(self) -> float:
+        """Trainable adapter parameters as a fraction of all parameters after adaptation."""
+        return self.trainable / max(self.trainable + self.base_parameters, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "modules": len(self.layers),
+            "trainable": self.trainable,
+            "active": self.active,
+            "flops_per_token": self.flops,
+            "base_parameters": self.base_parameters,
+            "trainable_share": self.trainable_share,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def model_report(model: nn.Module, config: AdapterConfig) -> ModelReport:
+    """Cost of adapting ``model`` (not yet adapted) with ``config``, without building any adapter.
+
+    The targets are those :func:`smore.inject.find_targets` selects, so ``report.trainable`` equals the trainable
+    parameter count after ``smore.adapt(model, config)``.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ValueError(f"config must be an AdapterConfig (e.g. SMoREConfig), got {type(config).__name__}.")
+    cost_model(config.method)  # fail before walking the model if the method has no cost model
+    report = ModelReport(method=config.method, base_parameters=sum(p.numel() for p in model.parameters()))
+    cache: dict[tuple[int, int], LayerReport] = {}  # many layers share a shape; the formulas only see the shape
+    for name, module in find_targets(model, config).items():
+        in_features, out_features = linear_features(module)
+        shape = (in_features, out_features)
+        if shape not in cache:
+            costs = layer_costs(config, in_features, out_features)
+            cache[shape] = LayerReport(
+                name="",
+                in_features=in_features,
+                out_features=out_features,
+                parameters=costs["parameters"]["total"],
+                active=None if costs["active"] is None else costs["active"]["total"],
+                flops=None if costs["flops"] is None else costs["flops"]["total"],
+            )
+        report.layers.append(replace(cache[shape], name=name))
+    logger.debug("model report: %d %s adapters, %d trainable", len(report.layers), config.method, report.trainable)
+    return report
