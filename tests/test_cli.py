@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import smore
 from smore.cli import main
 from smore.demo import format_result, run_demo

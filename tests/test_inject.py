@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import small_smore, tiny_batch, tiny_llama
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -21,6 +20,7 @@ from transformers import (
 )
 
 import smore
+from conftest import small_smore, tiny_batch, tiny_llama
 from smore.adapters.base import AdaptedLinear
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -148,10 +148,10 @@ def test_corrupted_adapter_files_give_clear_errors(tmp_path):
     smore.save_adapter(smore.adapt(tiny_llama(), small_smore()), tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="adapter_model.safetensors cannot be read"):
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors cannot be read"):
         smore.load_adapter(tiny_llama(), tmp_path)
     (tmp_path / "adapter_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
         smore.load_adapter(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         smore.load_adapter(tiny_llama(), tmp_path / "nowhere")
@@ -177,7 +177,10 @@ def test_target_selection_errors_and_filters():
     model = smore.adapt(tiny_llama(), small_smore(layers_to_transform=[1], exclude_modules=["down_proj"]))
     assert sorted(smore.adapted_modules(model)) == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
     model = smore.adapt(tiny_llama(), small_smore(target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj"))
-    assert sorted(smore.adapted_modules(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert sorted(smore.adapted_modules(model)) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
     with pytest.raises(ValueError, match="already carries a smore adapter"):
         smore.adapt(model, small_smore())
 

@@ -9,7 +9,7 @@ Entry points::
     smore.save_adapter(model, "run/adapter"); smore.load_adapter(base_model, "run/adapter")
 """
 
-from smore.config import AdapterConfig, SMoREConfig
+from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MoLoRAConfig, SMoREConfig
 from smore.inject import (
     adapt,
     adapted_modules,
@@ -27,6 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "HydraLoRAConfig",
+    "LoRAConfig",
+    "MoLoRAConfig",
     "SMoREConfig",
     "__version__",
     "adapt",

@@ -1,7 +1,7 @@
 """The ``smore`` command line: one table maps each subcommand to a plain, importable function.
 
-    smore demo [--steps N] [--output DIR]      the whole life of an adapter on a model built in-process
-    smore analyze {params,flexibility,overhead} parameter, FLOP and structural-flexibility analysis
+smore demo [--steps N] [--output DIR]      the whole life of an adapter on a model built in-process
+smore analyze {params,flexibility,overhead} parameter, FLOP and structural-flexibility analysis
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except ValueError as error:  # user errors: one clear line, no traceback

@@ -231,3 +231,72 @@ class SMoREConfig(AdapterConfig):
         if self.alpha is None:
             return [1.0] * self.num_levels
         return [a / r for a, r in zip(self.alpha, self.ranks)]
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float | None = None, open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"> {low}" if open_low else f">= {low}"
+        raise ValueError(f"{name}={value!r} must be a number {bound}" + (f" and < {high}." if high else "."))
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA: ``Δy = (alpha / rank) B A x`` (HF PEFT's LoRA, same weights and outputs)."""
+
+    method: ClassVar[str] = "lora"
+
+    rank: int = 8
+    """r: the rank of the update."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input, in training only."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("rank", self.rank)
+        _check_number("alpha", self.alpha, low=0, open_low=True)
+        _check_number("dropout", self.dropout, low=0, high=1)
+
+
+@dataclass
+class MoLoRAConfig(LoRAConfig):
+    """MoLoRA: a mixture of ``num_experts`` LoRA experts per layer, top-k of ``softmax(W_g x)`` renormalised."""
+
+    method: ClassVar[str] = "molora"
+
+    num_experts: int = 4
+    """E: LoRA experts per adapted layer."""
+    top_k: int = 2
+    """Experts used per token."""
+    balance_weight: float = 0.0
+    """Weight of the Switch-style load-balancing loss (0 turns it off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("num_experts", self.num_experts)
+        _check_positive_int("top_k", self.top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
+        _check_number("balance_weight", self.balance_weight, low=0)
+
+
+@dataclass
+class HydraLoRAConfig(LoRAConfig):
+    """HydraLoRA: one shared A, ``num_experts`` B heads, a dense softmax router without bias."""
+
+    method: ClassVar[str] = "hydralora"
+
+    num_experts: int = 4
+    """E: B heads per adapted layer."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("num_experts", self.num_experts)

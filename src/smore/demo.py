@@ -86,7 +86,9 @@ def run_demo(
     smore.adapt(model, config)
     zero_init_loss, _ = _next_token_accuracy(model, held_out)
     logger.info("%s", smore.summary(model))
-    logger.info("held-out loss of the base model %.4f; with the zero-initialised adapter %.4f", base_loss, zero_init_loss)
+    logger.info(
+        "held-out loss of the base model %.4f; with the zero-initialised adapter %.4f", base_loss, zero_init_loss
+    )
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()

@@ -8,8 +8,11 @@ from typing import Any
 
 from torch import nn
 
+from smore.adapters.hydralora import build_hydralora
+from smore.adapters.lora import build_lora
+from smore.adapters.molora import build_molora
 from smore.adapters.smore import build_smore
-from smore.config import AdapterConfig, SMoREConfig
+from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MoLoRAConfig, SMoREConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ def register(method: Method) -> Method:
 
 
 register(Method("smore", SMoREConfig, build_smore))
+register(Method("lora", LoRAConfig, build_lora))
+register(Method("molora", MoLoRAConfig, build_molora))
+register(Method("hydralora", HydraLoRAConfig, build_hydralora))
 
 
 def get_method(name: str) -> Method:

@@ -101,8 +101,10 @@ def enumerate_routing_trees(num_experts: Sequence[int], top_k: Sequence[int]) ->
     num_experts, top_k = _check_levels(num_experts, top_k)
     slots = _slots(top_k)
     levels = len(num_experts)
-    combos = [torch.combinations(torch.arange(s), r=f) if f > 1 else torch.arange(s).unsqueeze(1)
-              for s, f in zip(num_experts, top_k)]  # (C(s_ℓ, f_ℓ), f_ℓ) sorted subsets
+    combos = [
+        torch.combinations(torch.arange(s), r=f) if f > 1 else torch.arange(s).unsqueeze(1)
+        for s, f in zip(num_experts, top_k)
+    ]  # (C(s_ℓ, f_ℓ), f_ℓ) sorted subsets
     total = gamma_smore(num_experts, top_k)
     tree = torch.arange(total)
     stride = 1
@@ -133,7 +135,9 @@ def count_distinct(rows: torch.Tensor, tol: float = 1e-6, chunk: int = 4096) -> 
     for start in range(0, rows.shape[0], chunk):
         block = rows[start : start + chunk]
         distance = torch.cdist(block, rows[: start + block.shape[0]], p=float("inf"))  # (b, start + b)
-        earlier = torch.arange(start + block.shape[0]).unsqueeze(0) < torch.arange(start, start + block.shape[0]).unsqueeze(1)
+        earlier = torch.arange(start + block.shape[0]).unsqueeze(0) < torch.arange(
+            start, start + block.shape[0]
+        ).unsqueeze(1)
         duplicate = ((distance <= threshold) & earlier).any(dim=1)
         distinct += int((~duplicate).sum())
     return distinct
@@ -150,16 +154,19 @@ def empirical_gamma(
 ) -> int:
     """Brute-force Γ: run ``delta`` on token ``x`` (d,) under every routing tree and count the distinct outputs.
 
-    All trees go through one router call (forced selections) and one forward, as N rows of the same token.
-    ``weights="router"`` keeps the α the gates compute for the forced experts. ``weights="uniform"`` replaces every
-    α by ``1/f_ℓ``, so only the tree's structure can tell two outputs apart: this is the setting in which identity
-    σ loses trees (a child picked by two parents adds up into one term). With router weights, this library's
-    router conditions each child's α on its parent's key, so even identity σ generically separates all trees. The work runs on a float64 copy in eval mode (no gate
-    noise), so ``delta`` itself is left untouched and distinctness does not drown in float32 rounding.
+    All trees go through one router call (forced selections) and one forward, as N rows of the same token. The
+    work runs on a float64 copy in eval mode (no gate noise), so ``delta`` itself is left untouched and
+    distinctness does not drown in float32 rounding.
+
+    ``weights="router"`` (SPEC §1.6) keeps the α the gates compute for the forced experts. ``weights="uniform"``
+    replaces every α by ``1/f_ℓ``, so only the tree's structure can tell two outputs apart. That is the setting in
+    which identity σ loses trees (a child picked by two parents adds up into one term, and swapping two parents'
+    child sets changes nothing). With router weights this library's router conditions each child's α on its
+    parent's key, so even identity σ generically separates every tree: there the count stays at Γ.
 
     The output is ``W_proj x_L + p``: an adapter whose ``W_proj`` is zero (``init="w_final_zero"``, the default, or
     ``eq_1_layer``) gives 1, and ``out_features < d_L`` can merge trees; build it with ``init="normal"``. With a
-    non-linear σ such as tanh the count reaches Theorem 3.4's Γ; with identity σ it is lower.
+    non-linear σ such as tanh the count reaches Theorem 3.4's Γ.
     """
     if not isinstance(delta, SMoREDelta):
         raise ValueError(f"delta must be an SMoREDelta, got {type(delta).__name__}; build one with build_smore.")

@@ -1,0 +1,308 @@
+"""``smore analyze``: parameter, compute and flexibility reports from the command line.
+
+The main CLI calls :func:`add_parser` with its ``add_subparsers(dest="command")`` object and then ``args.func(args)``,
+which returns the exit code. Each subcommand's work is a plain function of the parsed arguments returning a dict
+(:func:`params_command`, :func:`flexibility_command`, :func:`overhead_command`), so tests and notebooks can call it
+without going through a shell; the result is written to stdout as a plain-text table or, with ``--json``, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from smore.adapters.smore import build_smore
+from smore.analysis.flexibility import empirical_gamma, gamma_flat_bound, gamma_moe, gamma_smore
+from smore.analysis.params import layer_costs, paper_overhead
+from smore.config import SMoREConfig
+from smore.registry import config_from_dict
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+# -- config input ---------------------------------------------------------------------------------------------------
+
+
+def _parse_int_list(name: str) -> Callable[[str], list[int]]:
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError as error:
+            message = f"{name} must be comma-separated integers, e.g. 4,4 (got {text!r})"
+            raise argparse.ArgumentTypeError(message) from error
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name} must list at least one level, e.g. 4,4")
+        return values
+
+    return parse
+
+
+def _parse_assignment(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set expects key=value (YAML value, e.g. num_experts=[4,4]), got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def config_mapping(config_file: str | None, assignments: Sequence[tuple[str, Any]] | None) -> dict[str, Any]:
+    """The adapter-config mapping from a YAML/JSON file and ``--set`` overrides (applied after the file).
+
+    A file may hold the adapter mapping itself or a larger document with it under ``adapter``. ``method`` defaults
+    to ``"smore"`` when neither the file nor ``--set`` names one.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            document = yaml.safe_load(path.read_text())  # YAML is a superset of JSON: one loader for both
+        except OSError as error:
+            raise ValueError(f"--config {config_file}: cannot read the file ({error}).") from error
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {config_file}: not valid YAML/JSON ({error}).") from error
+        if isinstance(document, dict) and isinstance(document.get("adapter"), dict):
+            document = document["adapter"]
+        if not isinstance(document, dict):
+            raise ValueError(
+                f"--config {config_file} must hold a mapping of adapter fields (e.g. method: smore, num_experts: "
+                f"[4, 4]), not {type(document).__name__}."
+            )
+        values.update(document)
+    for key, value in assignments or ():
+        values[key] = value
+    values.setdefault("method", "smore")
+    return values
+
+
+def _config(args: argparse.Namespace):
+    return config_from_dict(config_mapping(args.config, args.set))
+
+
+# -- handlers -------------------------------------------------------------------------------------------------------
+
+
+def params_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``analyze params``: per-component parameters, active parameters and multiply-adds of one adapter."""
+    config = _config(args)
+    out_features = args.out_features if args.out_features is not None else args.in_features
+    costs = layer_costs(config, args.in_features, out_features)
+    return {
+        "method": config.method,
+        "in_features": args.in_features,
+        "out_features": out_features,
+        "parameters": costs["parameters"],
+        "active": costs["active"],
+        "flops_per_token": costs["flops"],
+        "config": config.to_dict(),
+    }
+
+
+def flexibility_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``analyze flexibility``: Γ of S'MoRE (Thm 3.4), the flat-mixture bound (Thm 3.3) and a one-level MoE.
+
+    The MoE comparison defaults to the same experts pooled in one level (``Σ_ℓ s_ℓ``) with the token-level fanout
+    of the top (``f_{L-1}``), the paper's worked example (s = [4, 4], f = [2, 2] against 8 experts top-2).
+    ``--empirical`` checks Thm 3.4 by brute force on a small random adapter (init ``normal``, switch gate, rank 2,
+    ``out_features = d_L + 8`` so the final projection cannot merge outputs).
+    """
+    num_experts, top_k = list(args.num_experts), list(args.top_k)
+    moe_experts = args.moe_experts if args.moe_experts is not None else sum(num_experts)
+    moe_top_k = args.moe_top_k if args.moe_top_k is not None else top_k[-1]
+    result: dict[str, Any] = {
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "gamma_smore": gamma_smore(num_experts, top_k),
+        "gamma_flat_bound": gamma_flat_bound(num_experts, top_k),
+        "moe_experts": moe_experts,
+        "moe_top_k": moe_top_k,
+        "gamma_moe": gamma_moe(moe_experts, moe_top_k),
+    }
+    if args.empirical:
+        levels = len(num_experts)
+        config = SMoREConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            ranks=[2] * levels,
+            router_dims=[8] * levels,
+            down_proj_dim=8,
+            activation=args.activation,
+            gate="switch",
+            init="normal",
+        )
+        in_features = 16
+        with torch.random.fork_rng(devices=[]):  # a seeded draw that leaves the caller's RNG where it was
+            torch.manual_seed(args.seed)
+            delta = build_smore(config, in_features, config.widths[-1] + 8)
+            token = torch.randn(in_features)
+        result["empirical"] = {
+            "activation": args.activation,
+            "weights": args.weights,
+            "seed": args.seed,
+            "gamma": empirical_gamma(delta, token, tol=args.tol, weights=args.weights),
+        }
+    return result
+
+
+def overhead_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``analyze overhead``: S'MoRE's extra compute in the paper's Table 1 convention (SPEC §1.7)."""
+    config = _config(args)
+    if not isinstance(config, SMoREConfig):
+        raise ValueError(f"analyze overhead follows the S'MoRE paper's Table 1; method={config.method!r} is not smore.")
+    overhead = paper_overhead(config, args.in_features)
+    return {
+        "in_features": args.in_features,
+        "num_experts": config.num_experts,
+        "ranks": config.ranks,
+        "shared_pool": config.shared_pool,
+        **overhead.to_dict(),
+        "percent": 100.0 * overhead.ratio,
+    }
+
+
+# -- output ---------------------------------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: left-aligned first column, right-aligned numbers, thousands separators."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, int):
+            return f"{value:,}"
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    text = [[cell(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(line[i]) for line in text) for i in range(len(headers))]
+    lines = []
+    for number, line in enumerate(text):
+        parts = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+        lines.append("  ".join(parts).rstrip())
+        if number == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _format_params(result: dict[str, Any]) -> str:
+    parameters = result["parameters"]
+    active = result["active"] or {}
+    flops = result["flops_per_token"] or {}
+    names = list(parameters) + [k for k in list(active) + list(flops) if k not in parameters]
+    names = [n for n in names if n != "total"] + ["total"]
+    head = f"{result['method']} adapter on a {result['in_features']} -> {result['out_features']} layer"
+    rows = [(name, parameters.get(name), active.get(name), flops.get(name)) for name in names]
+    return head + "\n" + format_table(("component", "parameters", "active", "MACs/token"), rows)
+
+
+def _format_mapping(result: dict[str, Any]) -> str:
+    rows = []
+    for key, value in result.items():
+        if isinstance(value, dict):
+            rows.extend((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            rows.append((key, value))
+    return format_table(("quantity", "value"), rows)
+
+
+def _runner(handler: Handler, formatter: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a handler into ``args.func``: write its result, turn a ``ValueError`` into exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            result = handler(args)
+        except ValueError as error:
+            sys.stderr.write(f"error: {error}\n")
+            return 2
+        text = json.dumps(result, indent=2) if args.json else formatter(result)
+        sys.stdout.write(text + "\n")  # the command's output, not a log line
+        return 0
+
+    run.handler = handler  # type: ignore[attr-defined]
+    return run
+
+
+# -- parser ---------------------------------------------------------------------------------------------------------
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="adapter config mapping (YAML or JSON), incl. method")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        type=_parse_assignment,
+        default=[],
+        help="override one config field (YAML value, e.g. num_experts=[4,4]); repeatable; method defaults to smore",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``analyze`` (with ``params``, ``flexibility`` and ``overhead``) on the main CLI's subparsers."""
+    analyze = subparsers.add_parser("analyze", help="parameter, compute and flexibility reports")
+    commands = analyze.add_subparsers(dest="analysis", metavar="{params,flexibility,overhead}")
+    commands.required = True
+
+    params = commands.add_parser("params", help="parameters, active parameters and MACs of one adapter")
+    _add_config_arguments(params)
+    params.add_argument("--in-features", type=int, required=True, help="input width of the adapted layer")
+    params.add_argument("--out-features", type=int, help="output width (default: --in-features)")
+    params.set_defaults(func=_runner(params_command, _format_params))
+
+    flexibility = commands.add_parser("flexibility", help="structural flexibility Γ (paper Thm 3.3, 3.4)")
+    flexibility.add_argument("--num-experts", type=_parse_int_list("--num-experts"), required=True, help="e.g. 4,4")
+    flexibility.add_argument("--top-k", type=_parse_int_list("--top-k"), required=True, help="e.g. 2,2")
+    flexibility.add_argument("--moe-experts", type=int, help="experts of the flat MoE compared (default: Σ s_ℓ)")
+    flexibility.add_argument("--moe-top-k", type=int, help="top-k of the flat MoE compared (default: top level's)")
+    flexibility.add_argument("--empirical", action="store_true", help="also count Γ by enumerating routing trees")
+    flexibility.add_argument(
+        "--activation", default="tanh", choices=["identity", "tanh", "relu", "prelu"], help="σ for --empirical"
+    )
+    flexibility.add_argument(
+        "--weights", default="router", choices=["router", "uniform"], help="α for --empirical (uniform: 1/f)"
+    )
+    flexibility.add_argument("--seed", type=int, default=0, help="seed of the random adapter for --empirical")
+    flexibility.add_argument("--tol", type=float, default=1e-6, help="relative tolerance of distinct outputs")
+    flexibility.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    flexibility.set_defaults(func=_runner(flexibility_command, _format_mapping))
+
+    overhead = commands.add_parser("overhead", help="compute overhead in the paper's Table 1 convention")
+    _add_config_arguments(overhead)
+    overhead.add_argument("--in-features", type=int, required=True, help="model width d (e.g. 4096)")
+    overhead.set_defaults(func=_runner(overhead_command, _format_mapping))
+    return analyze
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with only ``analyze``, as the main CLI would register it (for tests and scripts)."""
+    parser = argparse.ArgumentParser(prog="smore")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``smore analyze ...`` from ``argv`` (without the program name); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is None:
+        build_parser().print_usage(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
