@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
@@ -55,6 +56,24 @@ def _as_list(name: str, value: Any) -> list:
     return value
 
 
+def _check_patterns(name: str, value: Any) -> list[str] | str:
+    """Module-name patterns: a non-empty list of non-empty suffixes, or one regular expression."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, str) and value:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{name}={value!r} is not a valid regular expression ({error}).") from error
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(
+            f"{name}={value!r} must be a non-empty list of module-name suffixes (non-empty strings) or a regular "
+            "expression, e.g. ['gate_proj', 'up_proj', 'down_proj']."
+        )
+    return value
+
+
 @dataclass
 class AdapterConfig:
     """Fields shared by every method: where the adapters go."""
@@ -70,17 +89,9 @@ class AdapterConfig:
     """Only adapt modules inside these decoder-layer indices (``...layers.{i}...``); ``None`` adapts every layer."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if not self.target_modules or not isinstance(self.target_modules, (list, str)):
-            raise ValueError(
-                f"target_modules={self.target_modules!r} must be a non-empty list of module-name suffixes "
-                "or a regular expression, e.g. ['gate_proj', 'up_proj', 'down_proj']."
-            )
-        if isinstance(self.target_modules, list) and not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules={self.target_modules!r} must hold non-empty strings only.")
-        if self.exclude_modules is not None and not isinstance(self.exclude_modules, (list, str)):
-            raise ValueError(f"exclude_modules={self.exclude_modules!r} must be a list of suffixes, a regex or null.")
+        self.target_modules = _check_patterns("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules)
         if self.layers_to_transform is not None:
             if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
                 self.layers_to_transform = [self.layers_to_transform]

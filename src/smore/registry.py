@@ -41,7 +41,7 @@ register(Method("hydralora", HydraLoRAConfig, build_hydralora))
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"method={name!r} is unknown; choose one of {sorted(METHODS)}.")
     return METHODS[name]
 

@@ -51,7 +51,10 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--set expects key=value (YAML value, e.g. num_experts=[4,4]), got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and "," in parsed:  # 4,4 reads as the list [4, 4], as on the other flags
+        parsed = yaml.safe_load(f"[{value}]")
+    return key.strip(), parsed
 
 
 def config_mapping(config_file: str | None, assignments: Sequence[tuple[str, Any]] | None) -> dict[str, Any]:
