@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from smore.adapters.base import AdaptedLinear, TokenMask, linear_features
+from smore.adapters.base import AdaptedLinear, AdapterWrapper, TokenMask, ffn_features, linear_features
 from smore.config import AdapterConfig
-from smore.registry import config_from_dict, method_of
+from smore.registry import Method, config_from_dict, method_of
+from smore.targets import find_targets
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 @dataclass
@@ -43,77 +42,52 @@ class AdapterState:
     hook: torch.utils.hooks.RemovableHandle | None = None
 
 
-def _matches(name: str, patterns: list[str] | str) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+def _wrap_linear(method: Method, config: AdapterConfig, base: nn.Module, token_mask: TokenMask) -> AdapterWrapper:
+    in_features, out_features = linear_features(base)
+    return AdaptedLinear(base, method.build(config, in_features, out_features), token_mask)
 
 
-def _layer_index(name: str) -> int | None:
-    match = _LAYER_INDEX.search(f".{name}.")
-    return int(match.group(1)) if match else None
-
-
-def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
-    """Modules that ``config`` selects, by name; raises a ``ValueError`` that lists what exists if none match."""
-    targets = {}
-    for name, module in model.named_modules():
-        if not name or not _matches(name, config.target_modules):
-            continue
-        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
-            continue
-        if config.layers_to_transform is not None and _layer_index(name) not in config.layers_to_transform:
-            continue
-        if isinstance(module, AdaptedLinear):
-            raise ValueError(f"module {name!r} is already adapted; adapt a fresh model or load onto the base model.")
-        if linear_features(module) is None:
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matched {name!r}, a {type(module).__name__}; only "
-                "nn.Linear and transformers Conv1D layers can be adapted. Name its linear sub-layers instead."
-            )
-        targets[name] = module
-    if not targets:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_features(m)})
-        raise ValueError(
-            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}, "
-            f"layers_to_transform={config.layers_to_transform!r}) matched no linear layer of this "
-            f"{type(model).__name__}. Its linear layers are named: {linear_names}."
-        )
-    return targets
+def module_shape(module: nn.Module) -> tuple[int, int] | None:
+    """The shape a saved adapter records for a base module: (in, out) of a linear layer, (hidden, intermediate) of
+    a gated MLP."""
+    return linear_features(module) or ffn_features(module)
 
 
 def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Wrap the target layers of ``model`` with the adapter ``config`` describes, freeze everything else.
+    """Wrap the target modules of ``model`` with the adapter ``config`` describes, freeze everything else.
 
-    The model is changed in place and returned. New adapter weights take the device of each base layer and its
-    dtype (float32 for non-float bases).
+    The model is changed in place and returned. New adapter weights take the device of each base module and its
+    dtype (float32 for non-float bases), and its train/eval mode.
     """
     if getattr(model, "smore_state", None) is not None:
         raise ValueError("this model already carries a smore adapter; load or adapt a fresh base model.")
     method = method_of(config)
-    targets = find_targets(model, config)
+    targets = method.find(model, config) if method.find else find_targets(model, config)
     state = AdapterState(config=config)
     for param in model.parameters():
         param.requires_grad_(False)
     for name, base in targets.items():
-        in_features, out_features = linear_features(base)
-        weight = base.weight
+        if method.wrap is not None:
+            wrapper = method.wrap(config, name, base, state.token_mask)
+        else:
+            wrapper = _wrap_linear(method, config, base, state.token_mask)
+        weight = next(base.parameters())
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        delta = method.build(config, in_features, out_features).to(device=weight.device, dtype=dtype)
-        delta.train(base.training)  # a new module starts in training mode; follow the model's current mode
+        wrapper.delta.to(device=weight.device, dtype=dtype)
+        wrapper.delta.train(base.training)  # a new module starts in training mode; follow the model's mode
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, AdaptedLinear(base, delta, state.token_mask))
-        state.modules[name] = (in_features, out_features)
+        setattr(parent, child_name, wrapper)
+        state.modules[name] = wrapper.shape
     state.hook = model.register_forward_pre_hook(state.token_mask.hook, with_kwargs=True)
     model.smore_state = state
     logger.info("adapted %d modules with %s", len(state.modules), config.method)
     return model
 
 
-def adapted_modules(model: nn.Module) -> dict[str, AdaptedLinear]:
-    """Every :class:`AdaptedLinear` in ``model``, by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+def adapted_modules(model: nn.Module) -> dict[str, AdapterWrapper]:
+    """Every adapter wrapper (:class:`AdaptedLinear`, :class:`AdaptedFFN`) in ``model``, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterWrapper)}
 
 
 def _state(model: nn.Module) -> AdapterState:
@@ -250,11 +224,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     present = dict(model.named_modules())
     for name, shape in saved_modules.items():
         module = present.get(name)
-        features = None if module is None else linear_features(module)
+        features = None if module is None else module_shape(module)
         if module is None:
             problems.append(f"module {name!r} is missing from the model")
         elif features is None:
-            problems.append(f"module {name!r} is a {type(module).__name__}, not a linear layer")
+            problems.append(f"module {name!r} is a {type(module).__name__}, not a linear layer or gated MLP")
         elif features != shape:
             problems.append(
                 f"module {name!r} is {features[0]} -> {features[1]}, the adapter expects {shape[0]} -> {shape[1]}"

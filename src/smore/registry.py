@@ -17,11 +17,18 @@ from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MoLoRAConfi
 
 @dataclass(frozen=True)
 class Method:
-    """An adapter method: its config class and the builder of one delta for a ``d_in → d_out`` layer."""
+    """An adapter method: its config class, and how its adapters are built.
+
+    Methods that adapt linear layers give ``build(config, d_in, d_out) -> delta``, wrapped in ``AdaptedLinear``.
+    Methods that adapt other modules (MixLoRA's FFN blocks) give ``find(model, config) -> {name: module}`` and
+    ``wrap(config, name, module, token_mask) -> AdapterWrapper``.
+    """
 
     name: str
     config_class: type[AdapterConfig]
-    build: Callable[[Any, int, int], nn.Module]
+    build: Callable[[Any, int, int], nn.Module] | None = None
+    find: Callable[[nn.Module, Any], dict[str, nn.Module]] | None = None
+    wrap: Callable[..., nn.Module] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -61,21 +61,43 @@ class TokenMask:
         return mask[:, mask.shape[1] - steps :].reshape(-1).bool()
 
 
-class AdaptedLinear(nn.Module):
-    """``y = base(x) + delta(x)``: the frozen base layer plus one adapter's contribution."""
+class AdapterWrapper(nn.Module):
+    """What every wrapper shares: the frozen base module, the adapter (``delta``), an on/off switch and the
+    token mask. ``shape`` is what a saved adapter records to check that it fits a model."""
 
     def __init__(self, base_layer: nn.Module, delta: nn.Module, token_mask: TokenMask | None = None) -> None:
         super().__init__()
+        self.base_layer = base_layer
+        self.delta = delta
+        self.enabled = True
+        self.token_mask = token_mask
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _flat_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens as (N, d) in the adapter's dtype, and which of them are real (not padding)."""
+        valid = None if self.token_mask is None else self.token_mask.valid_for(x.shape[:-1])
+        delta_dtype = next(self.delta.parameters()).dtype
+        return x.reshape(-1, x.shape[-1]).to(delta_dtype), valid
+
+
+class AdaptedLinear(AdapterWrapper):
+    """``y = base(x) + delta(x)``: the frozen base layer plus one adapter's contribution."""
+
+    def __init__(self, base_layer: nn.Module, delta: nn.Module, token_mask: TokenMask | None = None) -> None:
         features = linear_features(base_layer)
         if features is None:
             raise ValueError(
                 f"AdaptedLinear wraps nn.Linear or transformers Conv1D layers, not {type(base_layer).__name__}."
             )
+        super().__init__(base_layer, delta, token_mask)
         self.in_features, self.out_features = features
-        self.base_layer = base_layer
-        self.delta = delta
-        self.enabled = True
-        self.token_mask = token_mask
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -86,11 +108,45 @@ class AdaptedLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if not self.enabled:
             return y
-        leading = x.shape[:-1]
-        valid = None if self.token_mask is None else self.token_mask.valid_for(leading)
-        delta_dtype = next(self.delta.parameters()).dtype
-        dy = self.delta(x.reshape(-1, x.shape[-1]).to(delta_dtype), valid=valid)  # (N, d_out)
-        return y + dy.reshape(*leading, -1).to(y.dtype)
+        tokens, valid = self._flat_inputs(x)
+        dy = self.delta(tokens, valid=valid)  # (N, d_out)
+        return y + dy.reshape(*x.shape[:-1], -1).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, enabled={self.enabled}"
+
+
+def ffn_features(module: nn.Module) -> tuple[int, int] | None:
+    """(hidden, intermediate) of a Llama-style gated MLP (gate_proj, up_proj, down_proj, act_fn), else ``None``."""
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Linear) for p in parts) or not callable(getattr(module, "act_fn", None)):
+        return None
+    return parts[0].in_features, parts[0].out_features
+
+
+class AdaptedFFN(AdapterWrapper):
+    """A whole gated MLP replaced by an adapter that computes its output from the frozen projections (MixLoRA).
+
+    ``delta(x, base, valid)`` returns the block's full output; with the adapter disabled the base block runs.
+    """
+
+    def __init__(self, base_layer: nn.Module, delta: nn.Module, token_mask: TokenMask | None = None) -> None:
+        features = ffn_features(base_layer)
+        if features is None:
+            raise ValueError(
+                f"AdaptedFFN wraps gated MLPs with gate_proj, up_proj, down_proj and act_fn, not "
+                f"{type(base_layer).__name__}."
+            )
+        super().__init__(base_layer, delta, token_mask)
+        self.hidden_size, self.intermediate_size = features
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.hidden_size, self.intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
+        tokens, valid = self._flat_inputs(x)
+        y = self.delta(tokens, self.base_layer, valid=valid)  # (N, d)
+        return y.reshape(x.shape).to(x.dtype)

@@ -1,7 +1,12 @@
 """LoRA (Hu et al., 2021): ``Δy = (alpha / r) · B A dropout(x)``, A Kaiming-uniform, B = 0 at init.
 
+::
+
+    x ──► dropout ──► A (r × d_in) ──► B (d_out × r) ──► · alpha/r ──► Δy
+
 Parameter names and initialisation follow HF PEFT's ``lora.Linear`` (``lora_A``/``lora_B`` as bias-free
-``nn.Linear``), so the same weights give the same outputs as PEFT and adapters convert key for key.
+``nn.Linear``), so the same weights give the same outputs as PEFT and adapters convert key for key
+(:mod:`smore.peft_interop`).
 """
 
 from __future__ import annotations
@@ -12,11 +17,26 @@ import torch
 from torch import nn
 
 
+def check_lora_arguments(*, rank: int, alpha: float, dropout: float) -> None:
+    """The checks every LoRA-style delta shares; ``ValueError`` naming the argument."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be a positive integer.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha={alpha!r} must be a positive number (the update is scaled by alpha / rank).")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout!r} must be a number in [0, 1).")
+
+
 class LoRADelta(nn.Module):
-    """``d_in → r → d_out`` low-rank update, scaled by ``alpha / rank``."""
+    """``d_in → r → d_out`` low-rank update, scaled by ``alpha / rank``.
+
+    Parameters: ``lora_A`` (``nn.Linear(d_in, r)``, weight (r, d_in)), ``lora_B`` (``nn.Linear(r, d_out)``, weight
+    (d_out, r), zero at init). ``r (d_in + d_out)`` parameters in all.
+    """
 
     def __init__(self, *, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
+        check_lora_arguments(rank=rank, alpha=alpha, dropout=dropout)
         self.rank, self.scaling = rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, rank, bias=False)
@@ -26,10 +46,12 @@ class LoRADelta(nn.Module):
         self.aux_loss = None
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        """``Δy`` (N, d_out) for tokens ``x`` (N, d_in); ``valid`` is unused (no routing)."""
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # (N, r) -> (N, d_out)
 
 
 def build_lora(config, in_features: int, out_features: int) -> LoRADelta:
+    """Builder: a :class:`~smore.config.LoRAConfig` to the keyword arguments of :class:`LoRADelta`."""
     return LoRADelta(
         in_features=in_features, out_features=out_features, rank=config.rank, alpha=config.alpha, dropout=config.dropout
     )

@@ -1,9 +1,13 @@
-"""MoLoRA, a mixture of LoRA experts per linear layer: ``Δy = Σ_i p_i (alpha/r) B_i A_i x`` over the top-k experts
-of ``softmax(W_g x)``, renormalised; optional Switch-style load-balancing loss.
+"""MoLoRA, a mixture of LoRA experts per linear layer (SPEC §2): ``Δy = Σ_{i ∈ top-k} p_i (alpha/r) B_i A_i x``,
+``p = softmax(W_g x)`` restricted to the top-k experts and renormalised (k = 1 keeps the softmax value, as the
+Switch gate of :mod:`smore.routing.gates`); optional Switch-style load-balancing loss ``w · E · Σ_j f_j P_j``.
+
+With ``alpha = rank`` the scaling is 1 and this is SPEC §2's ``Σ p_i B_i A_i x`` literally; with one expert and
+top-1 it is LoRA (p = 1).
 
 Vectorised without gathering expert matrices: all experts' A projections come from one matmul (N, E·r); the gate
 weights, spread over each expert's r columns (zero for unselected experts), multiply them; one matmul with the
-stacked B (d_out, E·r) sums the experts. The cost is that of a LoRA of rank E·r.
+stacked B (d_out, E·r) sums the experts. The cost is that of a LoRA of rank E·r, whatever k is.
 """
 
 from __future__ import annotations
@@ -13,10 +17,18 @@ import math
 import torch
 from torch import nn
 
+from smore.adapters.lora import check_lora_arguments
 from smore.routing.gates import SwitchGate
 
 
 class MoLoRADelta(nn.Module):
+    """E LoRA experts and a bias-free router ``W_g`` on one ``in_features → out_features`` layer.
+
+    Parameters: ``router.weight`` (E, d_in); ``lora_A`` (E·r, d_in), expert i in rows ``[i r, (i+1) r)``;
+    ``lora_B`` (d_out, E·r), expert i in columns ``[i r, (i+1) r)``, zero at init. ``aux_loss`` holds the gate's
+    load-balancing loss of the last forward (0 when ``balance_weight`` is 0).
+    """
+
     def __init__(
         self,
         *,
@@ -30,13 +42,18 @@ class MoLoRADelta(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        check_lora_arguments(rank=rank, alpha=alpha, dropout=dropout)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts={num_experts!r} must be a positive integer.")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}].")
+        self.num_experts, self.top_k, self.rank, self.scaling = num_experts, top_k, rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(in_features, num_experts, bias=False)
         self.gate = SwitchGate(num_experts=num_experts, top_k=top_k, balance_weight=balance_weight)
         self.lora_A = nn.Parameter(torch.empty(num_experts * rank, in_features))  # experts stacked by rows
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # experts stacked by columns
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in d_in: U(±1/√d_in), as each expert alone
         self.aux_loss: torch.Tensor | None = None
 
     def expert_weights(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -46,13 +63,15 @@ class MoLoRADelta(nn.Module):
         return torch.zeros_like(out.probs).scatter(-1, out.indices, out.weights)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``Δy`` (N, d_out) for tokens ``x`` (N, d_in); ``valid`` (N,) keeps padding out of the aux loss."""
         weights = self.expert_weights(x, valid)  # (N, E)
-        hidden = self.dropout(x) @ self.lora_A.t()  # (N, E·r)
-        hidden = hidden * weights.repeat_interleave(self.rank, dim=-1)
-        return (hidden @ self.lora_B.t()) * self.scaling
+        hidden = self.dropout(x) @ self.lora_A.t()  # (N, E·r): every expert's A x
+        hidden = hidden * weights.repeat_interleave(self.rank, dim=-1)  # (N, E·r): p_i A_i x, 0 if not selected
+        return (hidden @ self.lora_B.t()) * self.scaling  # (N, d_out): Σ_i p_i B_i A_i x
 
 
 def build_molora(config, in_features: int, out_features: int) -> MoLoRADelta:
+    """Builder: a :class:`~smore.config.MoLoRAConfig` to the keyword arguments of :class:`MoLoRADelta`."""
     return MoLoRADelta(
         in_features=in_features,
         out_features=out_features,

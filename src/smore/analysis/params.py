@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from smore.adapters.base import linear_features
-from smore.config import AdapterConfig, SMoREConfig
+from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MoLoRAConfig, SMoREConfig
 from smore.inject import find_targets
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,74 @@ def paper_overhead(config: SMoREConfig, in_features: int) -> PaperOverhead:
     return PaperOverhead(top_width=widths[-1], main=main, delta=delta, ratio=delta / main)
 
 
+# -- LoRA-style baselines (SPEC §2) ------------------------------------------------------------------------------
+
+
+def _check_baseline(config: Any, config_class: type[AdapterConfig]) -> Any:
+    if not isinstance(config, config_class) or config.method != config_class.method:
+        raise ValueError(
+            f"config must be a {config_class.__name__} for the {config_class.method!r} cost functions, got "
+            f"{type(config).__name__}; use the cost model registered for its method (COST_MODELS[config.method])."
+        )
+    return config
+
+
+def lora_parameter_counts(config: LoRAConfig, in_features: int, out_features: int) -> Counts:
+    """LoRA: ``{"A": r d_in, "B": r d_out, "total": r (d_in + d_out)}``. Every token uses all of them."""
+    config = _check_baseline(config, LoRAConfig)
+    _check_features(in_features, out_features)
+    return _with_total({"A": config.rank * in_features, "B": config.rank * out_features})
+
+
+def lora_flops_per_token(config: LoRAConfig, in_features: int, out_features: int) -> Counts:
+    """LoRA multiply-adds per token: ``{"A": d_in r, "B": r d_out, "total"}`` (the same numbers as its parameters)."""
+    return lora_parameter_counts(config, in_features, out_features)
+
+
+def molora_parameter_counts(config: MoLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """MoLoRA: ``{"A": E r d_in, "B": E r d_out, "router": d_in E, "total": E r (d_in + d_out) + d_in E}``."""
+    config = _check_baseline(config, MoLoRAConfig)
+    _check_features(in_features, out_features)
+    experts, rank = config.num_experts, config.rank
+    return _with_total(
+        {"A": experts * rank * in_features, "B": experts * rank * out_features, "router": in_features * experts}
+    )
+
+
+def molora_active_parameters(config: MoLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """Parameters one token uses: the top-k experts' A and B and the whole router, ``k r (d_in + d_out) + d_in E``."""
+    config = _check_baseline(config, MoLoRAConfig)
+    _check_features(in_features, out_features)
+    k, rank = config.top_k, config.rank
+    return _with_total(
+        {"A": k * rank * in_features, "B": k * rank * out_features, "router": in_features * config.num_experts}
+    )
+
+
+def molora_flops_per_token(config: MoLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """Multiply-adds per token of this library's MoLoRA forward: it computes **every** expert, routed or not.
+
+    ``router``: ``d_in E``;  ``A``: all experts' A in one matmul, ``d_in E r``;  ``B``: the stacked B on the
+    gate-weighted (mostly zero) hidden, ``E r d_out``. The gate and the weighting are element-wise, left out.
+    """
+    return molora_parameter_counts(config, in_features, out_features)
+
+
+def hydralora_parameter_counts(config: HydraLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """HydraLoRA: ``{"A": r d_in, "B": E r d_out, "router": d_in E, "total"}``. The router is dense, so every
+    token uses every parameter: this is also its active count."""
+    config = _check_baseline(config, HydraLoRAConfig)
+    _check_features(in_features, out_features)
+    experts, rank = config.num_experts, config.rank
+    return _with_total({"A": rank * in_features, "B": experts * rank * out_features, "router": in_features * experts})
+
+
+def hydralora_flops_per_token(config: HydraLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """Multiply-adds per token: ``router`` ``d_in E``, the shared ``A`` ``d_in r``, the stacked heads ``B``
+    ``E r d_out`` (the outer product p ⊗ A x is element-wise, left out). Equal to the parameter counts."""
+    return hydralora_parameter_counts(config, in_features, out_features)
+
+
 # -- registry -------------------------------------------------------------------------------------------------------
 
 
@@ -210,6 +278,9 @@ class CostModel:
 
 COST_MODELS: dict[str, CostModel] = {
     "smore": CostModel(smore_parameter_counts, smore_active_parameters, smore_flops_per_token),
+    "lora": CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token),
+    "molora": CostModel(molora_parameter_counts, molora_active_parameters, molora_flops_per_token),
+    "hydralora": CostModel(hydralora_parameter_counts, hydralora_parameter_counts, hydralora_flops_per_token),
 }
 """Method name → its cost functions. A new method adds one line, e.g.
 ``"lora": CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token)``."""

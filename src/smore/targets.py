@@ -1,0 +1,59 @@
+"""Which modules an adapter config selects: match by name suffix or regex, filter by layer index and exclusions."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from smore.adapters.base import AdapterWrapper, linear_features
+from smore.config import AdapterConfig
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def matches(name: str, patterns: list[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+def find_targets(
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    accepts=linear_features,
+    kind: str = "linear layer (nn.Linear or transformers Conv1D)",
+) -> dict[str, nn.Module]:
+    """Modules that ``config`` selects, by name. ``accepts(module)`` (truthy or not) says whether a matched module
+    can be wrapped: a matched module it refuses is an error, and so is matching nothing; both errors list what the
+    model has."""
+    targets = {}
+    for name, module in model.named_modules():
+        if not name or not matches(name, config.target_modules):
+            continue
+        if config.exclude_modules is not None and matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
+            continue
+        if isinstance(module, AdapterWrapper):
+            raise ValueError(f"module {name!r} is already adapted; adapt a fresh model or load onto the base model.")
+        if not accepts(module):
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched {name!r}, a {type(module).__name__}, which is "
+                f"not a {kind}. Name the modules to adapt more precisely."
+            )
+        targets[name] = module
+    if not targets:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and accepts(m)})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}, "
+            f"layers_to_transform={config.layers_to_transform!r}) matched no {kind} of this "
+            f"{type(model).__name__}. Its modules of that kind are named: {names}."
+        )
+    return targets
