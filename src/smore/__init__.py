@@ -9,7 +9,7 @@ Entry points::
     smore.save_adapter(model, "run/adapter"); smore.load_adapter(base_model, "run/adapter")
 """
 
-from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MoLoRAConfig, SMoREConfig
+from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MixLoRAConfig, MoLoRAConfig, SMoREConfig
 from smore.inject import (
     adapt,
     adapted_modules,
@@ -29,6 +29,7 @@ __all__ = [
     "AdapterConfig",
     "HydraLoRAConfig",
     "LoRAConfig",
+    "MixLoRAConfig",
     "MoLoRAConfig",
     "SMoREConfig",
     "__version__",

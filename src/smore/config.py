@@ -189,16 +189,9 @@ class SMoREConfig(AdapterConfig):
                     f"gate='noisy_topk' needs top_k[{level}] < num_experts[{level}] (got {k} of {s}): its load "
                     "estimate uses the (k+1)-th logit. Lower top_k, raise num_experts, or use gate='dense'."
                 )
-        if isinstance(self.down_proj_dim, bool) or not isinstance(self.down_proj_dim, int) or self.down_proj_dim < 1:
-            raise ValueError(f"down_proj_dim={self.down_proj_dim!r} must be a positive integer, e.g. 32.")
-        if (
-            not isinstance(self.balance_weight, (int, float))
-            or not math.isfinite(self.balance_weight)
-            or (self.balance_weight < 0)
-        ):
-            raise ValueError(f"balance_weight={self.balance_weight!r} must be a finite number >= 0.")
-        if not isinstance(self.prelu_init, (int, float)) or not math.isfinite(self.prelu_init):
-            raise ValueError(f"prelu_init={self.prelu_init!r} must be a finite number.")
+        _check_positive_int("down_proj_dim", self.down_proj_dim)
+        _check_number("balance_weight", self.balance_weight, low=0)
+        _check_number("prelu_init", self.prelu_init, low=-math.inf)
         if not isinstance(self.shared_pool, bool):
             raise ValueError(f"shared_pool={self.shared_pool!r} must be true or false.")
         if self.shared_pool and (len(set(self.num_experts)) != 1 or len(set(self.ranks)) != 1):
@@ -311,3 +304,51 @@ class HydraLoRAConfig(LoRAConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive_int("num_experts", self.num_experts)
+
+
+@dataclass
+class MixLoRAConfig(AdapterConfig):
+    """MixLoRA: each gated MLP becomes a top-k mixture of ``num_experts`` copies of itself, each with its own LoRA on
+    ``expert_modules``; optional plain LoRA on ``attention_modules``. Llama-style MLPs only."""
+
+    method: ClassVar[str] = "mixlora"
+
+    target_modules: list[str] | str = field(default_factory=lambda: ["mlp"])
+    """The gated MLP blocks to turn into mixtures (modules with gate_proj, up_proj, down_proj and act_fn)."""
+    num_experts: int = 8
+    """E: experts per MLP block."""
+    top_k: int = 2
+    """Experts used per token."""
+    rank: int = 8
+    """r: rank of every expert LoRA (and of the attention LoRA)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: updates are multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA inputs, in training only."""
+    expert_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    """Which projections of the MLP get a LoRA per expert."""
+    attention_modules: list[str] | str | None = None
+    """Attention projections that get a plain LoRA (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']); null: none."""
+    balance_weight: float = 0.001
+    """Weight of the Switch-style load-balancing loss."""
+    router_init_range: float = 0.02
+    """Standard deviation of the router's normal initialisation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_experts", "top_k", "rank"):
+            _check_positive_int(name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
+        _check_number("alpha", self.alpha, low=0, open_low=True)
+        _check_number("dropout", self.dropout, low=0, high=1)
+        _check_number("balance_weight", self.balance_weight, low=0)
+        _check_number("router_init_range", self.router_init_range, low=0)
+        projections = ("gate_proj", "up_proj", "down_proj")
+        self.expert_modules = _as_list("expert_modules", self.expert_modules)
+        if not self.expert_modules or any(m not in projections for m in self.expert_modules):
+            raise ValueError(
+                f"expert_modules={self.expert_modules!r} must be a non-empty subset of {list(projections)}."
+            )
+        if self.attention_modules is not None:
+            self.attention_modules = _check_patterns("attention_modules", self.attention_modules)

@@ -134,16 +134,19 @@ class AdapterSummary:
 
     method: str
     modules: dict[str, tuple[int, int]]
+    """Wrapped module name → shape: (in, out) of a linear layer, (hidden, intermediate) of an MLP block."""
+    kinds: dict[str, str]
+    """Wrapped module name → class name of the base module (Linear, Conv1D, LlamaMLP, …)."""
     trainable: int
     total: int
 
     def __str__(self) -> str:
-        shapes: dict[tuple[int, int], int] = {}
-        for shape in self.modules.values():
-            shapes[shape] = shapes.get(shape, 0) + 1
+        groups: dict[tuple[str, tuple[int, int]], int] = {}
+        for name, shape in self.modules.items():
+            groups[self.kinds[name], shape] = groups.get((self.kinds[name], shape), 0) + 1
         lines = [f"smore adapter: method={self.method}, {len(self.modules)} modules wrapped"]
-        for (d_in, d_out), count in sorted(shapes.items()):
-            lines.append(f"  {count:4d} x Linear {d_in} -> {d_out}")
+        for (kind, (d_in, d_out)), count in sorted(groups.items()):
+            lines.append(f"  {count:4d} x {kind} {d_in} -> {d_out}")
         share = 100.0 * self.trainable / max(self.total, 1)
         lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share:.4f}")
         return "\n".join(lines)
@@ -154,7 +157,8 @@ def summary(model: nn.Module) -> AdapterSummary:
     state = _state(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return AdapterSummary(state.config.method, dict(state.modules), trainable, total)
+    kinds = {name: type(m.base_layer).__name__ for name, m in adapted_modules(model).items()}
+    return AdapterSummary(state.config.method, dict(state.modules), kinds, trainable, total)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,9 +10,10 @@ from torch import nn
 
 from smore.adapters.hydralora import build_hydralora
 from smore.adapters.lora import build_lora
+from smore.adapters.mixlora import find_mixlora_targets, wrap_mixlora
 from smore.adapters.molora import build_molora
 from smore.adapters.smore import build_smore
-from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MoLoRAConfig, SMoREConfig
+from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MixLoRAConfig, MoLoRAConfig, SMoREConfig
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ register(Method("smore", SMoREConfig, build_smore))
 register(Method("lora", LoRAConfig, build_lora))
 register(Method("molora", MoLoRAConfig, build_molora))
 register(Method("hydralora", HydraLoRAConfig, build_hydralora))
+register(Method("mixlora", MixLoRAConfig, find=find_mixlora_targets, wrap=wrap_mixlora))
 
 
 def get_method(name: str) -> Method:

@@ -22,8 +22,11 @@ from typing import Any
 from torch import nn
 
 from smore.adapters.base import linear_features
-from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MoLoRAConfig, SMoREConfig
-from smore.inject import find_targets
+from smore.adapters.mixlora import attention_lora_config
+from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MixLoRAConfig, MoLoRAConfig, SMoREConfig
+from smore.inject import module_shape
+from smore.registry import get_method
+from smore.targets import find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +264,47 @@ def hydralora_flops_per_token(config: HydraLoRAConfig, in_features: int, out_fea
     return hydralora_parameter_counts(config, in_features, out_features)
 
 
+def mixlora_parameter_counts(config: MixLoRAConfig, hidden_size: int, intermediate_size: int) -> Counts:
+    """One MixLoRA FFN block ``hidden → intermediate → hidden``: E LoRAs of rank r on each expert projection,
+    ``E r (d + d_ff)`` each, and the bias-free router ``d E`` (SPEC §2: ``E r · 3(d + d_ff) + d E`` for all three)."""
+    config = _check_baseline(config, MixLoRAConfig)
+    _check_features(hidden_size, intermediate_size)
+    width = config.num_experts * config.rank * (hidden_size + intermediate_size)
+    counts = {name: width for name in config.expert_modules}
+    counts["router"] = hidden_size * config.num_experts
+    return _with_total(counts)
+
+
+def mixlora_active_parameters(config: MixLoRAConfig, hidden_size: int, intermediate_size: int) -> Counts:
+    """Parameters one token uses in a block: the top-k experts' LoRAs and the whole router."""
+    config = _check_baseline(config, MixLoRAConfig)
+    _check_features(hidden_size, intermediate_size)
+    width = config.top_k * config.rank * (hidden_size + intermediate_size)
+    counts = {name: width for name in config.expert_modules}
+    counts["router"] = hidden_size * config.num_experts
+    return _with_total(counts)
+
+
+def mixlora_flops_per_token(config: MixLoRAConfig, hidden_size: int, intermediate_size: int) -> Counts:
+    """Multiply-adds per token of this library's MixLoRA block, beyond the frozen FFN (which runs once per token).
+
+    gate/up: every expert's A on the token (``d E r``), then the stacked B once per selected slot
+    (``k E r d_ff``, the other experts' blocks masked to zero); down: every expert's A once per slot
+    (``k d_ff E r``), then the stacked B once on the weighted sum (``E r d``); router ``d E``.
+    """
+    config = _check_baseline(config, MixLoRAConfig)
+    _check_features(hidden_size, intermediate_size)
+    stacked, k = config.num_experts * config.rank, config.top_k
+    per_projection = {
+        "gate_proj": hidden_size * stacked + k * stacked * intermediate_size,
+        "up_proj": hidden_size * stacked + k * stacked * intermediate_size,
+        "down_proj": k * intermediate_size * stacked + stacked * hidden_size,
+    }
+    counts = {name: per_projection[name] for name in config.expert_modules}
+    counts["router"] = hidden_size * config.num_experts
+    return _with_total(counts)
+
+
 # -- registry -------------------------------------------------------------------------------------------------------
 
 
@@ -281,6 +325,7 @@ COST_MODELS: dict[str, CostModel] = {
     "lora": CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token),
     "molora": CostModel(molora_parameter_counts, molora_active_parameters, molora_flops_per_token),
     "hydralora": CostModel(hydralora_parameter_counts, hydralora_parameter_counts, hydralora_flops_per_token),
+    "mixlora": CostModel(mixlora_parameter_counts, mixlora_active_parameters, mixlora_flops_per_token),
 }
 """Method name → its cost functions. A new method adds one line, e.g.
 ``"lora": CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token)``."""
@@ -372,13 +417,18 @@ def model_report(model: nn.Module, config: AdapterConfig) -> ModelReport:
         raise ValueError(f"config must be an AdapterConfig (e.g. SMoREConfig), got {type(config).__name__}.")
     cost_model(config.method)  # fail before walking the model if the method has no cost model
     report = ModelReport(method=config.method, base_parameters=sum(p.numel() for p in model.parameters()))
-    cache: dict[tuple[int, int], LayerReport] = {}  # many layers share a shape; the formulas only see the shape
-    for name, module in find_targets(model, config).items():
-        in_features, out_features = linear_features(module)
-        shape = (in_features, out_features)
-        if shape not in cache:
-            costs = layer_costs(config, in_features, out_features)
-            cache[shape] = LayerReport(
+    method = get_method(config.method)
+    targets = method.find(model, config) if method.find else find_targets(model, config)
+    cache: dict[tuple[str, int, int], LayerReport] = {}  # many layers share a shape; the formulas only see it
+    for name, module in targets.items():
+        layer_config = config
+        if isinstance(config, MixLoRAConfig) and linear_features(module) is not None:
+            layer_config = attention_lora_config(config)  # MixLoRA's attention layers carry a plain LoRA
+        in_features, out_features = module_shape(module)
+        key = (layer_config.method, in_features, out_features)
+        if key not in cache:
+            costs = layer_costs(layer_config, in_features, out_features)
+            cache[key] = LayerReport(
                 name="",
                 in_features=in_features,
                 out_features=out_features,
@@ -386,6 +436,6 @@ def model_report(model: nn.Module, config: AdapterConfig) -> ModelReport:
                 active=None if costs["active"] is None else costs["active"]["total"],
                 flops=None if costs["flops"] is None else costs["flops"]["total"],
             )
-        report.layers.append(replace(cache[shape], name=name))
+        report.layers.append(replace(cache[key], name=name))
     logger.debug("model report: %d %s adapters, %d trainable", len(report.layers), config.method, report.trainable)
     return report

@@ -23,7 +23,7 @@ def cv_squared(values: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation var/mean² (unbiased var, eps 1e-10), 0 for a single expert (Shazeer 2017)."""
     if values.numel() <= 1:
         return values.new_zeros(())
-    values = values.float()
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     return values.var() / (values.mean() ** 2 + 1e-10)
 
 
@@ -72,13 +72,23 @@ class DenseGate(Gate):
 
 
 class SwitchGate(Gate):
-    """Top-k of the softmax, renormalised when k > 1; Switch Transformer loss ``w · s · Σ_j f_j P_j``."""
+    """Top-k of the softmax, renormalised when k > 1; Switch Transformer loss ``w · s · Σ_j f_j P_j``.
+
+    With k = 1 the weight stays p (so the router gets a gradient), unless ``renormalize_top1`` asks for weight 1
+    as MixLoRA does.
+    """
+
+    def __init__(
+        self, *, num_experts: int, top_k: int, balance_weight: float = 0.0, renormalize_top1: bool = False
+    ) -> None:
+        super().__init__(num_experts=num_experts, top_k=top_k, balance_weight=balance_weight)
+        self.renormalize = top_k > 1 or renormalize_top1
 
     def forward(self, logits, *, router_input=None, valid=None, forced=None) -> GateOutput:
         probs = logits.softmax(dim=-1)  # (M, s)
         indices = probs.topk(self.top_k, dim=-1).indices if forced is None else forced
         weights = probs.gather(-1, indices)  # (M, k)
-        if self.top_k > 1:
+        if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return GateOutput(indices=indices, weights=weights, probs=probs, aux_loss=self._aux(probs, indices, valid))
 

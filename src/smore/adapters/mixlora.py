@@ -1,0 +1,155 @@
+"""MixLoRA (Li et al., 2024; package ``mixlora``): an FFN-level mixture of LoRA experts.
+
+A bias-free router on the FFN input picks the top-k of E experts (softmax, renormalised); expert e is the frozen
+gated MLP with its own LoRA on ``gate_proj``, ``up_proj`` and ``down_proj``::
+
+    y = Σ_{e ∈ top-k(x)} p_e · down_e( act(gate_e(x)) ⊙ up_e(x) ),      proj_e(x) = W_proj x + (α/r) B_e A_e x
+
+plus a Switch-style load-balancing loss (coefficient 0.001). Optionally, plain LoRA on attention projections.
+
+Vectorised without a loop over experts: the frozen gate/up projections run once per token; every expert's LoRA A
+projection comes from one matmul, masked to the k selected experts per slot, and one matmul with the stacked B
+gives the k slot updates. The frozen down projection is linear and the weights sum to 1, so it runs once, on the
+weighted sum of the slots' hidden states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smore.adapters.base import AdaptedFFN, AdaptedLinear, AdapterWrapper, TokenMask, ffn_features, linear_features
+from smore.adapters.lora import build_lora
+from smore.config import LoRAConfig
+from smore.routing.gates import SwitchGate
+from smore.targets import find_targets, matches
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class MixLoRAFFN(nn.Module):
+    """The MixLoRA block for one gated MLP ``hidden → intermediate → hidden``; call with the frozen base MLP."""
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        rank: int,
+        alpha: float,
+        expert_modules: list[str],
+        balance_weight: float = 0.001,
+        router_init_range: float = 0.02,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(expert_modules) - set(EXPERT_PROJECTIONS))
+        if unknown or not expert_modules:
+            raise ValueError(f"expert_modules={expert_modules!r} must be a non-empty subset of {EXPERT_PROJECTIONS}.")
+        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=router_init_range)
+        # MixLoRA renormalises even a single expert's weight to 1 (as its package does).
+        self.gate = SwitchGate(
+            num_experts=num_experts, top_k=top_k, balance_weight=balance_weight, renormalize_top1=True
+        )
+        shapes = {
+            "gate_proj": (hidden_size, intermediate_size),
+            "up_proj": (hidden_size, intermediate_size),
+            "down_proj": (intermediate_size, hidden_size),
+        }
+        # Experts stacked: A by rows (E·r, d_in), B by columns (d_out, E·r); expert e owns block e.
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in EXPERT_PROJECTIONS:
+            if name in expert_modules:
+                d_in, d_out = shapes[name]
+                self.lora_A[name] = nn.Parameter(torch.empty(num_experts * rank, d_in))
+                self.lora_B[name] = nn.Parameter(torch.zeros(d_out, num_experts * rank))
+                for expert in range(num_experts):  # each expert's A as nn.Linear's default init
+                    nn.init.kaiming_uniform_(self.lora_A[name][expert * rank : (expert + 1) * rank], a=math.sqrt(5))
+        self.aux_loss: torch.Tensor | None = None
+
+    def _expert_hidden(self, name: str, x: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+        """A_e x for the expert of every slot, as (N, k, E·r) with the other experts' blocks zeroed; x is (N, d)
+        (shared by the slots) or (N, k, d)."""
+        hidden = self.dropout(x) @ self.lora_A[name].t()  # (N, E·r) or (N, k, E·r)
+        return (hidden.unsqueeze(1) if hidden.dim() == 2 else hidden) * slot_mask
+
+    def _up(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """(α/r) B_e (·): the stacked B applied to masked expert hidden states."""
+        return (hidden @ self.lora_B[name].t()) * self.scaling
+
+    def forward(self, x: torch.Tensor, base: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
+        routing = self.gate(self.router(x), valid=valid)
+        self.aux_loss = routing.aux_loss
+        weights = routing.weights.unsqueeze(-1)  # (N, k, 1)
+        slot_mask = F.one_hot(routing.indices, self.num_experts).to(x.dtype)  # (N, k, E)
+        slot_mask = slot_mask.repeat_interleave(self.rank, dim=-1)  # (N, k, E·r): keep the slot's expert block
+        base_x = x.to(base.gate_proj.weight.dtype)
+        gate = base.gate_proj(base_x).to(x.dtype).unsqueeze(1)  # (N, 1, d_ff), shared by the experts
+        up = base.up_proj(base_x).to(x.dtype).unsqueeze(1)
+        if "gate_proj" in self.lora_A:
+            gate = gate + self._up("gate_proj", self._expert_hidden("gate_proj", x, slot_mask))  # (N, k, d_ff)
+        if "up_proj" in self.lora_A:
+            up = up + self._up("up_proj", self._expert_hidden("up_proj", x, slot_mask))
+        hidden = base.act_fn(gate) * up  # (N, k, d_ff)
+        mixed = (weights * hidden).sum(dim=1)  # Σ_j p_j h_j, since down_proj is linear and Σ_j p_j = 1
+        y = base.down_proj(mixed.to(base.down_proj.weight.dtype)).to(x.dtype)
+        if "down_proj" in self.lora_A:  # Σ_j p_j B_j A_j h_j = B (Σ_j p_j masked A h_j): one B matmul per token
+            y = y + self._up("down_proj", (weights * self._expert_hidden("down_proj", hidden, slot_mask)).sum(dim=1))
+        return y  # (N, d)
+
+
+def attention_lora_config(config):
+    """The plain LoRA that MixLoRA puts on the attention projections ``attention_modules``."""
+    return LoRAConfig(
+        target_modules=config.attention_modules,
+        layers_to_transform=config.layers_to_transform,
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+    )
+
+
+def find_mixlora_targets(model: nn.Module, config) -> dict[str, nn.Module]:
+    """The gated MLP blocks ``target_modules`` selects, and the attention layers ``attention_modules`` selects."""
+    blocks = find_targets(model, config, accepts=ffn_features, kind="gated MLP (gate_proj, up_proj, down_proj, act_fn)")
+    if config.attention_modules is None:
+        return blocks
+    attention = find_targets(model, attention_lora_config(config))
+    inside = [name for name in attention if any(name.startswith(block + ".") for block in blocks)]
+    if inside:
+        raise ValueError(
+            f"attention_modules={config.attention_modules!r} matched {inside[:3]}, inside the MLP blocks MixLoRA "
+            "replaces; name attention projections only (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'])."
+        )
+    return {**blocks, **attention}
+
+
+def wrap_mixlora(config, name: str, module: nn.Module, token_mask: TokenMask) -> AdapterWrapper:
+    """An FFN block gets the MixLoRA mixture; an attention projection a plain LoRA."""
+    features = ffn_features(module)
+    if features is not None and matches(name, config.target_modules):
+        hidden_size, intermediate_size = features
+        delta = MixLoRAFFN(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_experts=config.num_experts,
+            top_k=config.top_k,
+            rank=config.rank,
+            alpha=config.alpha,
+            expert_modules=config.expert_modules,
+            balance_weight=config.balance_weight,
+            router_init_range=config.router_init_range,
+            dropout=config.dropout,
+        )
+        return AdaptedFFN(module, delta, token_mask)
+    in_features, out_features = linear_features(module)
+    return AdaptedLinear(module, build_lora(attention_lora_config(config), in_features, out_features), token_mask)
