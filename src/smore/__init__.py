@@ -9,12 +9,21 @@ Entry points::
     smore.save_adapter(model, "run/adapter"); smore.load_adapter(base_model, "run/adapter")
 """
 
-from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MixLoRAConfig, MoLoRAConfig, SMoREConfig
+from smore.config import (
+    AdapterConfig,
+    HydraLoRAConfig,
+    LoRAConfig,
+    MixLoRAConfig,
+    MoLoRAConfig,
+    SMoREConfig,
+    TREXConfig,
+)
 from smore.inject import (
     adapt,
     adapted_modules,
     aux_loss,
     disable_adapters,
+    fit_prior,
     load_adapter,
     read_adapter_config,
     save_adapter,
@@ -32,12 +41,14 @@ __all__ = [
     "MixLoRAConfig",
     "MoLoRAConfig",
     "SMoREConfig",
+    "TREXConfig",
     "__version__",
     "adapt",
     "adapted_modules",
     "aux_loss",
     "config_from_dict",
     "disable_adapters",
+    "fit_prior",
     "get_method",
     "load_adapter",
     "read_adapter_config",

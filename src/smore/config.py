@@ -352,3 +352,23 @@ class MixLoRAConfig(AdapterConfig):
             )
         if self.attention_modules is not None:
             self.attention_modules = _check_patterns("attention_modules", self.attention_modules)
+
+
+@dataclass
+class TREXConfig(AdapterConfig):
+    """T-REX: rank_in·rank_out rank-one experts from LoRA factors, routed by tokens and a per-sample semantic prior
+    (SPEC §3). Call ``smore.fit_prior(model, batches)`` on the training prompts before training."""
+
+    method: ClassVar[str] = "trex"
+
+    target_modules: list[str] | str = "all-linear"
+    """Every linear layer except the output head, as the authors; or suffixes / a regex as for other methods."""
+    rank_in: int = 4
+    """r1: rows of A, i.e. the down-projection rank."""
+    rank_out: int = 8
+    """r2: columns of B; rank_in·rank_out experts (and prior clusters)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("rank_in", self.rank_in)
+        _check_positive_int("rank_out", self.rank_out)

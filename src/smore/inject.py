@@ -2,7 +2,7 @@
 
 Small and explicit on purpose: walk ``named_modules()``, match by suffix or regex, replace with
 :class:`~smore.adapters.base.AdaptedLinear`, return the model. The adapter's config, its wrapped module names and the
-shared :class:`~smore.adapters.base.TokenMask` live on the model as ``model.smore_state``.
+shared :class:`~smore.adapters.base.ForwardContext` live on the model as ``model.smore_state``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from smore.adapters.base import AdaptedLinear, AdapterWrapper, TokenMask, ffn_features, linear_features
+from smore.adapters.base import AdaptedLinear, AdapterWrapper, ForwardContext, ffn_features, linear_features
 from smore.config import AdapterConfig
 from smore.registry import Method, config_from_dict, method_of
 from smore.targets import find_targets
@@ -28,6 +28,7 @@ from smore.targets import find_targets
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+PRIOR_KEY = "smore_prior.centroids"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
@@ -38,13 +39,13 @@ class AdapterState:
     config: AdapterConfig
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Wrapped module name → (in_features, out_features)."""
-    token_mask: TokenMask = field(default_factory=TokenMask)
+    context: ForwardContext = field(default_factory=ForwardContext)
     hook: torch.utils.hooks.RemovableHandle | None = None
 
 
-def _wrap_linear(method: Method, config: AdapterConfig, base: nn.Module, token_mask: TokenMask) -> AdapterWrapper:
+def _wrap_linear(method: Method, config: AdapterConfig, base: nn.Module, context: ForwardContext) -> AdapterWrapper:
     in_features, out_features = linear_features(base)
-    return AdaptedLinear(base, method.build(config, in_features, out_features), token_mask)
+    return AdaptedLinear(base, method.build(config, in_features, out_features), context)
 
 
 def module_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -68,9 +69,9 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         param.requires_grad_(False)
     for name, base in targets.items():
         if method.wrap is not None:
-            wrapper = method.wrap(config, name, base, state.token_mask)
+            wrapper = method.wrap(config, name, base, state.context)
         else:
-            wrapper = _wrap_linear(method, config, base, state.token_mask)
+            wrapper = _wrap_linear(method, config, base, state.context)
         weight = next(base.parameters())
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         wrapper.delta.to(device=weight.device, dtype=dtype)
@@ -79,7 +80,9 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, wrapper)
         state.modules[name] = wrapper.shape
-    state.hook = model.register_forward_pre_hook(state.token_mask.hook, with_kwargs=True)
+    if method.setup is not None:
+        method.setup(model, config, state.context)
+    state.hook = model.register_forward_pre_hook(state.context.hook, with_kwargs=True)
     model.smore_state = state
     logger.info("adapted %d modules with %s", len(state.modules), config.method)
     return model
@@ -181,6 +184,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    prior = state.context.prior_source
+    if prior is not None:
+        if prior.centroids is None:
+            raise ValueError(
+                f"this {state.config.method} adapter has no semantic prior yet; call smore.fit_prior(model, batches) "
+                "before saving, so that inference can reproduce the prior."
+            )
+        tensors[PRIOR_KEY] = prior.centroids.detach().contiguous().cpu()
     base_name = getattr(getattr(model, "config", None), "name_or_path", None)
     document = {
         **state.config.to_dict(),
@@ -247,6 +258,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{weights_file} cannot be read ({error}); the file is corrupted or truncated.") from error
     adapt(model, config)
+    prior = model.smore_state.context.prior_source
+    if prior is not None:
+        if PRIOR_KEY not in tensors:
+            raise ValueError(
+                f"{weights_file} holds no {PRIOR_KEY}: this {config.method} adapter was saved without its prior."
+            )
+        prior.centroids = tensors.pop(PRIOR_KEY)
     wrapped = set(model.smore_state.modules)
     if saved_modules and wrapped != set(saved_modules):
         extra, missing = sorted(wrapped - set(saved_modules)), sorted(set(saved_modules) - wrapped)
@@ -276,3 +294,12 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def fit_prior(model: nn.Module, batches, *, seed: int = 0, iterations: int = 50) -> torch.Tensor:
+    """Fit the semantic prior of a T-REX adapter on training prompts: ``batches`` yields dicts with ``input_ids``,
+    ``attention_mask`` and optionally ``labels`` (-100 marks prompt tokens). Returns the (K, d_e) centroids."""
+    prior = _state(model).context.prior_source
+    if prior is None:
+        raise ValueError(f"method {_state(model).config.method!r} has no semantic prior; only T-REX needs fit_prior.")
+    return prior.fit(model, batches, seed=seed, iterations=iterations)

@@ -13,7 +13,16 @@ from smore.adapters.lora import build_lora
 from smore.adapters.mixlora import find_mixlora_targets, wrap_mixlora
 from smore.adapters.molora import build_molora
 from smore.adapters.smore import build_smore
-from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MixLoRAConfig, MoLoRAConfig, SMoREConfig
+from smore.adapters.trex import build_trex, setup_trex_prior
+from smore.config import (
+    AdapterConfig,
+    HydraLoRAConfig,
+    LoRAConfig,
+    MixLoRAConfig,
+    MoLoRAConfig,
+    SMoREConfig,
+    TREXConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -22,7 +31,7 @@ class Method:
 
     Methods that adapt linear layers give ``build(config, d_in, d_out) -> delta``, wrapped in ``AdaptedLinear``.
     Methods that adapt other modules (MixLoRA's FFN blocks) give ``find(model, config) -> {name: module}`` and
-    ``wrap(config, name, module, token_mask) -> AdapterWrapper``.
+    ``wrap(config, name, module, context) -> AdapterWrapper``.
     """
 
     name: str
@@ -30,6 +39,8 @@ class Method:
     build: Callable[[Any, int, int], nn.Module] | None = None
     find: Callable[[nn.Module, Any], dict[str, nn.Module]] | None = None
     wrap: Callable[..., nn.Module] | None = None
+    setup: Callable[[nn.Module, Any, Any], None] | None = None
+    """Model-level setup after wrapping, ``setup(model, config, context)`` (T-REX attaches its semantic prior)."""
 
 
 METHODS: dict[str, Method] = {}
@@ -47,6 +58,7 @@ register(Method("lora", LoRAConfig, build_lora))
 register(Method("molora", MoLoRAConfig, build_molora))
 register(Method("hydralora", HydraLoRAConfig, build_hydralora))
 register(Method("mixlora", MixLoRAConfig, find=find_mixlora_targets, wrap=wrap_mixlora))
+register(Method("trex", TREXConfig, build_trex, setup=setup_trex_prior))
 
 
 def get_method(name: str) -> Method:

@@ -9,6 +9,7 @@ from torch import nn
 from smore.adapters.base import AdapterWrapper, linear_features
 from smore.config import AdapterConfig
 
+ALL_LINEAR = "all-linear"
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
@@ -34,8 +35,13 @@ def find_targets(
     can be wrapped: a matched module it refuses is an error, and so is matching nothing; both errors list what the
     model has."""
     targets = {}
+    everything = config.target_modules == ALL_LINEAR
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
-        if not name or not matches(name, config.target_modules):
+        if everything:  # PEFT's "all-linear": every linear layer but the output head
+            if not name or module is output_head or not linear_features(module):
+                continue
+        elif not name or not matches(name, config.target_modules):
             continue
         if config.exclude_modules is not None and matches(name, config.exclude_modules):
             continue

@@ -28,27 +28,40 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-class TokenMask:
-    """The attention mask of the model call in flight, shared by all adapters of one model.
+class ForwardContext:
+    """What the adapters of one model need to know about the model call in flight, beyond their own input.
 
-    A forward pre-hook on the adapted model stores the 2-D ``attention_mask`` here; each adapter takes the columns
-    that match its input (the last T during cached decoding). The mask stays until the next model call, so a
-    gradient-checkpointing recomputation during backward sees the same mask as the forward did.
+    A forward pre-hook on the adapted model reads the call's arguments: the 2-D ``attention_mask`` (so padding never
+    counts in routing statistics) and, when a :class:`~smore.prior.SemanticPrior` is attached (T-REX), the
+    per-sample prior, one row per sequence. Each adapter takes what matches its input: the last T mask columns
+    during cached decoding, each sequence's prior repeated over its tokens. Both stay until the next model call,
+    so a gradient-checkpointing recomputation during backward sees what the forward saw.
     """
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
+        self.prior: torch.Tensor | None = None
+        self.prior_source = None  # a SemanticPrior, for methods that route with a per-sample prior
         self._signatures: dict[int, inspect.Signature] = {}
 
+    def arguments(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by name, positional ones included."""
+        if not args:
+            return kwargs
+        signature = self._signatures.setdefault(id(module), inspect.signature(module.forward))
+        try:
+            return signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return kwargs
+
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and args:
-            signature = self._signatures.setdefault(id(module), inspect.signature(module.forward))
-            try:
-                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-            except TypeError:
-                mask = None
+        if self.prior_source is not None and self.prior_source.busy:
+            return  # the prior's own embedding pass through this model: leave the context as it is
+        arguments = self.arguments(module, args, kwargs)
+        mask = arguments.get("attention_mask")
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if self.prior_source is not None:
+            self.prior = self.prior_source.prior_for_call(module, arguments, self.prior)
 
     def valid_for(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """(N,) bool of real tokens for an input whose leading dims are (batch, time), or ``None`` if unknown."""
@@ -60,39 +73,57 @@ class TokenMask:
             return None
         return mask[:, mask.shape[1] - steps :].reshape(-1).bool()
 
+    def prior_for(self, leading_shape: torch.Size) -> torch.Tensor:
+        """(N, K) prior of every token: its sequence's row, for an input whose leading dims are (batch, time)."""
+        prior = self.prior
+        if prior is None:
+            raise ValueError(
+                "this adapter routes with a semantic prior, but none is set: call smore.fit_prior(model, batches) "
+                "on training prompts before training, or load an adapter saved with its prior."
+            )
+        if len(leading_shape) != 2 or leading_shape[0] != prior.shape[0]:
+            raise ValueError(
+                f"the semantic prior holds {prior.shape[0]} sequences but the adapter sees inputs of shape "
+                f"{tuple(leading_shape)}; T-REX needs (batch, time, features) inputs of the model call."
+            )
+        return prior.repeat_interleave(leading_shape[1], dim=0)
+
 
 class AdapterWrapper(nn.Module):
     """What every wrapper shares: the frozen base module, the adapter (``delta``), an on/off switch and the
     token mask. ``shape`` is what a saved adapter records to check that it fits a model."""
 
-    def __init__(self, base_layer: nn.Module, delta: nn.Module, token_mask: TokenMask | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, delta: nn.Module, context: ForwardContext | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.delta = delta
         self.enabled = True
-        self.token_mask = token_mask
+        self.context = context
 
     @property
     def shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def _flat_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens as (N, d) in the adapter's dtype, and which of them are real (not padding)."""
-        valid = None if self.token_mask is None else self.token_mask.valid_for(x.shape[:-1])
+    def _flat_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Tokens as (N, d) in the adapter's dtype, and the context the delta takes: which tokens are real (not
+        padding) and, for deltas with ``uses_prior``, each token's semantic prior."""
+        context: dict = {"valid": None if self.context is None else self.context.valid_for(x.shape[:-1])}
         delta_dtype = next(self.delta.parameters()).dtype
-        return x.reshape(-1, x.shape[-1]).to(delta_dtype), valid
+        if getattr(self.delta, "uses_prior", False):
+            context["prior"] = self.context.prior_for(x.shape[:-1]).to(delta_dtype)
+        return x.reshape(-1, x.shape[-1]).to(delta_dtype), context
 
 
 class AdaptedLinear(AdapterWrapper):
     """``y = base(x) + delta(x)``: the frozen base layer plus one adapter's contribution."""
 
-    def __init__(self, base_layer: nn.Module, delta: nn.Module, token_mask: TokenMask | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, delta: nn.Module, context: ForwardContext | None = None) -> None:
         features = linear_features(base_layer)
         if features is None:
             raise ValueError(
                 f"AdaptedLinear wraps nn.Linear or transformers Conv1D layers, not {type(base_layer).__name__}."
             )
-        super().__init__(base_layer, delta, token_mask)
+        super().__init__(base_layer, delta, context)
         self.in_features, self.out_features = features
 
     @property
@@ -108,8 +139,8 @@ class AdaptedLinear(AdapterWrapper):
         y = self.base_layer(x, *args, **kwargs)
         if not self.enabled:
             return y
-        tokens, valid = self._flat_inputs(x)
-        dy = self.delta(tokens, valid=valid)  # (N, d_out)
+        tokens, context = self._flat_inputs(x)
+        dy = self.delta(tokens, **context)  # (N, d_out)
         return y + dy.reshape(*x.shape[:-1], -1).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -130,14 +161,14 @@ class AdaptedFFN(AdapterWrapper):
     ``delta(x, base, valid)`` returns the block's full output; with the adapter disabled the base block runs.
     """
 
-    def __init__(self, base_layer: nn.Module, delta: nn.Module, token_mask: TokenMask | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, delta: nn.Module, context: ForwardContext | None = None) -> None:
         features = ffn_features(base_layer)
         if features is None:
             raise ValueError(
                 f"AdaptedFFN wraps gated MLPs with gate_proj, up_proj, down_proj and act_fn, not "
                 f"{type(base_layer).__name__}."
             )
-        super().__init__(base_layer, delta, token_mask)
+        super().__init__(base_layer, delta, context)
         self.hidden_size, self.intermediate_size = features
 
     @property
@@ -147,6 +178,6 @@ class AdaptedFFN(AdapterWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base_layer(x)
-        tokens, valid = self._flat_inputs(x)
-        y = self.delta(tokens, self.base_layer, valid=valid)  # (N, d)
+        tokens, context = self._flat_inputs(x)
+        y = self.delta(tokens, self.base_layer, **context)  # (N, d)
         return y.reshape(x.shape).to(x.dtype)

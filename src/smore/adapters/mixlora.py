@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smore.adapters.base import AdaptedFFN, AdaptedLinear, AdapterWrapper, TokenMask, ffn_features, linear_features
+from smore.adapters.base import AdaptedFFN, AdaptedLinear, AdapterWrapper, ForwardContext, ffn_features, linear_features
 from smore.adapters.lora import build_lora
 from smore.config import LoRAConfig
 from smore.routing.gates import SwitchGate
@@ -133,7 +133,7 @@ def find_mixlora_targets(model: nn.Module, config) -> dict[str, nn.Module]:
     return {**blocks, **attention}
 
 
-def wrap_mixlora(config, name: str, module: nn.Module, token_mask: TokenMask) -> AdapterWrapper:
+def wrap_mixlora(config, name: str, module: nn.Module, context: ForwardContext) -> AdapterWrapper:
     """An FFN block gets the MixLoRA mixture; an attention projection a plain LoRA."""
     features = ffn_features(module)
     if features is not None and matches(name, config.target_modules):
@@ -150,6 +150,6 @@ def wrap_mixlora(config, name: str, module: nn.Module, token_mask: TokenMask) ->
             router_init_range=config.router_init_range,
             dropout=config.dropout,
         )
-        return AdaptedFFN(module, delta, token_mask)
+        return AdaptedFFN(module, delta, context)
     in_features, out_features = linear_features(module)
-    return AdaptedLinear(module, build_lora(attention_lora_config(config), in_features, out_features), token_mask)
+    return AdaptedLinear(module, build_lora(attention_lora_config(config), in_features, out_features), context)

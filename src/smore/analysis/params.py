@@ -23,7 +23,15 @@ from torch import nn
 
 from smore.adapters.base import linear_features
 from smore.adapters.mixlora import attention_lora_config
-from smore.config import AdapterConfig, HydraLoRAConfig, LoRAConfig, MixLoRAConfig, MoLoRAConfig, SMoREConfig
+from smore.config import (
+    AdapterConfig,
+    HydraLoRAConfig,
+    LoRAConfig,
+    MixLoRAConfig,
+    MoLoRAConfig,
+    SMoREConfig,
+    TREXConfig,
+)
 from smore.inject import module_shape
 from smore.registry import get_method
 from smore.targets import find_targets
@@ -305,6 +313,25 @@ def mixlora_flops_per_token(config: MixLoRAConfig, hidden_size: int, intermediat
     return _with_total(counts)
 
 
+def trex_parameter_counts(config: TREXConfig, in_features: int, out_features: int) -> Counts:
+    """T-REX (SPEC §3): ``A`` r1 d_in, ``B`` r2 d_out, the token router ``d_in r1 r2`` and the two gate scalars."""
+    config = _check_baseline(config, TREXConfig)
+    _check_features(in_features, out_features)
+    r1, r2 = config.rank_in, config.rank_out
+    return _with_total({"A": r1 * in_features, "B": r2 * out_features, "router": in_features * r1 * r2, "gates": 2})
+
+
+def trex_flops_per_token(config: TREXConfig, in_features: int, out_features: int) -> Counts:
+    """Multiply-adds per token: ``A x`` d_in r1, the router d_in r1 r2, the mix ``Rᵀ(Ax)`` r1 r2, ``B`` r2 d_out.
+
+    The semantic prior adds one forward of the frozen encoder per sequence (not per layer), left out here."""
+    config = _check_baseline(config, TREXConfig)
+    _check_features(in_features, out_features)
+    r1, r2 = config.rank_in, config.rank_out
+    counts = {"A": in_features * r1, "router": in_features * r1 * r2, "mix": r1 * r2, "B": r2 * out_features}
+    return _with_total(counts)
+
+
 # -- registry -------------------------------------------------------------------------------------------------------
 
 
@@ -326,6 +353,7 @@ COST_MODELS: dict[str, CostModel] = {
     "molora": CostModel(molora_parameter_counts, molora_active_parameters, molora_flops_per_token),
     "hydralora": CostModel(hydralora_parameter_counts, hydralora_parameter_counts, hydralora_flops_per_token),
     "mixlora": CostModel(mixlora_parameter_counts, mixlora_active_parameters, mixlora_flops_per_token),
+    "trex": CostModel(trex_parameter_counts, trex_parameter_counts, trex_flops_per_token),
 }
 """Method name → its cost functions. A new method adds one line, e.g.
 ``"lora": CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token)``."""

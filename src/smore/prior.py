@@ -1,0 +1,161 @@
+"""The semantic prior of T-REX (SPEC §3): a per-sample routing bias from clustered prompt embeddings.
+
+Fit once: embed the training prompts, cluster them into K centroids (K = the number of T-REX experts). Then, for every
+model call, embed each sequence's prompt the same way and use ``c = centroids · emb`` as its prior, identical for all
+tokens of the sequence. The centroids are saved with the adapter, so inference reproduces the prior exactly.
+
+The default encoder is the frozen base model itself (mean-pooled last hidden state, adapters off), so nothing extra
+is downloaded. Any encoder can be plugged in: a callable ``encoder(model, input_ids, attention_mask, pool_mask)``
+returning (B, d_e) embeddings (it receives the language model's token ids, so a sentence encoder with its own
+tokenizer would decode them first).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+Encoder = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def base_model_encoder(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean of the model's last hidden state over ``pool_mask`` (B, T) → (B, d)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1].float()  # (B, T, d)
+    weights = pool_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def kmeans(points: torch.Tensor, k: int, *, iterations: int = 50, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding, deterministic for a seed; (M, d) → (k, d) centroids.
+
+    Written here (twenty lines) rather than taken from scikit-learn so that T-REX needs no SciPy stack.
+    """
+    if points.shape[0] < k:
+        raise ValueError(
+            f"the semantic prior needs at least {k} prompts to form {k} clusters (one per T-REX expert), got "
+            f"{points.shape[0]}; pass more training prompts to fit_prior."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    points = points.float().cpu()
+    centroids = points[torch.randint(points.shape[0], (1,), generator=generator)]
+    while centroids.shape[0] < k:  # k-means++: next centre with probability ∝ squared distance
+        distance = torch.cdist(points, centroids).min(dim=1).values.square()
+        if distance.sum() <= 0:  # fewer distinct points than clusters: repeat one
+            choice = torch.randint(points.shape[0], (1,), generator=generator)
+        else:
+            choice = torch.multinomial(distance / distance.sum(), 1, generator=generator)
+        centroids = torch.cat([centroids, points[choice]])
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centroids).argmin(dim=1)
+        updated = centroids.clone()
+        for cluster in range(k):  # k is small (r1·r2); an empty cluster keeps its centre
+            members = points[assignment == cluster]
+            if members.shape[0]:
+                updated[cluster] = members.mean(dim=0)
+        if torch.allclose(updated, centroids):
+            break
+        centroids = updated
+    return centroids
+
+
+def prompt_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Tokens of each sequence's prompt: real tokens whose label is ignored; all real tokens of a sequence without
+    any (plain language modelling, or inference, where the input is the prompt)."""
+    real = attention_mask.bool()
+    if labels is None:
+        return real
+    prompt = real & (labels == IGNORE_INDEX)
+    return torch.where(prompt.any(dim=1, keepdim=True), prompt, real)
+
+
+class SemanticPrior:
+    """Centroids and encoder of one model's T-REX prior; the model's :class:`ForwardContext` asks it for the prior
+    of every call."""
+
+    def __init__(self, num_clusters: int, encoder: Encoder | None = None) -> None:
+        self.num_clusters = num_clusters
+        self.encoder = encoder or base_model_encoder
+        self.centroids: torch.Tensor | None = None
+        self.busy = False  # True during the embedding pass, which runs through the same model
+
+    def embed(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels=None
+    ) -> torch.Tensor:
+        """L2-normalised prompt embeddings (B, d_e), computed with every adapter off and no gradient."""
+        from smore.inject import disable_adapters  # inject builds on this module's users; import when used
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pool = prompt_mask(attention_mask, labels)
+        was_training = model.training
+        self.busy = True
+        model.eval()  # the prior must not depend on dropout: training and inference embed alike
+        try:
+            with torch.no_grad(), disable_adapters(model):
+                embedding = self.encoder(model, input_ids, attention_mask, pool)
+        finally:
+            self.busy = False
+            model.train(was_training)
+        return F.normalize(embedding.float(), dim=-1)
+
+    def prior(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``c = centroids · emb`` for each sequence: (B, d_e) → (B, K)."""
+        if self.centroids is None:
+            raise ValueError(
+                "the semantic prior has no centroids yet: call smore.fit_prior(model, batches) on training prompts "
+                "before training, or load an adapter saved with its prior."
+            )
+        if embedding.shape[-1] != self.centroids.shape[-1]:
+            raise ValueError(
+                f"prompt embeddings have width {embedding.shape[-1]}, the prior's centroids "
+                f"{self.centroids.shape[-1]}: the prior was fitted with another encoder or base model."
+            )
+        return embedding @ self.centroids.to(embedding.device).t()
+
+    def prior_for_call(self, model: nn.Module, arguments: dict, previous: torch.Tensor | None):
+        """The prior of a model call: computed from its prompt, or kept from the prefill during cached decoding."""
+        if previous is not None and _cached_length(arguments.get("past_key_values")) > 0:
+            return previous
+        if self.centroids is None:
+            return None  # the adapter says what to do if it is used
+        input_ids = arguments.get("input_ids")
+        if input_ids is None:
+            raise ValueError("T-REX computes its semantic prior from input_ids; call the model with input_ids.")
+        embedding = self.embed(model, input_ids, arguments.get("attention_mask"), arguments.get("labels"))
+        return self.prior(embedding)
+
+    def fit(self, model: nn.Module, batches: Iterable[dict], *, seed: int = 0, iterations: int = 50) -> torch.Tensor:
+        """Cluster the prompts of ``batches`` (dicts with input_ids, attention_mask and optionally labels)."""
+        embeddings = [
+            self.embed(model, batch["input_ids"], batch.get("attention_mask"), batch.get("labels")).cpu()
+            for batch in batches
+        ]
+        if not embeddings:
+            raise ValueError("fit_prior got no batches; pass the training prompts (dicts with input_ids).")
+        self.centroids = kmeans(torch.cat(embeddings), self.num_clusters, iterations=iterations, seed=seed)
+        logger.info(
+            "semantic prior: %d centroids from %d prompts", self.num_clusters, sum(e.shape[0] for e in embeddings)
+        )
+        return self.centroids
+
+
+def _cached_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple of (key, value) per layer
+        return int(past[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
