@@ -18,16 +18,6 @@ from smore.adapters.smore import build_smore
 from smore.config import SMoREConfig
 from smore.registry import config_from_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (10x under a loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- validation -----------------------------------------------------------------------------------------------------
 NAN, INF = float("nan"), float("inf")
 INVALID = [  # (overrides of the default two-level config, regex the message must contain)

@@ -22,15 +22,6 @@ GATES = ("dense", "switch", "noisy_topk")
 SOFTPLUS_0 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (10x under a loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_close(actual, expected, **kwargs) -> None:
     kwargs.setdefault("atol", 1e-12)
     kwargs.setdefault("rtol", 1e-10)

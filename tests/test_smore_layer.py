@@ -28,15 +28,6 @@ POSITIONS = ("all", "child", "child_v2")
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (10x under a loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(levels: int = 2, *, shared_pool: bool = False, **overrides) -> SMoREConfig:
     """A small config; without the shared pool the levels differ in size so that every offset matters."""
     if shared_pool:

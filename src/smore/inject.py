@@ -8,7 +8,6 @@ shared :class:`~smore.adapters.base.ForwardContext` live on the model as ``model
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -16,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from smore.adapters.base import AdaptedLinear, AdapterWrapper, ForwardContext, ffn_features, linear_features
 from smore.config import AdapterConfig
+from smore.files import atomic_write, read_json_object, read_safetensors, write_json
 from smore.registry import Method, config_from_dict, method_of
 from smore.targets import find_targets
 
@@ -199,29 +198,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "base_model": base_name or None,
         "modules": {name: list(shape) for name, shape in state.modules.items()},
     }
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_json(path / CONFIG_NAME, document)
     logger.info("saved %s adapter (%d tensors) to %s", state.config.method, len(tensors), path)
     return path
 
 
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, target)
-
-
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
     """The config saved in an adapter folder and the raw JSON document."""
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise ValueError(f"{file} does not exist; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    try:
-        document = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON ({error}); the adapter config is corrupted.") from error
-    if not isinstance(document, dict):
-        raise ValueError(f"{file} must hold a JSON object, not {type(document).__name__}.")
+    document = read_json_object(Path(path) / CONFIG_NAME, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     fields = {k: v for k, v in document.items() if k not in ("smore_version", "base_model", "modules")}
     return config_from_dict(fields), document
 
@@ -251,12 +236,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if problems:
         raise ValueError(f"the adapter in {path} does not fit this {type(model).__name__}: " + "; ".join(problems[:20]))
     weights_file = path / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise ValueError(f"{weights_file} does not exist; the adapter folder is incomplete.")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_file} cannot be read ({error}); the file is corrupted or truncated.") from error
+    tensors = read_safetensors(weights_file)
     adapt(model, config)
     prior = model.smore_state.context.prior_source
     if prior is not None:

@@ -25,23 +25,22 @@ patterns, a LoRA bias, LoRA on embeddings or convolutions, ``modules_to_save``, 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from smore.adapters.base import linear_features
 from smore.adapters.lora import LoRADelta
 from smore.config import LoRAConfig
+from smore.files import atomic_write, read_json_object, read_safetensors, write_json
 from smore.inject import adapt, adapted_modules, find_targets, load_adapter_weights
 
 try:  # GPT-2 style projections: PEFT marks them with fan_in_fan_out=True
@@ -100,12 +99,6 @@ def _is_set(key: str, value: Any) -> bool:
     if key == "bias":
         return value != "none"
     return value not in (None, False, "", {}, [], ())
-
-
-def _atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, target)
 
 
 # -- smore → PEFT ------------------------------------------------------------------------------------------------
@@ -209,8 +202,8 @@ def save_peft_lora(
         "alpha_pattern": {},
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in peft_lora_state_dict(model).items()}
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_json(path / CONFIG_NAME, document)
     logger.info("saved a PEFT LoRA adapter (%d modules, r=%d) to %s", len(modules), config.rank, path)
     return path
 
@@ -273,9 +266,9 @@ def lora_config_from_peft(document: dict[str, Any]) -> LoRAConfig:
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     file = path / WEIGHTS_NAME
+    if file.is_file():
+        return read_safetensors(file), str(file)
     try:
-        if file.is_file():
-            return load_file(str(file)), str(file)
         legacy = path / LEGACY_WEIGHTS_NAME
         if legacy.is_file():
             return torch.load(legacy, map_location="cpu", weights_only=True), str(legacy)
@@ -363,14 +356,7 @@ def load_peft_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     file = path / CONFIG_NAME
-    if not file.is_file():
-        raise ValueError(f"{file} does not exist; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    try:
-        document = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON ({error}).") from error
-    if not isinstance(document, dict):
-        raise ValueError(f"{file} must hold a JSON object, not {type(document).__name__}.")
+    document = read_json_object(file, f"a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     _check_supported(document)
     rank = document.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
