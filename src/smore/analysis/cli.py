@@ -2,8 +2,9 @@
 
 The main CLI calls :func:`add_parser` with its ``add_subparsers(dest="command")`` object and then ``args.func(args)``,
 which returns the exit code. Each subcommand's work is a plain function of the parsed arguments returning a dict
-(:func:`params_command`, :func:`flexibility_command`, :func:`overhead_command`), so tests and notebooks can call it
-without going through a shell; the result is written to stdout as a plain-text table or, with ``--json``, as JSON.
+(:func:`params_command`, :func:`flexibility_command`, :func:`overhead_command`, :func:`budget_command`), so tests and
+notebooks can call it without going through a shell; the result is written to stdout as a plain-text table or, with
+``--json``, as JSON.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 import yaml
 
 from smore.adapters.smore import build_smore
+from smore.analysis.budget import meta_model, propose_configs
 from smore.analysis.flexibility import empirical_gamma, gamma_flat_bound, gamma_moe, gamma_smore
-from smore.analysis.params import layer_costs, paper_overhead
+from smore.analysis.params import layer_costs, model_report, paper_overhead
 from smore.config import SMoREConfig
 from smore.registry import config_from_dict
 
@@ -88,6 +90,13 @@ def config_mapping(config_file: str | None, assignments: Sequence[tuple[str, Any
 
 def _config(args: argparse.Namespace):
     return config_from_dict(config_mapping(args.config, args.set))
+
+
+def _parse_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, e.g. lora,smore (got {text!r})")
+    return names
 
 
 # -- handlers -------------------------------------------------------------------------------------------------------
@@ -171,6 +180,36 @@ def overhead_command(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def budget_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``analyze budget``: one config per method at the same trainable-parameter budget on one model.
+
+    The model is built from its config on the meta device (no weights); the budget is ``--budget`` or the trainable
+    count of the ``--match`` config. See :func:`smore.analysis.budget.propose_configs`.
+    """
+    model = meta_model(args.model_config)
+    match = config_from_dict(config_mapping(args.match, None)) if args.match else None
+    starts = [config_from_dict(config_mapping(path, None)) for path in args.config or ()]
+    rows = propose_configs(
+        model,
+        match if match is not None else args.budget,
+        methods=args.methods,
+        configs=starts,
+        target_modules=args.target_modules,
+        tolerance=args.tolerance,
+        strict=not args.no_strict,
+    )
+    budget = args.budget if match is None else model_report(model, match).trainable
+    return {
+        "model_config": args.model_config,
+        "model": type(model).__name__,
+        "base_parameters": sum(p.numel() for p in model.parameters()),
+        "budget": budget,
+        "match": None if match is None else match.to_dict(),
+        "tolerance": args.tolerance,
+        "rows": [row.to_dict() for row in rows],
+    }
+
+
 # -- output ---------------------------------------------------------------------------------------------------------
 
 
@@ -222,6 +261,25 @@ def _format_mapping(result: dict[str, Any]) -> str:
     return format_table(("quantity", "value"), rows)
 
 
+def _format_budget(result: dict[str, Any]) -> str:
+    source = f" (= {result['match']['method']} --match)" if result["match"] else ""
+    head = (
+        f"budget {result['budget']:,} trainable parameters{source}, ±{result['tolerance']:.0%}, on "
+        f"{result['model_config']} ({result['model']}, {result['base_parameters']:,} parameters)"
+    )
+    rows, notes = [], []
+    width = max((len(row["summary"]) for row in result["rows"]), default=0)
+    for row in result["rows"]:
+        deviation = None if row["deviation"] is None else f"{row['deviation']:+.2%}"
+        method = row["method"] + (" (missing)" if row["missing"] else "")
+        summary = row["summary"].ljust(width)  # left-aligned text in a table that right-aligns numbers
+        rows.append((method, summary, row["trainable"], row["active"], row["flops_per_token"], row["gamma"], deviation))
+        if row["missing"]:
+            notes.append(f"missing: {row['missing']}")
+    headers = ("method", "config", "trainable", "active/token", "MACs/token", "Γ", "deviation")
+    return "\n".join([head, format_table(headers, rows), *notes])
+
+
 def _runner(handler: Handler, formatter: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
     """Wrap a handler into ``args.func``: write its result, turn a ``ValueError`` into exit code 2."""
 
@@ -256,9 +314,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``analyze`` (with ``params``, ``flexibility`` and ``overhead``) on the main CLI's subparsers."""
+    """Register ``analyze`` (``params``, ``flexibility``, ``overhead``, ``budget``) on the main CLI's subparsers."""
     analyze = subparsers.add_parser("analyze", help="parameter, compute and flexibility reports")
-    commands = analyze.add_subparsers(dest="analysis", metavar="{params,flexibility,overhead}")
+    commands = analyze.add_subparsers(dest="analysis", metavar="{params,flexibility,overhead,budget}")
     commands.required = True
 
     params = commands.add_parser("params", help="parameters, active parameters and MACs of one adapter")
@@ -288,6 +346,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     _add_config_arguments(overhead)
     overhead.add_argument("--in-features", type=int, required=True, help="model width d (e.g. 4096)")
     overhead.set_defaults(func=_runner(overhead_command, _format_mapping))
+
+    budget = commands.add_parser("budget", help="one config per method at the same trainable-parameter budget")
+    budget.add_argument(
+        "--model-config",
+        required=True,
+        metavar="NAME|PATH",
+        help="tiny, smollm2-135m, llama-3.2-1b, or a local config.json / model folder (built on the meta device)",
+    )
+    amount = budget.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--budget", type=int, help="trainable parameters to match, e.g. 200000")
+    amount.add_argument(
+        "--match", metavar="FILE", help="adapter config (YAML/JSON) whose trainable count is the budget"
+    )
+    budget.add_argument(
+        "--config",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="starting config of one row (structure kept, ranks searched), e.g. a S'MoRE (2-2); repeatable",
+    )
+    budget.add_argument("--methods", type=_parse_names, help="comma-separated methods (default: all)")
+    budget.add_argument(
+        "--target-modules", type=_parse_names, help="linear-level methods' modules (default: gate,up,down_proj)"
+    )
+    budget.add_argument("--tolerance", type=float, default=0.05, help="allowed relative deviation (default 0.05)")
+    budget.add_argument("--no-strict", action="store_true", help="mark methods that miss the tolerance, do not fail")
+    budget.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    budget.set_defaults(func=_runner(budget_command, _format_budget))
     return analyze
 
 
