@@ -373,3 +373,11 @@ def test_lora_scaling_and_init_follow_peft():
     assert delta.scaling == 2.5
     assert torch.count_nonzero(delta.lora_B.weight) == 0
     assert delta.lora_A.weight.abs().max() <= 1 / math.sqrt(64)
+
+
+def test_molora_without_alpha_is_the_unscaled_mixture_of_spec():
+    config = smore.MoLoRAConfig(num_experts=3, top_k=2, rank=4)
+    assert config.alpha is None and config.scaling == 1.0
+    delta = smore.get_method("molora").build(config, 8, 6)
+    assert delta.scaling == 1.0
+    assert smore.get_method("molora").build(smore.MoLoRAConfig(rank=4, alpha=8.0), 8, 6).scaling == 2.0

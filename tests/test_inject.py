@@ -258,3 +258,66 @@ def test_adapter_takes_dtype_of_base_layer():
     assert all(p.dtype == torch.bfloat16 for p in module.delta.parameters())
     out = model(**tiny_batch()).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_failed_load_leaves_the_base_model_as_it_was(tmp_path):
+    smore.save_adapter(smore.adapt(tiny_llama(), smore.LoRAConfig(target_modules=["q_proj"])), tmp_path)
+    bigger, batch = tiny_llama(num_hidden_layers=3), tiny_batch()
+    before = logits(bigger, batch)
+    with pytest.raises(ValueError, match=r"saved for other modules.*model\.layers\.2\.self_attn\.q_proj"):
+        smore.load_adapter(bigger, tmp_path)
+    assert getattr(bigger, "smore_state", None) is None and not smore.adapted_modules(bigger)
+    assert all(p.requires_grad for p in bigger.parameters())
+    assert torch.equal(logits(bigger, batch), before)
+    # weights that do not fit are found after wrapping: the wrapping is undone
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(iter(tensors))
+    tensors[key] = torch.zeros(3, 3)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="shape mismatches"):
+        smore.load_adapter(model, tmp_path)
+    assert getattr(model, "smore_state", None) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_remove_adapter_restores_the_base_model():
+    model, batch = tiny_llama(), tiny_batch()
+    before = logits(model, batch)
+    model.lm_head.weight.requires_grad_(False)
+    smore.adapt(model, small_smore(init="normal"))
+    assert not torch.allclose(logits(model, batch), before)
+    smore.remove_adapter(model)
+    assert torch.equal(logits(model, batch), before) and not smore.adapted_modules(model)
+    assert not model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+    smore.adapt(model, small_smore())  # it can be adapted again
+
+
+def test_damaged_module_list_in_the_config_is_named(tmp_path):
+    smore.save_adapter(smore.adapt(tiny_llama(), small_smore()), tmp_path)
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    document["modules"] = ["model.layers.0.mlp.up_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"'modules' in .* must map module names"):
+        smore.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_reentrant_checkpointing_is_refused_when_it_would_drop_the_aux_loss():
+    model = smore.adapt(tiny_llama(), small_smore(init="normal", balance_weight=0.5))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    batch = tiny_batch()
+    model.model.embed_tokens.weight.requires_grad_(True)  # reentrant checkpointing needs an input with grad
+    model(**batch, labels=batch["input_ids"], use_cache=False)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        smore.aux_loss(model)
+
+
+def test_adapter_dtype_keeps_adapters_in_float32_on_a_bf16_model():
+    model = tiny_llama().to(torch.bfloat16)
+    smore.adapt(model, small_smore(init="normal"), adapter_dtype=torch.float32)
+    delta = model.model.layers[0].mlp.up_proj.delta
+    assert all(p.dtype == torch.float32 for p in delta.parameters())
+    out = model(**tiny_batch()).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

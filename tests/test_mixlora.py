@@ -204,3 +204,10 @@ def test_unsupported_models_and_bad_configs_give_clear_errors():
         smore.MixLoRAConfig(num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="expert_modules"):
         smore.MixLoRAConfig(expert_modules=["q_proj"])
+
+
+def test_exclude_modules_reaches_the_attention_lora():
+    config = smore.MixLoRAConfig(num_experts=2, attention_modules=["q_proj", "v_proj"], exclude_modules=["q_proj"])
+    model = smore.adapt(tiny_llama(), config)
+    attention = [name for name in smore.adapted_modules(model) if "self_attn" in name]
+    assert attention == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]

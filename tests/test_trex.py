@@ -166,3 +166,11 @@ def test_clear_errors():
         smore.fit_prior(lora, prompts())
     with pytest.raises(ValueError, match="rank_in"):
         smore.TREXConfig(rank_in=0)
+
+
+def test_fit_prior_names_a_bad_batch():
+    model = smore.adapt(tiny_llama(), smore.TREXConfig(**CONFIG))
+    with pytest.raises(ValueError, match="batch 0 must be a dict with an input_ids tensor"):
+        smore.fit_prior(model, [{"ids": torch.zeros(2, 3)}])
+    centroids = smore.fit_prior(model, tiny_batch(batch=8))  # one batch given as a dict is accepted
+    assert centroids.shape == (6, 32)

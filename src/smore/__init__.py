@@ -26,6 +26,7 @@ from smore.inject import (
     fit_prior,
     load_adapter,
     read_adapter_config,
+    remove_adapter,
     save_adapter,
     summary,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "get_method",
     "load_adapter",
     "read_adapter_config",
+    "remove_adapter",
     "save_adapter",
     "summary",
 ]

@@ -266,8 +266,16 @@ class LoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive_int("rank", self.rank)
-        _check_number("alpha", self.alpha, low=0, open_low=True)
+        if self.alpha is not None or not self.alpha_optional:
+            _check_number("alpha", self.alpha, low=0, open_low=True)
         _check_number("dropout", self.dropout, low=0, high=1)
+
+    alpha_optional: ClassVar[bool] = False
+
+    @property
+    def scaling(self) -> float:
+        """The factor on every update: alpha / rank (1 when alpha is null, where the method allows it)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
 
 
 @dataclass
@@ -275,6 +283,10 @@ class MoLoRAConfig(LoRAConfig):
     """MoLoRA: a mixture of ``num_experts`` LoRA experts per layer, top-k of ``softmax(W_g x)`` renormalised."""
 
     method: ClassVar[str] = "molora"
+    alpha_optional: ClassVar[bool] = True
+
+    alpha: float | None = None
+    """Scaling numerator (updates times alpha / rank); null: no scaling, SPEC §2's ``Σ p_i B_i A_i x``."""
 
     num_experts: int = 4
     """E: LoRA experts per adapted layer."""

@@ -37,7 +37,9 @@ class AdapterState:
 
     config: AdapterConfig
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """Wrapped module name → (in_features, out_features)."""
+    """Wrapped module name → (in_features, out_features), or (hidden, intermediate) for an MLP block."""
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    """Which base parameters required grad before ``adapt`` froze them, for :func:`remove_adapter`."""
     context: ForwardContext = field(default_factory=ForwardContext)
     hook: torch.utils.hooks.RemovableHandle | None = None
 
@@ -53,37 +55,61 @@ def module_shape(module: nn.Module) -> tuple[int, int] | None:
     return linear_features(module) or ffn_features(module)
 
 
-def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def adapt(model: nn.Module, config: AdapterConfig, *, adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap the target modules of ``model`` with the adapter ``config`` describes, freeze everything else.
 
-    The model is changed in place and returned. New adapter weights take the device of each base module and its
-    dtype (float32 for non-float bases), and its train/eval mode.
+    The model is changed in place and returned. New adapter weights take the device of each base module, its
+    train/eval mode and its dtype (float32 for non-float bases), or ``adapter_dtype`` when given: ``torch.float32``
+    keeps the adapters in full precision on a bf16/fp16 model, as PEFT does by default, so that small updates are not
+    rounded away. Every adapter is built before the model is touched, so a failure leaves it as it was;
+    :func:`remove_adapter` undoes a successful call.
     """
     if getattr(model, "smore_state", None) is not None:
         raise ValueError("this model already carries a smore adapter; load or adapt a fresh base model.")
     method = method_of(config)
     targets = method.find(model, config) if method.find else find_targets(model, config)
     state = AdapterState(config=config)
-    for param in model.parameters():
-        param.requires_grad_(False)
+    wrappers = {}
     for name, base in targets.items():
         if method.wrap is not None:
             wrapper = method.wrap(config, name, base, state.context)
         else:
             wrapper = _wrap_linear(method, config, base, state.context)
         weight = next(base.parameters())
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        dtype = adapter_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
         wrapper.delta.to(device=weight.device, dtype=dtype)
         wrapper.delta.train(base.training)  # a new module starts in training mode; follow the model's mode
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, wrapper)
+        wrappers[name] = wrapper
+    state.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, wrapper in wrappers.items():
+        _replace(model, name, wrapper)
         state.modules[name] = wrapper.shape
     if method.setup is not None:
         method.setup(model, config, state.context)
     state.hook = model.register_forward_pre_hook(state.context.hook, with_kwargs=True)
     model.smore_state = state
     logger.info("adapted %d modules with %s", len(state.modules), config.method)
+    return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, module)
+
+
+def remove_adapter(model: nn.Module) -> nn.Module:
+    """Undo :func:`adapt`: put the base modules back, drop the hook, restore which parameters required grad."""
+    state = _state(model)
+    for name, wrapper in adapted_modules(model).items():
+        _replace(model, name, wrapper.base_layer)
+    if state.hook is not None:
+        state.hook.remove()
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    del model.smore_state
     return model
 
 
@@ -112,6 +138,14 @@ def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
     if not losses:
         param = next(model.parameters())
         return torch.zeros((), device=param.device)
+    detached = [loss for loss in losses if not loss.requires_grad and loss.detach().abs().item() > 0]
+    if detached and model.training and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        # A routed forward in training mode left its loss without a graph: the routers would not be balanced.
+        raise ValueError(
+            "the adapters' auxiliary losses carry no gradient: the forward ran without autograd, as under "
+            "reentrant gradient checkpointing. Enable checkpointing with "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}, or run the forward with gradients enabled."
+        )
     total = torch.stack([loss.float() for loss in losses]).sum()
     return total / len(losses) if reduction == "mean" else total
 
@@ -219,7 +253,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     config, document = read_adapter_config(path)
-    saved_modules = {name: tuple(shape) for name, shape in document.get("modules", {}).items()}
+    saved_modules = _saved_modules(document, path)
     problems = []
     present = dict(model.named_modules())
     for name, shape in saved_modules.items():
@@ -235,25 +269,42 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             )
     if problems:
         raise ValueError(f"the adapter in {path} does not fit this {type(model).__name__}: " + "; ".join(problems[:20]))
+    if getattr(model, "smore_state", None) is None:  # otherwise adapt() below says so
+        method = method_of(config)
+        selected = set(method.find(model, config) if method.find else find_targets(model, config))
+        if saved_modules and selected != set(saved_modules):
+            extra, missing = sorted(selected - set(saved_modules)), sorted(set(saved_modules) - selected)
+            raise ValueError(
+                f"the adapter in {path} was saved for other modules: on this model its config also matches "
+                f"{extra[:10]} and misses {missing[:10]}."
+            )
     weights_file = path / WEIGHTS_NAME
     tensors = read_safetensors(weights_file)
     adapt(model, config)
-    prior = model.smore_state.context.prior_source
-    if prior is not None:
-        if PRIOR_KEY not in tensors:
-            raise ValueError(
-                f"{weights_file} holds no {PRIOR_KEY}: this {config.method} adapter was saved without its prior."
-            )
-        prior.centroids = tensors.pop(PRIOR_KEY)
-    wrapped = set(model.smore_state.modules)
-    if saved_modules and wrapped != set(saved_modules):
-        extra, missing = sorted(wrapped - set(saved_modules)), sorted(set(saved_modules) - wrapped)
-        raise ValueError(
-            f"the adapter in {path} was saved for other modules: the config now also matches {extra[:10]} and "
-            f"misses {missing[:10]}."
-        )
-    load_adapter_weights(model, tensors, source=str(weights_file))
+    try:
+        prior = model.smore_state.context.prior_source
+        if prior is not None:
+            if PRIOR_KEY not in tensors:
+                raise ValueError(f"{weights_file} holds no {PRIOR_KEY}: the {config.method} adapter lacks its prior.")
+            prior.centroids = tensors.pop(PRIOR_KEY)
+        load_adapter_weights(model, tensors, source=str(weights_file))
+    except Exception:
+        remove_adapter(model)  # leave the base model as it came
+        raise
     return model
+
+
+def _saved_modules(document: dict, path: Path) -> dict[str, tuple[int, int]]:
+    modules = document.get("modules", {})
+    shapes_ok = isinstance(modules, dict) and all(
+        isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) for v in shape)
+        for shape in modules.values()
+    )
+    if not shapes_ok:
+        raise ValueError(
+            f"'modules' in {path / CONFIG_NAME} must map module names to [in, out] shapes; the file is damaged."
+        )
+    return {name: tuple(shape) for name, shape in modules.items()}
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:

@@ -450,9 +450,18 @@ def config_from_reference(
             layers if isinstance(layers, int) else _int_list(name("layers_to_transform"), layers)
         )
     try:
-        return SMoREConfig(**kwargs)
+        config = SMoREConfig(**kwargs)
     except ValueError as error:
         raise ValueError(f"the authors' config does not translate to a valid SMoREConfig: {error}") from error
+    if config.gate == "switch" and any(k > 1 for k in config.top_k):
+        # SPEC §1.3 counts f_j as a share of all routed slots (Σ f_j = 1); the authors' switch gate divides by
+        # tokens only (Σ f_j = k), so the same balance_weight weighs k times less here when training goes on.
+        logger.warning(
+            "the switch gate's balance loss is normalised per routed slot here and per token in the authors' code: "
+            "to continue training with the same balance strength, multiply balance_weight by top_k (%s).",
+            config.top_k,
+        )
+    return config
 
 
 # -- weights -----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ tokenizer would decode them first).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -137,10 +137,17 @@ class SemanticPrior:
 
     def fit(self, model: nn.Module, batches: Iterable[dict], *, seed: int = 0, iterations: int = 50) -> torch.Tensor:
         """Cluster the prompts of ``batches`` (dicts with input_ids, attention_mask and optionally labels)."""
-        embeddings = [
-            self.embed(model, batch["input_ids"], batch.get("attention_mask"), batch.get("labels")).cpu()
-            for batch in batches
-        ]
+        if isinstance(batches, Mapping):
+            batches = [batches]  # one batch given as a dict
+        embeddings = []
+        for number, batch in enumerate(batches):
+            if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+                raise ValueError(
+                    f"fit_prior batch {number} must be a dict with an input_ids tensor (B, T), and optionally "
+                    f"attention_mask and labels; got {type(batch).__name__}."
+                )
+            embedding = self.embed(model, batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+            embeddings.append(embedding.cpu())
         if not embeddings:
             raise ValueError("fit_prior got no batches; pass the training prompts (dicts with input_ids).")
         self.centroids = kmeans(torch.cat(embeddings), self.num_clusters, iterations=iterations, seed=seed)

@@ -111,6 +111,7 @@ def attention_lora_config(config):
     """The plain LoRA that MixLoRA puts on the attention projections ``attention_modules``."""
     return LoRAConfig(
         target_modules=config.attention_modules,
+        exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         rank=config.rank,
         alpha=config.alpha,

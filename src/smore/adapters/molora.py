@@ -78,7 +78,7 @@ def build_molora(config, in_features: int, out_features: int) -> MoLoRADelta:
         num_experts=config.num_experts,
         top_k=config.top_k,
         rank=config.rank,
-        alpha=config.alpha,
+        alpha=config.scaling * config.rank,  # null alpha: scaling 1, SPEC §2's Σ p_i B_i A_i x
         balance_weight=config.balance_weight,
         dropout=config.dropout,
     )
