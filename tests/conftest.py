@@ -53,3 +53,43 @@ def _one_thread():
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer over ``words`` with <s>, </s>, <pad>: offline and tiny, for end-to-end runs."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="[UNK]"
+    )
+
+
+COUNTING_WORDS = "Please choose the correct answer to the question : What comes after ? ( A ) ( B )".split()
+COUNTING_WORDS += [str(i) for i in range(12)]
+
+
+def counting_records(count: int = 16) -> list[dict]:
+    """Multiple-choice records with a rule to learn: the answer is the number after the one asked about."""
+    records = []
+    for i in range(count):
+        n = i % 10
+        right, wrong = str(n + 1), str((n + 5) % 12)
+        choices, answer = ([right, wrong], "A") if i % 2 == 0 else ([wrong, right], "B")
+        records.append({"question": f"What comes after {n} ?", "choices": choices, "answer": answer})
+    return records
+
+
+def tiny_model_folder(path, seed: int = 0):
+    """A tiny Llama and its word-level tokenizer saved as an HF folder, like a downloaded model."""
+    tokenizer = word_tokenizer(COUNTING_WORDS)
+    model = tiny_llama(seed, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -29,13 +29,35 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(func=_demo)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from smore.training.config import load_run_config
+    from smore.training.trainer import train
+
+    config = load_run_config(args.config, args.overrides)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    summary = f"trained {result.steps} steps; final loss {result.final_loss:.4f}"
+    if result.eval_loss is not None:
+        summary += f", held-out loss {result.eval_loss:.4f}"
+    sys.stdout.write(f"{summary}\nadapter saved to {result.adapter_dir}\n")
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune a model with any adapter from a YAML run config")
+    parser.add_argument("config", help="YAML run config (model, output_dir, adapter, data, train)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    parser.set_defaults(func=_train)
+
+
 def _add_analyze(subparsers) -> None:
     from smore.analysis.cli import add_parser
 
     add_parser(subparsers)
 
 
-SUBCOMMANDS = {"demo": _add_demo, "analyze": _add_analyze}
+SUBCOMMANDS = {"demo": _add_demo, "train": _add_train, "analyze": _add_analyze}
 
 
 def build_parser() -> argparse.ArgumentParser:

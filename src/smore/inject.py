@@ -307,6 +307,21 @@ def _saved_modules(document: dict, path: Path) -> dict[str, tuple[int, int]]:
     return {name: tuple(shape) for name, shape in modules.items()}
 
 
+def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights (and semantic prior) saved in ``path`` into a model already adapted with the same config,
+    e.g. to resume training."""
+    path = Path(path)
+    config, _ = read_adapter_config(path)
+    if config != _state(model).config:
+        raise ValueError(f"the adapter in {path} has another config than the model's adapter; it cannot be restored.")
+    tensors = read_safetensors(path / WEIGHTS_NAME)
+    prior = _state(model).context.prior_source
+    if prior is not None:
+        prior.centroids = tensors.pop(PRIOR_KEY)
+    load_adapter_weights(model, tensors, source=str(path / WEIGHTS_NAME))
+    return model
+
+
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Copy adapter weights into an adapted model; every key and shape must match exactly."""
     expected = adapter_state_dict(model)

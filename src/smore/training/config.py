@@ -1,0 +1,235 @@
+"""The run configuration of ``smore train``: one YAML file, ``key=value`` overrides, typed and checked up front.
+
+Layout (every key is a field below; an unknown key or a wrong type fails with the key named, before any model is
+loaded)::
+
+    model: HuggingFaceTB/SmolLM2-135M        # HF folder or hub id
+    output_dir: runs/smollm2-smore
+    adapter: {method: smore, num_experts: [4, 4], ...}   # any method of the registry
+    data: {train_file: train.jsonl, eval_file: null, format: null, max_length: 512}
+    train: {learning_rate: 1.0e-4, epochs: 2, global_batch_size: 32, micro_batch_size: 8, precision: bf16, ...}
+
+Overrides address nested keys with dots: ``train.learning_rate=3e-4 adapter.ranks=[4,4]`` (values are YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from smore.config import AdapterConfig
+from smore.registry import config_from_dict
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""
+    """JSON or JSONL records (instruction, chat ``messages`` or multiple-choice), see smore.training.data."""
+    eval_file: str | None = None
+    """Held-out records for the periodic evaluation loss; null: none."""
+    format: str | None = None
+    """Force one record format (instruction, chat, multiple_choice); null: detected per record."""
+    max_length: int = 512
+    """Longest tokenised example; longer ones keep their start."""
+
+    def __post_init__(self) -> None:
+        if not self.train_file:
+            raise ValueError("data.train_file is required: a JSON or JSONL file of training records.")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length={self.max_length} is too small; use at least 8 tokens.")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed); ignored when max_steps is set."""
+    max_steps: int | None = None
+    """Optimizer steps to run; null: derived from epochs."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Schedule after warm-up."""
+    warmup_ratio: float = 0.1
+    """Share of the steps with a linear warm-up."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, over all processes and accumulation steps."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one process; accumulation = global / (micro × processes)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clip; null: no clipping."""
+    seed: int = 0
+    """Seed of adapter initialisation, data order and gate noise."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute dtype (mixed precision through Accelerate); fp16 needs a GPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant, so routing and aux losses stay exact)."""
+    aux_reduction: Literal["sum", "mean"] = "sum"
+    """How the adapters' load-balancing losses combine (SPEC §1.3: sum, as the paper)."""
+    log_every: int = 10
+    """Optimizer steps between log lines."""
+    eval_every: int = 0
+    """Optimizer steps between held-out evaluations; 0: only at the end (when an eval_file is given)."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints; 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk."""
+
+    def __post_init__(self) -> None:
+        positive = {"learning_rate": self.learning_rate, "epochs": self.epochs}
+        for name, value in positive.items():
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"train.{name}={value} must be a positive number.")
+        for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be at least 1 (or null to use epochs).")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of train.micro_batch_size="
+                f"{self.micro_batch_size}; make it one (accumulation steps are global / micro / processes)."
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+        if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
+            raise ValueError("train.weight_decay must be >= 0 and train.max_grad_norm > 0 (or null).")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0.")
+
+
+@dataclass
+class RunConfig:
+    model: str
+    """Base model: a local HF folder or a hub id."""
+    output_dir: str
+    """Where checkpoints, logs, plots and the final adapter go."""
+    adapter: AdapterConfig
+    data: DataConfig
+    train: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "output_dir": self.output_dir,
+            "adapter": self.adapter.to_dict(),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` if it fits the annotation (ints widen to floats); a ValueError naming ``name`` otherwise."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        if value not in get_args(annotation):
+            raise ValueError(f"{name}={value!r} must be one of {list(get_args(annotation))}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(annotation):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(name, value, option)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0] if errors else f"{name}={value!r} has the wrong type.")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool) and (
+        not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool))
+    ):
+        raise ValueError(f"{name}={value!r} must be of type {annotation.__name__}.")
+    return value
+
+
+def _section(cls: type, values: Any, prefix: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix} must be a mapping of {sorted(f.name for f in dataclasses.fields(cls))}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; {prefix} takes {sorted(known)}.")
+    checked = {k: _check_type(f"{prefix}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**checked)
+
+
+def run_config_from_dict(document: Any) -> RunConfig:
+    """Build and check a :class:`RunConfig` from its YAML mapping."""
+    if not isinstance(document, dict):
+        raise ValueError("a run config must be a mapping with keys model, output_dir, adapter, data, train.")
+    known = {"model", "output_dir", "adapter", "data", "train"}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown}; a run config takes {sorted(known)}.")
+    for key in ("model", "output_dir", "adapter", "data"):
+        if document.get(key) in (None, ""):
+            raise ValueError(f"the run config needs {key!r}.")
+    for key in ("model", "output_dir"):
+        if not isinstance(document[key], str):
+            raise ValueError(f"{key}={document[key]!r} must be a string (a path or a hub id).")
+    try:
+        adapter = config_from_dict(document["adapter"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"adapter: {error}") from error
+    return RunConfig(
+        model=document["model"],
+        output_dir=document["output_dir"],
+        adapter=adapter,
+        data=_section(DataConfig, document["data"], "data"),
+        train=_section(OptimConfig, document.get("train"), "train"),
+    )
+
+
+def apply_overrides(document: dict, overrides: list[str]) -> dict:
+    """``key.sub=value`` overrides (YAML values) applied to a copy of the document."""
+    document = yaml.safe_load(yaml.safe_dump(document))  # a deep copy that stays plain YAML data
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} must look like key=value, e.g. train.learning_rate=3e-4.")
+        value = yaml.safe_load(raw) if raw else None
+        parts = key.split(".")
+        node = document
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {override!r}: {part!r} is not a section.")
+            node = child
+        node[parts[-1]] = value
+    return document
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides, check everything; a ValueError names what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; pass a YAML run config (see configs/README.md).")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} must hold a mapping (model, output_dir, adapter, data, train).")
+    return run_config_from_dict(apply_overrides(document, overrides or []))

@@ -1,0 +1,320 @@
+"""``smore train``: one explicit loop from a :class:`RunConfig` to a saved adapter, on one CPU or many GPUs.
+
+setup (model, adapter, data, optimizer) → for each optimizer step: the step's global batch in a seeded order, split
+into micro-batches per process, forward, ``CE + aux``, backward, clip, step → log, evaluate, checkpoint → save.
+
+Distribution is Accelerate's (``accelerate launch`` / ``torchrun``: DDP; FSDP and DeepSpeed through Accelerate's
+own configs). The loss is normalised by the number of response tokens of the whole global batch (all processes and
+accumulation steps), so the gradient is the same however the batch is split; each micro-batch's aux loss gets the
+same weight as its cross-entropy (its share of the step's tokens). The data order depends only on the seed and the
+epoch, so ``--resume`` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+import smore
+from smore.inject import restore_adapter
+from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
+from smore.training.config import RunConfig
+from smore.training.data import IGNORE_INDEX, SFTDataset, collate
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_second", "elapsed", "eval_loss"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    history: list[dict[str, Any]]
+
+
+def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool) -> Path | None:
+    """Make the output folder ready; returns the checkpoint to resume from, if any."""
+    output = Path(config.output_dir)
+    if not output.exists() or not any(output.iterdir()):
+        output.mkdir(parents=True, exist_ok=True)
+        return None
+    if resume:
+        found = checkpoints(output)
+        if not found:
+            raise ValueError(f"--resume: {output} holds no complete checkpoint; start without --resume.")
+        saved = read_run_config(found[-1])
+        if saved != config.to_dict():
+            raise ValueError(
+                f"--resume: the checkpoint in {output} belongs to a different run config; resume with the same "
+                "config, or pick another output_dir."
+            )
+        return found[-1]
+    if overwrite:
+        shutil.rmtree(output)
+        output.mkdir(parents=True)
+        return None
+    raise ValueError(
+        f"output_dir {output} already holds files of another run; pass --resume to continue it, --overwrite to "
+        "replace it, or choose another output_dir."
+    )
+
+
+def _load_model(config: RunConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if tokenizer.pad_token_id is None:  # many causal LMs ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(config.model)
+    return model, tokenizer
+
+
+class _Logger:
+    """metrics.jsonl and metrics.csv under ``output/logs`` (and TensorBoard when it is installed)."""
+
+    def __init__(self, output: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.folder = output / "logs"
+        self.tensorboard = None
+        if not enabled:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"))
+        except ImportError:  # optional: pip install tensorboard
+            logger.debug("tensorboard is not installed; logging to JSONL and CSV only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with (self.folder / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        csv_file = self.folder / "metrics.csv"
+        new = not csv_file.exists()
+        with csv_file.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+
+
+def _batches(dataset, indices: list[int], size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """Padded micro-batches of ``size`` examples, in the order of ``indices``."""
+    return [collate([dataset[i] for i in indices[k : k + size]], pad_token_id) for k in range(0, len(indices), size)]
+
+
+def _response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss after the causal shift (label t predicts token t)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _evaluate_loss(model, dataset, micro_batch_size: int, pad_token_id: int, accelerator) -> float:
+    """Mean cross-entropy per response token on a held-out set."""
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), micro_batch_size):
+            batch = collate(
+                [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))], pad_token_id
+            )
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            tokens = _response_tokens(batch)
+            if tokens == 0:
+                continue
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            total += loss.double().cpu() * tokens
+            count += tokens
+    model.train()
+    return float(total / max(count, 1))
+
+
+def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Fine-tune ``config.model`` with ``config.adapter`` on ``config.data``; returns where the adapter went."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    opt = config.train
+    if opt.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine.")
+    accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[opt.precision])
+    main = accelerator.is_main_process
+    resume_from = _prepare_output(config, resume=resume, overwrite=overwrite) if main else None
+    accelerator.wait_for_everyone()
+    if not main and resume:
+        found = checkpoints(Path(config.output_dir))
+        resume_from = found[-1] if found else None
+    output = Path(config.output_dir)
+    if main:
+        (output / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    set_seed(opt.seed)
+    model, tokenizer = _load_model(config)
+    dataset = SFTDataset.from_file(config.data.train_file, tokenizer, config.data.max_length, config.data.format)
+    eval_set = None
+    if config.data.eval_file:
+        eval_set = SFTDataset.from_file(config.data.eval_file, tokenizer, config.data.max_length, config.data.format)
+    smore.adapt(model, config.adapter)
+    if main:
+        logger.info("%s", smore.summary(model))
+    pad = tokenizer.pad_token_id
+
+    processes = accelerator.num_processes
+    per_process = opt.global_batch_size // processes
+    if opt.global_batch_size % (opt.micro_batch_size * processes):
+        raise ValueError(
+            f"train.global_batch_size={opt.global_batch_size} must be a multiple of micro_batch_size × processes = "
+            f"{opt.micro_batch_size} × {processes}."
+        )
+    steps_per_epoch = len(dataset) // opt.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
+            f"{opt.global_batch_size}; lower the batch size or add data."
+        )
+    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
+
+    if getattr(model.smore_state.context, "prior_source", None) is not None and resume_from is None:
+        # T-REX: cluster the training prompts once, before the first step (a resumed run restores the centroids).
+        smore.fit_prior(model, _batches(dataset, list(range(len(dataset))), opt.micro_batch_size, pad), seed=opt.seed)
+    if opt.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    scheduler = get_scheduler(
+        opt.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(opt.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    start_step, history = 0, []
+    if resume_from is not None:
+        progress = load_checkpoint(
+            resume_from,
+            load_adapter_weights=lambda path: restore_adapter(unwrapped, path),
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        start_step, history = progress["step"], progress["history"]
+        logger.info("resuming %s from step %d of %d", output, start_step, total_steps)
+
+    log = _Logger(output, main)
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.adapter.method}", disable=not main)
+    started, tokens_seen, last_eval = time.perf_counter(), 0, None
+    window: list[tuple[float, float]] = []  # (loss, aux) of the steps since the last log line
+    rank = accelerator.process_index
+    for step in range(start_step, total_steps):
+        epoch, position = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.seed * 100003 + epoch))
+        global_batch = order[position * opt.global_batch_size : (position + 1) * opt.global_batch_size]
+        mine = global_batch[rank * per_process : (rank + 1) * per_process].tolist()
+        micro = _batches(dataset, mine, opt.micro_batch_size, pad)
+        local_tokens = torch.tensor(sum(_response_tokens(b) for b in micro), device=accelerator.device)
+        step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
+        if step_tokens == 0:
+            raise ValueError(f"step {step}: no token of the global batch carries loss; check the data's responses.")
+        step_loss, step_aux = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+        for index, batch in enumerate(micro):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
+            sync = index == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                out = model(**batch)
+                aux = smore.aux_loss(unwrapped, reduction=opt.aux_reduction)
+                accelerator.backward((out.loss + aux) * weight)
+            step_loss += out.loss.detach() * weight / processes
+            step_aux += aux.detach() * weight / processes
+        grad_norm = None
+        if opt.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, opt.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(
+            (
+                float(accelerator.reduce(step_loss, reduction="sum")),
+                float(accelerator.reduce(step_aux, reduction="sum")),
+            )
+        )
+        tokens_seen += int(sum(int(b["attention_mask"].sum()) for b in micro)) * processes
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{window[-1][0]:.4f}")
+        if eval_set is not None and opt.eval_every and done % opt.eval_every == 0:
+            last_eval = _evaluate_loss(model, eval_set, opt.micro_batch_size, pad, accelerator)
+        if done % opt.log_every == 0 or done == total_steps:
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 4),
+                "loss": sum(loss for loss, _ in window) / len(window),
+                "aux_loss": sum(aux for _, aux in window) / len(window),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
+                "elapsed": elapsed,
+                "eval_loss": last_eval,
+            }
+            history.append(record)
+            log.write(record)
+            window.clear()
+        if opt.save_every and done % opt.save_every == 0 and done < total_steps:
+            _save(accelerator, unwrapped, optimizer, scheduler, config, output, done, history)
+    bar.close()
+    if eval_set is not None:
+        last_eval = _evaluate_loss(model, eval_set, opt.micro_batch_size, pad, accelerator)
+        if history:
+            history[-1]["eval_loss"] = last_eval
+    _save(accelerator, unwrapped, optimizer, scheduler, config, output, total_steps, history)
+    adapter_dir = output / "adapter"
+    if main:
+        smore.save_adapter(unwrapped, adapter_dir)
+        logger.info(
+            "adapter saved to %s; load it with smore.load_adapter(base_model, %r)", adapter_dir, str(adapter_dir)
+        )
+    accelerator.wait_for_everyone()
+    final_loss = history[-1]["loss"] if history else float("nan")
+    return TrainResult(output, adapter_dir, total_steps, final_loss, last_eval, history)
+
+
+def _save(accelerator, model, optimizer, scheduler, config, output, step, history) -> None:
+    if accelerator.is_main_process:
+        save_checkpoint(
+            output / f"checkpoint-{step}",
+            save_adapter=lambda path: smore.save_adapter(model, path),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            progress={"step": step, "history": history},
+            run_config=config.to_dict(),
+        )
+        prune_checkpoints(output, config.train.keep_checkpoints)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,187 @@
+"""``smore train`` end to end on a tiny model saved as an HF folder: every method, resume, accumulation, DDP,
+output-folder protection and config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import counting_records, tiny_model_folder
+from smore.cli import main
+from smore.training.config import apply_overrides, load_run_config, run_config_from_dict
+from smore.training.trainer import train
+
+ADAPTERS = {
+    "smore": {
+        "method": "smore",
+        "num_experts": [2, 2],
+        "top_k": [1, 1],
+        "ranks": [2, 2],
+        "router_dims": [8, 8],
+        "down_proj_dim": 8,
+    },
+    "lora": {"method": "lora", "rank": 4},
+    "molora": {"method": "molora", "num_experts": 3, "top_k": 2, "rank": 2, "balance_weight": 0.01},
+    "hydralora": {"method": "hydralora", "num_experts": 3, "rank": 2},
+    "mixlora": {"method": "mixlora", "num_experts": 3, "top_k": 2, "rank": 2},
+    "trex": {"method": "trex", "rank_in": 2, "rank_out": 2, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tiny_model_folder(root / "model")
+    with (root / "train.jsonl").open("w") as handle:
+        for record in counting_records(16):
+            handle.write(json.dumps(record) + "\n")
+    with (root / "eval.jsonl").open("w") as handle:
+        for record in counting_records(4):
+            handle.write(json.dumps(record) + "\n")
+    return root
+
+
+def run_document(workspace, output, adapter="lora", **train):
+    return {
+        "model": str(workspace / "model"),
+        "output_dir": str(output),
+        "adapter": dict(ADAPTERS[adapter]),
+        "data": {
+            "train_file": str(workspace / "train.jsonl"),
+            "eval_file": str(workspace / "eval.jsonl"),
+            "max_length": 48,
+        },
+        "train": {
+            "learning_rate": 1e-2,
+            "max_steps": 4,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "warmup_ratio": 0.0,
+            "log_every": 1,
+            "lr_scheduler": "constant",
+            **train,
+        },
+    }
+
+
+def adapter_weights(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
+def test_every_method_trains_and_writes_its_files(workspace, tmp_path, method):
+    result = train(run_config_from_dict(run_document(workspace, tmp_path / "run", method, max_steps=12)))
+    files = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "run_config.yaml",
+        "logs/metrics.jsonl",
+        "logs/metrics.csv",
+        "checkpoint-12/manifest.json",
+    } <= files
+    losses = [record["loss"] for record in result.history]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the overfit set is being learned
+    assert result.eval_loss is not None and result.history[-1]["eval_loss"] == result.eval_loss
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(workspace, tmp_path):
+    document = run_document(workspace, tmp_path / "run", "smore", max_steps=6, save_every=3)
+    whole = train(run_config_from_dict(document))
+    expected = adapter_weights(whole.adapter_dir)
+    # the same run, killed after its step-3 checkpoint: drop what came after it
+    document["output_dir"] = str(tmp_path / "again")
+    config = run_config_from_dict(document)
+    train(config)
+    import shutil
+
+    shutil.rmtree(tmp_path / "again" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "again" / "adapter")
+    resumed = train(config, resume=True)
+    got = adapter_weights(resumed.adapter_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], got[key], atol=1e-6), key
+    assert [r["step"] for r in resumed.history] == list(range(1, 7))
+
+
+def test_accumulation_gives_the_same_step_as_one_big_batch(workspace, tmp_path):
+    common = dict(max_steps=1, learning_rate=1e-3, max_grad_norm=None)
+    one = train(run_config_from_dict(run_document(workspace, tmp_path / "one", micro_batch_size=8, **common)))
+    two = train(run_config_from_dict(run_document(workspace, tmp_path / "two", micro_batch_size=2, **common)))
+    a, b = adapter_weights(one.adapter_dir), adapter_weights(two.adapter_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert one.history[0]["loss"] == pytest.approx(two.history[0]["loss"], rel=1e-5)
+
+
+def test_output_folder_of_another_run_is_protected(workspace, tmp_path):
+    config = run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=1))
+    train(config)
+    with pytest.raises(ValueError, match="already holds files of another run"):
+        train(config)
+    other = run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=2))
+    with pytest.raises(ValueError, match="different run config"):
+        train(other, resume=True)
+    assert train(other, overwrite=True).steps == 2
+
+
+def test_config_errors_name_the_key(workspace, tmp_path):
+    document = run_document(workspace, tmp_path / "run")
+    cases = [
+        (apply_overrides(document, ["train.learning_rat=1"]), r"train\.learning_rat"),
+        (apply_overrides(document, ["train.max_steps=two"]), r"train\.max_steps"),
+        (apply_overrides(document, ["train.precision=fp8"]), r"train\.precision"),
+        (apply_overrides(document, ["adapter.rank=0"]), "rank"),
+        (apply_overrides(document, ["train.global_batch_size=6"]), "multiple of"),
+        (apply_overrides(document, ["data.train_file="]), r"data\.train_file"),
+        ({**document, "extra": 1}, "extra"),
+    ]
+    for bad, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            run_config_from_dict(bad)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert load_run_config(path, ["train.learning_rate=3e-4"]).train.learning_rate == 3e-4
+    assert main(["train", str(path), "train.nothing=1"]) == 2  # one clear line, exit code 2
+
+
+def test_cli_trains_from_yaml(workspace, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_document(workspace, tmp_path / "run", max_steps=2)))
+    assert main(["train", str(path), "train.max_steps=3"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path):
+    document = run_document(workspace, tmp_path / "single", max_steps=2, learning_rate=1e-3, max_grad_norm=None)
+    single = train(run_config_from_dict(document))
+    document["output_dir"] = str(tmp_path / "ddp")
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(document))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "smore.cli",
+        "train",
+        str(path),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    a, b = adapter_weights(single.adapter_dir), adapter_weights(tmp_path / "ddp" / "adapter")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
