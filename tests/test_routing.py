@@ -409,3 +409,25 @@ def test_padding_mask_reaches_every_adapter(gate):
     unmasked = dict(batch, attention_mask=torch.ones_like(batch["attention_mask"]))
     unmasked_other = dict(other, attention_mask=unmasked["attention_mask"])
     assert not torch.allclose(aux_per_adapter(unmasked), aux_per_adapter(unmasked_other))
+
+
+def test_routing_health_counts_real_tokens_and_flags_collapse():
+    from conftest import small_smore, tiny_batch, tiny_llama
+    from smore.routing.stats import routing_health, tracking
+
+    model = smore.adapt(tiny_llama(), small_smore(init="normal"))
+    batch = tiny_batch()
+    with tracking(model):
+        model(**batch)
+    health = routing_health(model)
+    real = int(batch["attention_mask"].sum())
+    top = next(h for h in health if h.module == "model.layers.0.mlp.up_proj" and h.level == 1)
+    delta = model.model.layers[0].mlp.up_proj.delta
+    assert int(delta.routing_counts[1].sum()) == real * 2  # top level: f = 2 slots per real token
+    assert int(delta.routing_counts[0].sum()) == real * 4  # bottom: 2 × 2
+    assert abs(sum(top.load) - 1) < 1e-9 and 0 <= top.entropy <= 1
+    model(**batch)  # outside the block nothing is counted
+    assert int(delta.routing_counts[1].sum()) == real * 2
+    delta.routing_counts[1] = torch.tensor([100, 0, 0, 0])
+    collapsed = next(h for h in routing_health(model) if h.module == "model.layers.0.mlp.up_proj" and h.level == 1)
+    assert collapsed.collapsed and collapsed.entropy == 0 and collapsed.dead_share == 0.75

@@ -91,6 +91,12 @@ def test_every_method_trains_and_writes_its_files(workspace, tmp_path, method):
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the overfit set is being learned
     assert result.eval_loss is not None and result.history[-1]["eval_loss"] == result.eval_loss
+    assert "logs/loss.png" in files
+    if method in ("smore", "molora", "mixlora"):  # routed by top-k: routing health is logged and plotted
+        assert "logs/expert_load.png" in files
+        lines = [json.loads(line) for line in (tmp_path / "run" / "logs" / "routing.jsonl").read_text().splitlines()]
+        assert {line["step"] for line in lines} == set(range(1, 13))
+        assert all(abs(sum(line["load"]) - 1) < 1e-6 and 0 <= line["entropy"] <= 1 for line in lines)
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(workspace, tmp_path):

@@ -25,12 +25,13 @@ from smore.adapters.base import AdaptedFFN, AdaptedLinear, AdapterWrapper, Forwa
 from smore.adapters.lora import build_lora
 from smore.config import LoRAConfig
 from smore.routing.gates import SwitchGate
+from smore.routing.stats import RoutingCounter
 from smore.targets import find_targets, matches
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-class MixLoRAFFN(nn.Module):
+class MixLoRAFFN(RoutingCounter, nn.Module):
     """The MixLoRA block for one gated MLP ``hidden → intermediate → hidden``; call with the frozen base MLP."""
 
     def __init__(
@@ -89,6 +90,7 @@ class MixLoRAFFN(nn.Module):
     def forward(self, x: torch.Tensor, base: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
         routing = self.gate(self.router(x), valid=valid)
         self.aux_loss = routing.aux_loss
+        self.count_routing([routing.indices], [self.num_experts], valid)
         weights = routing.weights.unsqueeze(-1)  # (N, k, 1)
         slot_mask = F.one_hot(routing.indices, self.num_experts).to(x.dtype)  # (N, k, E)
         slot_mask = slot_mask.repeat_interleave(self.rank, dim=-1)  # (N, k, E·r): keep the slot's expert block

@@ -19,9 +19,10 @@ from torch import nn
 
 from smore.adapters.lora import check_lora_arguments
 from smore.routing.gates import SwitchGate
+from smore.routing.stats import RoutingCounter
 
 
-class MoLoRADelta(nn.Module):
+class MoLoRADelta(RoutingCounter, nn.Module):
     """E LoRA experts and a bias-free router ``W_g`` on one ``in_features → out_features`` layer.
 
     Parameters: ``router.weight`` (E, d_in); ``lora_A`` (E·r, d_in), expert i in rows ``[i r, (i+1) r)``;
@@ -60,6 +61,7 @@ class MoLoRADelta(nn.Module):
         """Dense (N, E) gate weights: p_i for the selected experts, 0 elsewhere; stores the aux loss."""
         out = self.gate(self.router(x), valid=valid)
         self.aux_loss = out.aux_loss
+        self.count_routing([out.indices], [self.num_experts], valid)
         return torch.zeros_like(out.probs).scatter(-1, out.indices, out.weights)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

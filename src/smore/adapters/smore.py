@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smore.routing.stats import RoutingCounter
 from smore.routing.tree import TreeRouter
 from smore.routing.types import TreeRouting
 
@@ -44,7 +45,7 @@ POSITIONS = ("all", "child", "child_v2")
 INITS = ("normal", "b_zero", "bw_zero", "w_final_zero", "eq_1_layer")
 
 
-class SMoREDelta(nn.Module):
+class SMoREDelta(RoutingCounter, nn.Module):
     """The S'MoRE contribution ``Δy`` for one adapted linear layer ``in_features → out_features``.
 
     Parameters (level ℓ, bottom first; R = Σ_ℓ s_ℓ r_ℓ, or s·r for the shared pool):
@@ -213,6 +214,7 @@ class SMoREDelta(nn.Module):
         if routing is None:
             routing = self.router(x, valid)
         self.aux_loss = routing.aux_loss
+        self.count_routing(list(routing.indices), self.num_experts, valid)
         down = F.linear(x, self.A, self.A_bias)  # (N, R): every expert's A x + a in one matmul
         message = None
         for level in range(self.num_levels):

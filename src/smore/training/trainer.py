@@ -28,7 +28,9 @@ import yaml
 from tqdm.auto import tqdm
 
 import smore
+from smore.analysis.plots import plot_expert_load, plot_losses
 from smore.inject import restore_adapter
+from smore.routing.stats import routing_health, track_routing
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import RunConfig
 from smore.training.data import IGNORE_INDEX, SFTDataset, collate
@@ -101,6 +103,14 @@ class _Logger:
             self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"))
         except ImportError:  # optional: pip install tensorboard
             logger.debug("tensorboard is not installed; logging to JSONL and CSV only")
+
+    def write_routing(self, step: int, health) -> None:
+        """Per adapter and level: expert load, normalised entropy, share of dead experts."""
+        with (self.folder / "routing.jsonl").open("a") as handle:
+            for level in health:
+                entry = {"step": step, "module": level.module, "level": level.level, "load": level.load}
+                entry.update(entropy=level.entropy, dead_share=level.dead_share, collapsed=level.collapsed)
+                handle.write(json.dumps(entry) + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -228,6 +238,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
 
     log = _Logger(output, main)
     model.train()
+    track_routing(unwrapped)  # counts expert selections per log window, for routing health
+    health, collapsed_before = [], set()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.adapter.method}", disable=not main)
     started, tokens_seen, last_eval = time.perf_counter(), 0, None
     window: list[tuple[float, float]] = []  # (loss, aux) of the steps since the last log line
@@ -287,6 +299,23 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             history.append(record)
             log.write(record)
             window.clear()
+            health = routing_health(unwrapped) or health
+            if main and health:
+                log.write_routing(done, health)
+                for level in health:
+                    key = (level.module, level.level)
+                    if level.collapsed and key not in collapsed_before:
+                        collapsed_before.add(key)
+                        logger.warning(
+                            "routing collapse at step %d in %s level %d: max expert load %.2f, %.0f%% experts unused; "
+                            "consider a larger balance_weight",
+                            done,
+                            level.module,
+                            level.level,
+                            max(level.load),
+                            100 * level.dead_share,
+                        )
+            track_routing(unwrapped)
         if opt.save_every and done % opt.save_every == 0 and done < total_steps:
             _save(accelerator, unwrapped, optimizer, scheduler, config, output, done, history)
     bar.close()
@@ -296,8 +325,13 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             history[-1]["eval_loss"] = last_eval
     _save(accelerator, unwrapped, optimizer, scheduler, config, output, total_steps, history)
     adapter_dir = output / "adapter"
+    track_routing(unwrapped, enabled=False)
     if main:
         smore.save_adapter(unwrapped, adapter_dir)
+        if history:
+            plot_losses(history, output / "logs" / "loss.png")
+        if health:
+            plot_expert_load(health, output / "logs" / "expert_load.png")
         logger.info(
             "adapter saved to %s; load it with smore.load_adapter(base_model, %r)", adapter_dir, str(adapter_dir)
         )
