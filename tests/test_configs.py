@@ -12,6 +12,7 @@ import yaml
 import smore
 from smore.analysis.budget import MODEL_SHAPES, meta_model
 from smore.analysis.params import model_report
+from smore.training.config import run_config_from_dict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
@@ -26,7 +27,6 @@ TRAIN_KEYS = {
     "global_batch_size": 32,
     "precision": "bf16",
     "max_grad_norm": 1.0,
-    "max_length": 2048,
 }
 
 
@@ -46,12 +46,13 @@ def test_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_recipe_loads(path):
     document = yaml.safe_load(path.read_text())
-    assert set(document) == {"model", "adapter", "train", "data"}
+    assert set(document) == {"model", "output_dir", "adapter", "train", "data"}
+    run = run_config_from_dict(document)  # a recipe is a valid `smore train` run config
+    assert run.train.global_batch_size == 32 and run.data.max_length == 2048
     config = smore.config_from_dict(document["adapter"])
     assert config.to_dict() == document["adapter"]
     for key, value in TRAIN_KEYS.items():
         assert document["train"][key] == value, key
-    assert document["data"]["tasks"]
     if config.method == "smore":
         expected = {"smore-2-2": ([2, 2], [1, 1]), "smore-4-4": ([4, 4], [2, 2])}[path.stem]
         assert (config.num_experts, config.top_k, config.gate) == (*expected, "switch")
