@@ -190,3 +190,67 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     a, b = adapter_weights(single.adapter_dir), adapter_weights(tmp_path / "ddp" / "adapter")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_trained_adapter_is_evaluated_on_held_out_questions(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import smore
+    from smore.evaluation import evaluate
+
+    result = train(run_config_from_dict(run_document(workspace, tmp_path / "run", "smore", max_steps=3)))
+    model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(workspace / "model"), result.adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    metrics = evaluate(model, tokenizer, [f"file:{workspace / 'eval.jsonl'}"], max_new_tokens=2, progress=False)
+    scores = next(iter(metrics.values()))
+    assert scores["n"] == 4 and {"acc", "acc_norm", "acc_gen"} <= set(scores)
+    assert all(0 <= scores[key] <= 1 for key in ("acc", "acc_norm", "acc_gen"))
+
+
+def test_aux_loss_is_weighted_like_the_cross_entropy_under_accumulation(workspace, tmp_path):
+    """The logged aux loss of a step is the token-weighted mean of its micro-batches' aux losses, as the CE is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import smore
+    from smore.training.data import SFTDataset, collate, load_training_records
+
+    document = run_document(workspace, tmp_path / "run", "molora", max_steps=1, micro_batch_size=2)
+    config = run_config_from_dict(document)
+    result = train(config)
+    # the same step by hand: same seed, same initial adapter, same data order
+    torch.manual_seed(config.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    smore.adapt(model, config.adapter)
+    model.train()
+    dataset = SFTDataset(load_training_records(config.data.train_file), tokenizer, config.data.max_length)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.train.seed * 100003))
+    indices = order[:8].tolist()
+    micro = [collate([dataset[i] for i in indices[k : k + 2]], tokenizer.pad_token_id) for k in range(0, 8, 2)]
+    tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+    ce, aux = 0.0, 0.0
+    for batch, count in zip(micro, tokens):
+        out = model(**batch)
+        ce += float(out.loss) * count / sum(tokens)
+        aux += float(smore.aux_loss(model)) * count / sum(tokens)
+    assert aux > 0
+    assert result.history[0]["loss"] == pytest.approx(ce, rel=1e-5)
+    assert result.history[0]["aux_loss"] == pytest.approx(aux, rel=1e-5)
+
+
+def test_benchmark_splits_are_training_sources():
+    pytest.importorskip("pyarrow")
+    from smore.evaluation.tasks import load_task
+    from smore.training.data import load_training_records
+
+    try:
+        records = load_training_records("task:arc_easy[2:5]")
+    except ValueError as error:
+        pytest.skip(f"benchmark data not installed: {error}")
+    examples = load_task("arc_easy", limit=5)[2:5]
+    assert [r["answer"] for r in records] == [e.answer_index for e in examples]
+    assert [r["question"] for r in records] == [e.question for e in examples]
+    with pytest.raises(ValueError, match=r"task:NAME\[start:stop\]"):
+        load_training_records("task:arc_easy[x]")
+    with pytest.raises(ValueError, match="hf:NAME"):
+        load_training_records("hf:no-split")

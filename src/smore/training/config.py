@@ -31,9 +31,10 @@ from smore.registry import config_from_dict
 @dataclass
 class DataConfig:
     train_file: str = ""
-    """JSON or JSONL records (instruction, chat ``messages`` or multiple-choice), see smore.training.data."""
+    """JSON or JSONL records (instruction, chat ``messages`` or multiple-choice), ``task:NAME[start:stop]`` (a shipped
+    benchmark split) or ``hf:NAME@SPLIT`` (a hub dataset); see ``smore.training.data.load_training_records``."""
     eval_file: str | None = None
-    """Held-out records for the periodic evaluation loss; null: none."""
+    """Held-out records for the periodic evaluation loss, in the same forms; null: none."""
     format: str | None = None
     """Force one record format (instruction, chat, multiple_choice); null: detected per record."""
     max_length: int = 512

@@ -33,7 +33,7 @@ from smore.inject import restore_adapter
 from smore.routing.stats import routing_health, track_routing
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import RunConfig
-from smore.training.data import IGNORE_INDEX, SFTDataset, collate
+from smore.training.data import IGNORE_INDEX, SFTDataset, collate, load_training_records
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +184,11 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
 
     set_seed(opt.seed)
     model, tokenizer = _load_model(config)
-    dataset = SFTDataset.from_file(config.data.train_file, tokenizer, config.data.max_length, config.data.format)
+    data = config.data
+    dataset = SFTDataset(load_training_records(data.train_file), tokenizer, data.max_length, data.format)
     eval_set = None
-    if config.data.eval_file:
-        eval_set = SFTDataset.from_file(config.data.eval_file, tokenizer, config.data.max_length, config.data.format)
+    if data.eval_file:
+        eval_set = SFTDataset(load_training_records(data.eval_file), tokenizer, data.max_length, data.format)
     smore.adapt(model, config.adapter)
     if main:
         logger.info("%s", smore.summary(model))
@@ -280,7 +281,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         tokens_seen += int(sum(int(b["attention_mask"].sum()) for b in micro)) * processes
         done = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{window[-1][0]:.4f}")
+        bar.set_postfix(
+            loss=f"{window[-1][0]:.4f}", tokens_per_s=f"{tokens_seen / (time.perf_counter() - started):.0f}"
+        )
         if eval_set is not None and opt.eval_every and done % opt.eval_every == 0:
             last_eval = _evaluate_loss(model, eval_set, opt.micro_batch_size, pad, accelerator)
         if done % opt.log_every == 0 or done == total_steps:
