@@ -190,6 +190,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     a, b = adapter_weights(single.adapter_dir), adapter_weights(tmp_path / "ddp" / "adapter")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # and the two processes really split the batch: each saw half of the global batch's tokens
+    assert "processes=2" in completed.stdout + completed.stderr
 
 
 def test_trained_adapter_is_evaluated_on_held_out_questions(workspace, tmp_path):

@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -171,7 +172,17 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     opt = config.train
     if opt.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine.")
-    accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[opt.precision])
+    # Launched as several processes without a GPU, Accelerate needs cpu=True to form a gloo group (MULTI_CPU);
+    # otherwise every process would believe it is alone.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[opt.precision], cpu=multi_cpu
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
+        raise ValueError(
+            f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate formed a group of "
+            f"{accelerator.num_processes}; check the launcher and the backend."
+        )
     main = accelerator.is_main_process
     resume_from = _prepare_output(config, resume=resume, overwrite=overwrite) if main else None
     accelerator.wait_for_everyone()
@@ -208,6 +219,14 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             f"{opt.global_batch_size}; lower the batch size or add data."
         )
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
+    if main:
+        logger.info(
+            "processes=%d, micro-batches per process and step=%d, steps=%d (%d per epoch)",
+            processes,
+            per_process // opt.micro_batch_size,
+            total_steps,
+            steps_per_epoch,
+        )
 
     if getattr(model.smore_state.context, "prior_source", None) is not None and resume_from is None:
         # T-REX: cluster the training prompts once, before the first step (a resumed run restores the centroids).
