@@ -256,3 +256,27 @@ def test_benchmark_splits_are_training_sources():
         load_training_records("task:arc_easy[x]")
     with pytest.raises(ValueError, match="hf:NAME"):
         load_training_records("hf:no-split")
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_steps_are_skipped_or_stop_without_touching_the_weights(workspace, tmp_path, monkeypatch, policy):
+    import smore
+
+    real, calls = smore.aux_loss, []
+
+    def poisoned(model, reduction="sum"):  # the micro-batches of step 2 (two per step) get a NaN aux loss
+        calls.append(1)
+        value = real(model, reduction=reduction)
+        return value * float("nan") if len(calls) in (3, 4) else value
+
+    monkeypatch.setattr(smore, "aux_loss", poisoned)
+    document = run_document(workspace, tmp_path / "run", "molora", max_steps=4, save_every=1, on_nonfinite=policy)
+    if policy == "stop":
+        with pytest.raises(ValueError, match="step 2: the loss or a gradient is not finite"):
+            train(run_config_from_dict(document))
+        assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint-*"))] == ["checkpoint-1"]
+        return
+    result = train(run_config_from_dict(document))
+    assert [record["step"] for record in result.history] == [1, 3, 4]  # step 2 was skipped, not logged
+    weights = adapter_weights(result.adapter_dir)
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())

@@ -82,6 +82,8 @@ class OptimConfig:
     """Optimizer steps between checkpoints; 0: only at the end."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradient is not finite is skipped (logged), or stops the run."""
 
     def __post_init__(self) -> None:
         positive = {"learning_rate": self.learning_rate, "epochs": self.epochs}

@@ -263,6 +263,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.adapter.method}", disable=not main)
     started, tokens_seen, last_eval = time.perf_counter(), 0, None
     window: list[tuple[float, float]] = []  # (loss, aux) of the steps since the last log line
+    skipped = 0
     rank = accelerator.process_index
     for step in range(start_step, total_steps):
         epoch, position = divmod(step, steps_per_epoch)
@@ -285,18 +286,32 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
                 accelerator.backward((out.loss + aux) * weight)
             step_loss += out.loss.detach() * weight / processes
             step_aux += aux.detach() * weight / processes
+        # A non-finite loss or gradient on any process: skip the update (or stop), never let it reach the weights.
+        finite = (
+            torch.isfinite(step_loss + step_aux)
+            & torch.stack(
+                [torch.isfinite(p.grad).all() for p in trainable if p.grad is not None] or [torch.tensor(True)]
+            ).all()
+        )
+        if not bool(accelerator.reduce(finite.float().to(accelerator.device), reduction="min")):
+            optimizer.zero_grad(set_to_none=True)
+            if opt.on_nonfinite == "stop":
+                raise ValueError(
+                    f"step {step + 1}: the loss or a gradient is not finite; stopped (train.on_nonfinite=stop). "
+                    "The last checkpoint is intact; lower the learning rate or use fp32, then --resume."
+                )
+            skipped += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step + 1, skipped)
+            bar.update(1)
+            continue
         grad_norm = None
         if opt.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(trainable, opt.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(
-            (
-                float(accelerator.reduce(step_loss, reduction="sum")),
-                float(accelerator.reduce(step_aux, reduction="sum")),
-            )
-        )
+        reduced = accelerator.reduce(torch.stack([step_loss, step_aux]), reduction="sum")
+        window.append((float(reduced[0]), float(reduced[1])))
         tokens_seen += int(sum(int(b["attention_mask"].sum()) for b in micro)) * processes
         done = step + 1
         bar.update(1)
@@ -305,7 +320,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         )
         if eval_set is not None and opt.eval_every and done % opt.eval_every == 0:
             last_eval = _evaluate_loss(model, eval_set, opt.micro_batch_size, pad, accelerator)
-        if done % opt.log_every == 0 or done == total_steps:
+        if window and (done % opt.log_every == 0 or done == total_steps):
             elapsed = time.perf_counter() - started
             record = {
                 "step": done,
@@ -363,6 +378,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
 
 
 def _save(accelerator, model, optimizer, scheduler, config, output, step, history) -> None:
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:  # never write a checkpoint that cannot be resumed from
+        raise ValueError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
     if accelerator.is_main_process:
         save_checkpoint(
             output / f"checkpoint-{step}",
