@@ -7,20 +7,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import smore
+from smore.analysis.budget import MODEL_SHAPES
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 2-layer, hidden-32 Llama with random weights, the same for the same seed."""
     torch.manual_seed(seed)
-    values = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    values = dict(MODEL_SHAPES["tiny"])  # the same tiny Llama `smore analyze budget --model-config tiny` uses
     values.update(overrides)
     config = LlamaConfig(**values)
     return LlamaForCausalLM(config).eval()
