@@ -217,3 +217,23 @@ def test_conv1d_lora_round_trips_through_peft(tmp_path):
     expected = logits(ours, batch)
     torch.testing.assert_close(logits(theirs, batch), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits(back, batch), expected, rtol=0, atol=0)
+
+
+def test_pickled_peft_weights_need_an_explicit_flag(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_batch, tiny_llama
+    from smore.peft_interop import load_peft_lora
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    peft_model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="pickle file, which can run code"):
+        load_peft_lora(tiny_llama(), tmp_path)
+    model = load_peft_lora(tiny_llama(), tmp_path, allow_pickle=True)
+    batch = tiny_batch()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, peft_model(**batch).logits, atol=1e-6)

@@ -264,14 +264,21 @@ def lora_config_from_peft(document: dict[str, Any]) -> LoRAConfig:
     )
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     file = path / WEIGHTS_NAME
     if file.is_file():
         return read_safetensors(file), str(file)
     try:
         legacy = path / LEGACY_WEIGHTS_NAME
         if legacy.is_file():
+            if not allow_pickle:  # a pickle can run code when read: only on the user's explicit word
+                raise PermissionError(
+                    f"{legacy} is a pickle file, which can run code when loaded; convert it to safetensors, or pass "
+                    "allow_pickle=True if you trust its source."
+                )
             return torch.load(legacy, map_location="cpu", weights_only=True), str(legacy)
+    except PermissionError as error:
+        raise ValueError(str(error)) from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise ValueError(f"the adapter weights in {path} cannot be read ({error}); the file is corrupted.") from error
     raise ValueError(f"{path} holds neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}; it is not a PEFT adapter folder.")
@@ -346,8 +353,11 @@ def _fitting_config(model: nn.Module, document: dict[str, Any], module_names: se
     )
 
 
-def load_peft_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_peft_lora(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False) -> nn.Module:
     """Adapt a base ``model`` with smore's LoRA from a PEFT LoRA adapter folder and load its weights.
+
+    Weights are read from ``adapter_model.safetensors``; an older ``adapter_model.bin`` (a pickle, which can run
+    code when loaded) is refused unless ``allow_pickle=True``.
 
     The config is read with :func:`lora_config_from_peft` (unsupported options raise ``ValueError`` naming them);
     every saved module must exist with matching shapes before the model is touched. When PEFT's
@@ -364,7 +374,7 @@ def load_peft_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     alpha = document.get("lora_alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"lora_alpha={alpha!r} in {file} must be a positive number.")
-    tensors, source = _read_weights(path)
+    tensors, source = _read_weights(path, allow_pickle)
     modules = _split_weights(tensors, source)
     _check_shapes(model, modules, rank, source)
     config = _fitting_config(model, document, set(modules))
