@@ -41,11 +41,14 @@ def _check_choice(name: str, value: Any, literal: Any) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
 
 
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+
+
 def _check_positive_ints(name: str, values: list[int], *, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name}[{i}]={v!r} must be an integer >= {low}.")
+        _check_int(f"{name}[{i}]", v, 0 if allow_zero else 1)
 
 
 def _as_list(name: str, value: Any) -> list:
@@ -172,8 +175,7 @@ class SMoREConfig(AdapterConfig):
                 )
         if self.alpha is not None:
             for i, a in enumerate(self.alpha):
-                if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a <= 0:
-                    raise ValueError(f"alpha[{i}]={a!r} must be a positive number (or set alpha to null).")
+                _check_number(f"alpha[{i}]", a, low=0, open_low=True)
         _check_choice("gate", self.gate, GateType)
         _check_choice("activation", self.activation, Activation)
         _check_choice("activation_position", self.activation_position, ActivationPosition)
@@ -189,7 +191,7 @@ class SMoREConfig(AdapterConfig):
                     f"gate='noisy_topk' needs top_k[{level}] < num_experts[{level}] (got {k} of {s}): its load "
                     "estimate uses the (k+1)-th logit. Lower top_k, raise num_experts, or use gate='dense'."
                 )
-        _check_positive_int("down_proj_dim", self.down_proj_dim)
+        _check_int("down_proj_dim", self.down_proj_dim)
         _check_number("balance_weight", self.balance_weight, low=0)
         _check_number("prelu_init", self.prelu_init, low=-math.inf)
         if not isinstance(self.shared_pool, bool):
@@ -237,11 +239,6 @@ class SMoREConfig(AdapterConfig):
         return [a / r for a, r in zip(self.alpha, self.ranks)]
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
-
-
 def _check_number(name: str, value: Any, *, low: float, high: float | None = None, open_low: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
@@ -265,7 +262,7 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("rank", self.rank)
+        _check_int("rank", self.rank)
         if self.alpha is not None or not self.alpha_optional:
             _check_number("alpha", self.alpha, low=0, open_low=True)
         _check_number("dropout", self.dropout, low=0, high=1)
@@ -297,8 +294,8 @@ class MoLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("num_experts", self.num_experts)
-        _check_positive_int("top_k", self.top_k)
+        _check_int("num_experts", self.num_experts)
+        _check_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
         _check_number("balance_weight", self.balance_weight, low=0)
@@ -315,7 +312,7 @@ class HydraLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("num_experts", self.num_experts)
+        _check_int("num_experts", self.num_experts)
 
 
 @dataclass
@@ -349,7 +346,7 @@ class MixLoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("num_experts", "top_k", "rank"):
-            _check_positive_int(name, getattr(self, name))
+            _check_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
         _check_number("alpha", self.alpha, low=0, open_low=True)
@@ -382,5 +379,5 @@ class TREXConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("rank_in", self.rank_in)
-        _check_positive_int("rank_out", self.rank_out)
+        _check_int("rank_in", self.rank_in)
+        _check_int("rank_out", self.rank_out)
