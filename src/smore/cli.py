@@ -1,6 +1,8 @@
 """The ``smore`` command line: one table maps each subcommand to a plain, importable function.
 
-smore demo [--steps N] [--output DIR]      the whole life of an adapter on a model built in-process
+smore demo [--compare] [--steps N]          fine-tune the embedded SmolLM2 on ARC-Easy; score before and after
+smore train CONFIG.yaml [key=value ...]     fine-tune any model with any adapter
+smore eval --model M [--adapter A]          score a model on the paper's benchmarks
 smore analyze {params,flexibility,overhead} parameter, FLOP and structural-flexibility analysis
 """
 
@@ -14,18 +16,20 @@ logger = logging.getLogger("smore")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from smore.demo import format_result, run_demo
+    from smore.demo import demo_config_from_args, format_table, run_demo
 
-    result = run_demo(steps=args.steps, output_dir=args.output, seed=args.seed)
-    sys.stdout.write(format_result(result) + "\n")
+    result = run_demo(demo_config_from_args(args))
+    sys.stdout.write(format_table(result) + "\n")
     return 0
 
 
 def _add_demo(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="train, save and reload a S'MoRE adapter on a tiny in-process model")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
-    parser.add_argument("--output", default="smore_demo_out", help="folder for the adapter (default smore_demo_out)")
-    parser.add_argument("--seed", type=int, default=0)
+    from smore.demo import add_arguments
+
+    parser = subparsers.add_parser(
+        "demo", help="fine-tune the embedded SmolLM2-135M-Instruct on ARC-Easy, offline, and score it before/after"
+    )
+    add_arguments(parser)
     parser.set_defaults(func=_demo)
 
 

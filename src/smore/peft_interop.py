@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -279,8 +280,9 @@ def _read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict[str, tor
             return torch.load(legacy, map_location="cpu", weights_only=True), str(legacy)
     except PermissionError as error:
         raise ValueError(str(error)) from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise ValueError(f"the adapter weights in {path} cannot be read ({error}); the file is corrupted.") from error
+    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        # (weights_only=True: a pickle that would run code is refused by torch with an UnpicklingError)
+        raise ValueError(f"{legacy} cannot be read ({error}); the file is corrupted or not plain weights.") from error
     raise ValueError(f"{path} holds neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}; it is not a PEFT adapter folder.")
 
 

@@ -99,16 +99,34 @@ class AdapterWrapper(nn.Module):
         self.delta = delta
         self.enabled = True
         self.context = context
+        self._dtype_source: tuple[torch.Tensor] | None = None  # (a parameter of delta,): see delta_dtype
 
     @property
     def shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    @property
+    def delta_dtype(self) -> torch.dtype:
+        """The adapter's dtype, read from one of its parameters. The parameter is found once, not on every call:
+        ``.to()`` converts parameters in place, and the lookup is redone after ``_apply`` or a state-dict load
+        (which may assign new parameter objects)."""
+        if self._dtype_source is None:  # held in a tuple: a bare Parameter attribute would be registered
+            self._dtype_source = (next(self.delta.parameters()),)
+        return self._dtype_source[0].dtype
+
+    def _apply(self, fn, recurse=True):
+        self._dtype_source = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dtype_source = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def _flat_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Tokens as (N, d) in the adapter's dtype, and the context the delta takes: which tokens are real (not
         padding) and, for deltas with ``uses_prior``, each token's semantic prior."""
         context: dict = {"valid": None if self.context is None else self.context.valid_for(x.shape[:-1])}
-        delta_dtype = next(self.delta.parameters()).dtype
+        delta_dtype = self.delta_dtype
         if getattr(self.delta, "uses_prior", False):
             context["prior"] = self.context.prior_for(x.shape[:-1]).to(delta_dtype)
         return x.reshape(-1, x.shape[-1]).to(delta_dtype), context

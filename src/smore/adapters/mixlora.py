@@ -7,10 +7,18 @@ gated MLP with its own LoRA on ``gate_proj``, ``up_proj`` and ``down_proj``::
 
 plus a Switch-style load-balancing loss (coefficient 0.001). Optionally, plain LoRA on attention projections.
 
-Vectorised without a loop over experts: the frozen gate/up projections run once per token; every expert's LoRA A
-projection comes from one matmul, masked to the k selected experts per slot, and one matmul with the stacked B
-gives the k slot updates. The frozen down projection is linear and the weights sum to 1, so it runs once, on the
-weighted sum of the slots' hidden states.
+The frozen gate/up projections run once per token, and the frozen down projection (linear, weights summing to 1)
+once per token on the weighted sum of the slots' hidden states. The expert LoRAs take one of two paths, with the
+same outputs and gradients:
+
+- **grouped** (default from ``GROUPED_MIN_TOKENS`` = 64 tokens on): the N·k routed slots are sorted by expert and
+  each expert multiplies only its own slots by its A and B (a loop over the E experts, never over tokens), so the
+  LoRA cost is that of the k active experts per token;
+- **masked** (a few tokens, e.g. decoding): every expert's A projection comes from one matmul, masked to the slot's
+  expert, and one matmul with the stacked B gives the slot updates: fewer calls, but E times the active
+  multiply-adds for B of gate/up and A of down.
+
+``expert_path`` (``"auto"``, ``"grouped"`` or ``"masked"``) overrides the choice.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from smore.routing.stats import RoutingCounter
 from smore.targets import find_targets, matches
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+GROUPED_MIN_TOKENS = 64
+"""From this many tokens on, ``expert_path="auto"`` takes the grouped path: its loop over experts costs a few calls
+per expert, which the masked path's E-fold multiply-adds outweigh only beyond a few dozen tokens on a CPU."""
 
 
 class MixLoRAFFN(RoutingCounter, nn.Module):
@@ -76,6 +87,7 @@ class MixLoRAFFN(RoutingCounter, nn.Module):
                 for expert in range(num_experts):  # each expert's A as nn.Linear's default init
                     nn.init.kaiming_uniform_(self.lora_A[name][expert * rank : (expert + 1) * rank], a=math.sqrt(5))
         self.aux_loss: torch.Tensor | None = None
+        self.expert_path = "auto"
 
     def _expert_hidden(self, name: str, x: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
         """A_e x for the expert of every slot, as (N, k, E·r) with the other experts' blocks zeroed; x is (N, d)
@@ -91,8 +103,17 @@ class MixLoRAFFN(RoutingCounter, nn.Module):
         routing = self.gate(self.router(x), valid=valid)
         self.aux_loss = routing.aux_loss
         self.count_routing([routing.indices], [self.num_experts], valid)
-        weights = routing.weights.unsqueeze(-1)  # (N, k, 1)
-        slot_mask = F.one_hot(routing.indices, self.num_experts).to(x.dtype)  # (N, k, E)
+        path = self.expert_path
+        if path == "auto":
+            path = "grouped" if x.shape[0] >= GROUPED_MIN_TOKENS else "masked"
+        if path == "grouped":
+            return self._grouped_forward(x, base, routing.indices, routing.weights)
+        return self._masked_forward(x, base, routing.indices, routing.weights)
+
+    def _masked_forward(self, x, base, indices, weights) -> torch.Tensor:
+        """Every expert's A for every slot, masked to the slot's expert; one stacked-B matmul."""
+        weights = weights.unsqueeze(-1)  # (N, k, 1)
+        slot_mask = F.one_hot(indices, self.num_experts).to(x.dtype)  # (N, k, E)
         slot_mask = slot_mask.repeat_interleave(self.rank, dim=-1)  # (N, k, E·r): keep the slot's expert block
         base_x = x.to(base.gate_proj.weight.dtype)
         gate = base.gate_proj(base_x).to(x.dtype).unsqueeze(1)  # (N, 1, d_ff), shared by the experts
@@ -106,6 +127,38 @@ class MixLoRAFFN(RoutingCounter, nn.Module):
         y = base.down_proj(mixed.to(base.down_proj.weight.dtype)).to(x.dtype)
         if "down_proj" in self.lora_A:  # Σ_j p_j B_j A_j h_j = B (Σ_j p_j masked A h_j): one B matmul per token
             y = y + self._up("down_proj", (weights * self._expert_hidden("down_proj", hidden, slot_mask)).sum(dim=1))
+        return y  # (N, d)
+
+    def _grouped_lora(self, name: str, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """(α/r) B_e A_e for rows (M, d_in) sorted by expert, ``counts[e]`` rows for expert e: (M, d_out)."""
+        a = self.lora_A[name].view(self.num_experts, self.rank, -1).unbind(0)  # E × (r, d_in)
+        b = self.lora_B[name].view(-1, self.num_experts, self.rank).unbind(1)  # E × (d_out, r)
+        parts = [F.linear(F.linear(chunk, a[e]), b[e]) for e, chunk in enumerate(rows.split(counts))]
+        return torch.cat(parts) * self.scaling
+
+    def _grouped_forward(self, x, base, indices, weights) -> torch.Tensor:
+        """The N·k slots sorted by expert; each expert's LoRAs applied to its own slots only."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order.div(k, rounding_mode="floor")  # (M = N·k,): the token of each sorted slot
+        slot_weights = weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (M, 1)
+        base_x = x.to(base.gate_proj.weight.dtype)
+        gate = base.gate_proj(base_x).to(x.dtype).index_select(0, tokens)  # (M, d_ff)
+        up = base.up_proj(base_x).to(x.dtype).index_select(0, tokens)
+        if "gate_proj" in self.lora_A or "up_proj" in self.lora_A:
+            rows = self.dropout(x).index_select(0, tokens)  # (M, d): the LoRA input of each slot
+            if "gate_proj" in self.lora_A:
+                gate = gate + self._grouped_lora("gate_proj", rows, counts)
+            if "up_proj" in self.lora_A:
+                up = up + self._grouped_lora("up_proj", rows, counts)
+        hidden = base.act_fn(gate) * up  # (M, d_ff)
+        mixed = x.new_zeros(n, hidden.shape[-1]).index_add(0, tokens, slot_weights * hidden)  # Σ_j p_j h_j
+        y = base.down_proj(mixed.to(base.down_proj.weight.dtype)).to(x.dtype)
+        if "down_proj" in self.lora_A:
+            update = self._grouped_lora("down_proj", self.dropout(hidden), counts)  # (M, d)
+            y = y.index_add(0, tokens, slot_weights * update)
         return y  # (N, d)
 
 

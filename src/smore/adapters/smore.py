@@ -14,6 +14,13 @@ Every expert sees the raw token through its own A (the skip connection); between
 act, in widths d_ℓ ≤ d_L. The forward is vectorised: one matmul gives every expert's A projection (the cost of a
 LoRA of rank d_L), one batched matmul per level gives every expert's B output, and the routed slots are gathered
 from those outputs; expert matrices are never copied per token. The only Python loop is over the L levels.
+
+When each token uses few of the experts it owns (Σ_ℓ F_ℓ r_ℓ at most a quarter of the A rows, e.g. s = [16, 16],
+f = [2, 2]) the **grouped** path runs instead: per level, the routed slots are sorted by expert and each expert
+computes ``B_i (A_i x + a_i) + b_i`` for its own slots only (one small matmul pair per expert, a loop over experts,
+never over tokens), so the expert cost grows with the experts used, not the experts owned. ``W_proj`` still maps
+the full message ``x_L`` (width d_L = Σ s_ℓ r_ℓ): that part of the cost is set by the experts owned (SPEC §1.7).
+``expert_path`` (``"dense"`` or ``"grouped"``) overrides the choice; both give the same outputs and gradients.
 ``smore_reference.py`` holds the same computation as a readable loop over tokens and tree nodes, for tests.
 """
 
@@ -125,7 +132,20 @@ class SMoREDelta(RoutingCounter, nn.Module):
         self.proj = nn.Linear(self.widths[-1], out_features)
         self.prelu_slopes = nn.Parameter(torch.full((levels,), float(prelu_init))) if activation == "prelu" else None
         self.aux_loss: torch.Tensor | None = None
+        # The grouped path pays when a token's slots need at most a quarter of the A rows the dense path computes
+        # (bench/sparsity.py: at half, e.g. s = [8, 8], f = [2, 2], gathering the tokens costs what it saves on CPU).
+        active_rows = sum(slots * r for slots, r in zip(self.slots, ranks))
+        self.expert_path = "grouped" if 4 * active_rows <= total_rank else "dense"
         self.reset_parameters()
+
+    @property
+    def slots(self) -> list[int]:
+        """F_ℓ per level (bottom first): the expert slots one token activates in level ℓ, ∏_{j ≥ ℓ} f_j."""
+        slots, product = [], 1
+        for fanout in reversed(self.fanouts):
+            product *= fanout
+            slots.insert(0, product)
+        return slots
 
     @property
     def num_levels(self) -> int:
@@ -178,12 +198,55 @@ class SMoREDelta(RoutingCounter, nn.Module):
 
     def expert_outputs(self, down: torch.Tensor, level: int) -> torch.Tensor:
         """U (N, s_ℓ, d_{ℓ+1}) of every expert of a level, from the stacked A projections ``down`` (N, R)."""
+        return self._all_experts(down, level, self.scalings[level]).transpose(0, 1)
+
+    def _all_experts(self, down: torch.Tensor, level: int, scaling: float) -> torch.Tensor:
+        """``scaling · (B_i a_i + b_i)`` of every expert i of a level as (s_ℓ, N, d_{ℓ+1}): one batched matmul."""
         s, r = self.num_experts[level], self.ranks[level]
         offset = self.a_offsets[level]
-        a = down[:, offset : offset + s * r].reshape(-1, s, r)  # (N, s, r)
+        a = down[:, offset : offset + s * r].reshape(-1, s, r).transpose(0, 1)  # (s, N, r)
         pool = 0 if self.shared_pool else level
-        u = torch.einsum("nsr,sdr->nsd", a, self.B[pool]) + self.B_bias[pool]  # (N, s, d_{ℓ+1})
-        return u * self.scalings[level]
+        b, b_bias = self.B[pool], self.B_bias[pool]  # (s, d_{ℓ+1}, r), (s, d_{ℓ+1})
+        return torch.baddbmm(b_bias.unsqueeze(1), a, b.transpose(1, 2), beta=scaling, alpha=scaling)
+
+    def _dense_slot_outputs(self, x: torch.Tensor, routing: TreeRouting) -> list[torch.Tensor]:
+        """Per level, U of the routed slots (N, F_ℓ, d_{ℓ+1}), gathered from every expert's output."""
+        down = F.linear(x, self.A, self.A_bias)  # (N, R): every expert's A x + a in one matmul
+        pool_outputs = self._all_experts(down, 0, 1.0) if self.shared_pool else None  # one pool: B once for all
+        outputs = []
+        for level in range(self.num_levels):
+            scaling = self.scalings[level]
+            u = self._all_experts(down, level, scaling) if pool_outputs is None else pool_outputs  # (s, N, d)
+            index = routing.indices[level].t().unsqueeze(-1).expand(-1, -1, u.shape[-1])  # (F_ℓ, N, d_{ℓ+1})
+            u = u.gather(0, index).transpose(0, 1)  # (N, F_ℓ, d_{ℓ+1})
+            outputs.append(u * scaling if pool_outputs is not None and scaling != 1.0 else u)
+        return outputs
+
+    def _grouped_slot_outputs(self, x: torch.Tensor, routing: TreeRouting) -> list[torch.Tensor]:
+        """Per level, U of the routed slots (N, F_ℓ, d_{ℓ+1}), each expert computed for its own slots only."""
+        outputs = []
+        for level in range(self.num_levels):
+            s, r = self.num_experts[level], self.ranks[level]
+            offset = self.a_offsets[level]
+            pool = 0 if self.shared_pool else level
+            index = routing.indices[level]  # (N, F_ℓ)
+            n, slots = index.shape
+            flat = index.reshape(-1)
+            order = flat.argsort(stable=True)  # slots grouped by expert
+            counts = torch.bincount(flat, minlength=s).tolist()
+            rows = x.index_select(0, order.div(slots, rounding_mode="floor"))  # (N·F_ℓ, d): each slot's token
+            a = self.A[offset : offset + s * r].view(s, r, -1).unbind(0)
+            a_bias = self.A_bias[offset : offset + s * r].view(s, r).unbind(0)
+            b, b_bias = self.B[pool].unbind(0), self.B_bias[pool].unbind(0)
+            parts = [
+                F.linear(F.linear(chunk, a[e], a_bias[e]), b[e], b_bias[e])  # (n_e, d_{ℓ+1})
+                for e, chunk in enumerate(rows.split(counts))
+            ]
+            u = torch.cat(parts).index_select(0, order.argsort())  # back to (token, slot) order
+            if self.scalings[level] != 1.0:
+                u = u * self.scalings[level]
+            outputs.append(u.view(n, slots, -1))
+        return outputs
 
     def combine(self, level: int, u: torch.Tensor, weights: torch.Tensor, message: torch.Tensor | None) -> torch.Tensor:
         """Aggregate the routed slots of a level into their parents.
@@ -215,12 +278,13 @@ class SMoREDelta(RoutingCounter, nn.Module):
             routing = self.router(x, valid)
         self.aux_loss = routing.aux_loss
         self.count_routing(list(routing.indices), self.num_experts, valid)
-        down = F.linear(x, self.A, self.A_bias)  # (N, R): every expert's A x + a in one matmul
+        if self.expert_path == "grouped":
+            slot_outputs = self._grouped_slot_outputs(x, routing)
+        else:
+            slot_outputs = self._dense_slot_outputs(x, routing)
         message = None
-        for level in range(self.num_levels):
-            u = self.expert_outputs(down, level)  # (N, s, d_{ℓ+1})
-            index = routing.indices[level].unsqueeze(-1).expand(-1, -1, u.shape[-1])  # (N, F_ℓ, d_{ℓ+1})
-            message = self.combine(level, u.gather(1, index), routing.weights[level], message)
+        for level, u in enumerate(slot_outputs):  # bottom-up: (N, F_ℓ, d_{ℓ+1}) slots into their parents
+            message = self.combine(level, u, routing.weights[level], message)
         return self.proj(message.squeeze(1))  # (N, d_out)
 
 

@@ -8,7 +8,9 @@ kind                metrics
 multiple choice     ``acc`` and ``acc_norm``: the choice of highest log-likelihood, summed and per character
                     (method ``"loglik"``, as lm-evaluation-harness); ``acc_gen``: the letter extracted from a greedy
                     answer to the paper's prompt (method ``"generate"``, as OpenCompass, which the paper used), with
-                    ``no_letter``, the fraction of answers naming no letter
+                    ``no_letter``, the fraction of answers naming no letter; ``acc_letter``: the letter of highest
+                    probability as the first token of the answer to the same prompt (method ``"letter"``, OLMES'
+                    "MC" format: one forward pass per question, so the cheapest)
 gsm8k               ``exact_match`` of the final number of a greedy solution; ``no_number``
 humaneval           ``pass@1`` of greedy completions, each program run by :func:`~smore.evaluation.sandbox.
                     run_untrusted` (a separate, limited process); ``timeout``, the number that ran out of time
@@ -48,6 +50,7 @@ from smore.evaluation.scoring import (
     extract_number,
     humaneval_program,
     loglikelihoods,
+    next_token_logprobs,
 )
 from smore.evaluation.tasks import (
     PAPER_TASKS,
@@ -59,7 +62,15 @@ from smore.evaluation.tasks import (
     load_task,
 )
 from smore.files import read_json_object, write_json
-from smore.training.data import LETTERS, Example, collate, encode_prompt, multiple_choice_prompt
+from smore.training.data import (
+    IGNORE_INDEX,
+    LETTERS,
+    Example,
+    collate,
+    encode,
+    encode_prompt,
+    multiple_choice_prompt,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -67,8 +78,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("loglik", "generate")
-"""How multiple-choice tasks are scored; GSM8K and HumanEval are always generated."""
+METHODS = ("loglik", "letter", "generate")
+"""How multiple-choice tasks can be scored; GSM8K and HumanEval are always generated."""
+DEFAULT_METHODS = ("loglik", "generate")
+"""The paper's two ways (the harness' log-likelihood and OpenCompass' generation)."""
 MAX_NEW_TOKENS: dict[Kind, int] = {"multiple_choice": 16, "math": 256, "code": 512}
 """Default generation lengths: a letter (and a few words around it), a worked solution, a function body."""
 MATH_STOP = ("Question:", "\n\n\n")
@@ -86,7 +99,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     code_timeout: float = 10.0,
     code_workers: int = 4,
     progress: bool = True,
@@ -171,6 +184,19 @@ class _Run:
                 correct_norm += _argmax(normalised) == ex.answer_index
             metrics["acc"] = correct / len(examples)
             metrics["acc_norm"] = correct_norm / len(examples)
+        if "letter" in methods:
+            prompts, candidates = zip(*(self._letter_request(ex) for ex in examples))
+            scores = next_token_logprobs(
+                self.model,
+                prompts,
+                candidates,
+                pad_token_id=_pad_id(self.tokenizer),
+                batch_size=self.batch_size,
+                progress=self.progress,
+                desc=f"{self.name} letter",
+            )
+            hits = sum(_argmax(row) == ex.answer_index for row, ex in zip(scores, examples))
+            metrics["acc_letter"] = hits / len(examples)
         if "generate" in methods:
             prompts = [self._chat_prompt(multiple_choice_prompt(ex.question, ex.choices), LETTERS[ex.answer_index])
                        for ex in examples]  # fmt: skip
@@ -208,6 +234,20 @@ class _Run:
             "timeout": sum(r.status == "timeout" for r in results),
         }
 
+    def _letter_request(self, example: MCExample) -> tuple[list[int], list[int]]:
+        """The lettered prompt's ids and, per choice, the first token a response of just that letter starts with
+        (encoded as in training, so the letter is tokenised as the chat template places it)."""
+        user = multiple_choice_prompt(example.question, example.choices)
+        prompt = self._chat_prompt(user, LETTERS[0])
+        candidates = []
+        for letter in LETTERS[: len(example.choices)]:
+            messages = ({"role": "user", "content": user}, {"role": "assistant", "content": letter})
+            labels = encode(Example(messages, f"{self.name} prompt"), self.tokenizer, max_length=1 << 30)["labels"]
+            candidates.append(next(token for token in labels if token != IGNORE_INDEX))
+        if len(set(candidates)) != len(candidates):
+            raise ValueError(f"{example.location}: the tokenizer gives two letters the same first token.")
+        return prompt, candidates
+
     def _chat_prompt(self, user: str, response: str) -> list[int]:
         """The ids the model continues: the prompt of a one-turn conversation, rendered as in training."""
         messages = ({"role": "user", "content": user}, {"role": "assistant", "content": response})
@@ -224,6 +264,10 @@ class _Run:
             progress=self.progress,
             desc=f"{self.name} generate",
         )
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -247,7 +291,7 @@ def generate(
     the answers come back in prompt order. Generation ends at the model's EOS ids or the tokenizer's."""
     from transformers import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
@@ -370,7 +414,7 @@ def eval_command(
     output: str | os.PathLike = "eval_results.json",
     *,
     max_new_tokens: int | None = None,
-    methods: str | Sequence[str] = METHODS,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
     device: str | None = None,
     dtype: str = "auto",
     tokenizer_path: str | None = None,
@@ -460,7 +504,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--limit", type=int, help="score only the first N examples of each task")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, help="generation length for every task (default by kind)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="multiple-choice scoring: loglik,generate")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"multiple-choice scoring, some of {','.join(METHODS)}"
+    )
     parser.add_argument("--output", default="eval_results.json", help="JSON report (default eval_results.json)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES))

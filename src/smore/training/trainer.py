@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,10 +32,12 @@ from tqdm.auto import tqdm
 import smore
 from smore.analysis.plots import plot_expert_load, plot_losses
 from smore.inject import restore_adapter
+from smore.resources import check_training_memory
 from smore.routing.stats import routing_health, track_routing
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import RunConfig
 from smore.training.data import IGNORE_INDEX, SFTDataset, collate, load_training_records
+from smore.training.loss import response_loss
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +72,19 @@ def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool) -> Path
             )
         return found[-1]
     if overwrite:
-        shutil.rmtree(output)
-        output.mkdir(parents=True)
+        # Only what a run writes is replaced: an output_dir pointed at a folder holding anything else (data, code, a
+        # home folder) is refused rather than emptied.
+        foreign = sorted(p.name for p in output.iterdir() if not _RUN_ENTRY.match(p.name))
+        if foreign:
+            raise ValueError(
+                f"--overwrite: {output} holds files no run writes ({foreign[:5]}); it is not a run's output folder, so "
+                "it is left alone; choose another output_dir."
+            )
+        for entry in output.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         return None
     raise ValueError(
         f"output_dir {output} already holds files of another run; pass --resume to continue it, --overwrite to "
@@ -78,14 +92,23 @@ def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool) -> Path
     )
 
 
-def _load_model(config: RunConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+_RUN_ENTRY = re.compile(r"^(run_config\.yaml|logs|adapter|checkpoint-\d+(\.(tmp|old|trash))?)$")
+"""What ``train`` writes into ``output_dir``: all that ``--overwrite`` may remove."""
+
+
+def _load_tokenizer(config: RunConfig):
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if tokenizer.pad_token_id is None:  # many causal LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(config.model)
-    return model, tokenizer
+    return tokenizer
+
+
+def _load_model(config: RunConfig):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(config.model)
 
 
 class _Logger:
@@ -156,7 +179,7 @@ def _evaluate_loss(model, dataset, micro_batch_size: int, pad_token_id: int, acc
             if tokens == 0:
                 continue
             with accelerator.autocast():
-                loss = model(**batch).loss
+                loss = response_loss(model, batch)
             total += loss.double().cpu() * tokens
             count += tokens
     model.train()
@@ -184,6 +207,25 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             f"{accelerator.num_processes}; check the launcher and the backend."
         )
     main = accelerator.is_main_process
+    processes = accelerator.num_processes
+    if opt.global_batch_size % (opt.micro_batch_size * processes):
+        raise ValueError(
+            f"train.global_batch_size={opt.global_batch_size} must be a multiple of micro_batch_size × processes = "
+            f"{opt.micro_batch_size} × {processes}."
+        )
+    # Everything that can be refused is checked before the output folder is touched and before the model loads.
+    data = config.data
+    records = load_training_records(data.train_file)
+    eval_records = load_training_records(data.eval_file) if data.eval_file else None
+    tokenizer = _load_tokenizer(config)
+    dataset = SFTDataset(records, tokenizer, data.max_length, data.format)
+    eval_set = None if eval_records is None else SFTDataset(eval_records, tokenizer, data.max_length, data.format)
+    steps_per_epoch = len(dataset) // opt.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
+            f"{opt.global_batch_size}; lower the batch size or add data."
+        )
     resume_from = _prepare_output(config, resume=resume, overwrite=overwrite) if main else None
     accelerator.wait_for_everyone()
     if not main and resume:
@@ -193,31 +235,15 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     if main:
         (output / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
+    check_training_memory(config.model, opt.micro_batch_size, data.max_length)  # refuse now, not an hour in
     set_seed(opt.seed)
-    model, tokenizer = _load_model(config)
-    data = config.data
-    dataset = SFTDataset(load_training_records(data.train_file), tokenizer, data.max_length, data.format)
-    eval_set = None
-    if data.eval_file:
-        eval_set = SFTDataset(load_training_records(data.eval_file), tokenizer, data.max_length, data.format)
+    model = _load_model(config)
     smore.adapt(model, config.adapter)
     if main:
         logger.info("%s", smore.summary(model))
     pad = tokenizer.pad_token_id
 
-    processes = accelerator.num_processes
     per_process = opt.global_batch_size // processes
-    if opt.global_batch_size % (opt.micro_batch_size * processes):
-        raise ValueError(
-            f"train.global_batch_size={opt.global_batch_size} must be a multiple of micro_batch_size × processes = "
-            f"{opt.micro_batch_size} × {processes}."
-        )
-    steps_per_epoch = len(dataset) // opt.global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
-            f"{opt.global_batch_size}; lower the batch size or add data."
-        )
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
     if main:
         logger.info(
@@ -281,10 +307,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
             sync = index == len(micro) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                out = model(**batch)
+                loss = response_loss(model, batch)
                 aux = smore.aux_loss(unwrapped, reduction=opt.aux_reduction)
-                accelerator.backward((out.loss + aux) * weight)
-            step_loss += out.loss.detach() * weight / processes
+                accelerator.backward((loss + aux) * weight)
+            step_loss += loss.detach() * weight / processes
             step_aux += aux.detach() * weight / processes
         # A non-finite loss or gradient on any process: skip the update (or stop), never let it reach the weights.
         finite = (

