@@ -156,6 +156,8 @@ FLOP_CASES = [
     dict(shared_pool=True, num_experts=[3, 3], ranks=[2, 2]),
     dict(num_experts=[2, 3, 4], top_k=[1, 2, 2], ranks=[2, 3, 2], router_dims=[4, 5, 6], activation="prelu"),
     dict(num_experts=[5], top_k=[3], ranks=[2], router_dims=[8], activation_position="child_v2"),
+    dict(num_experts=[16, 16], top_k=[2, 2], ranks=[2, 2]),  # sparse enough for the grouped path
+    dict(num_experts=[16, 16], top_k=[1, 2], ranks=[2, 2], shared_pool=True),  # grouped, one pool
 ]
 
 

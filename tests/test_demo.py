@@ -160,8 +160,18 @@ def test_demo_end_to_end_on_the_stand_in(package, tmp_path):
     model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(folder), run.adapter_dir)
     assert smore.summary(model).trainable == run.trainable
     table = format_table(result)
-    for expected in ("| base model |", "S'MoRE (2-2)", "arc_easy_test", "never seen in training", str(run.adapter_dir)):
+    for expected in (
+        "| base model |",
+        "S'MoRE (2-2)",
+        "arc_easy_test",
+        "never seen in training",
+        str(run.adapter_dir),
+        "validation split",
+        "`acc`",
+    ):
         assert expected in table
+    records = (tmp_path / "demo" / "data" / "arc_easy_answer.jsonl").read_text().splitlines()
+    assert len(records) == 570 and set(json.loads(records[0])) == {"instruction", "output"}
     saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert saved["methods"][0]["accuracy"] == run.accuracy and saved["base_accuracy"] == result.base_accuracy
 
@@ -191,8 +201,40 @@ def test_demo_refuses_a_model_that_cannot_fit_before_training(package, tmp_path,
     assert not (tmp_path / "demo").exists()
 
 
+def test_letter_format_and_overlap_check(package, tmp_path):
+    result = run_demo(_small(output_dir=str(tmp_path / "letter"), format="letter", limit=2))
+    assert result.metric == "acc_letter" and 0.0 <= result.methods[0].accuracy <= 1.0
+    with pytest.raises(ValueError, match=r"also training questions"):
+        run_demo(_small(output_dir=str(tmp_path / "same"), eval_task="arc_easy"))
+
+
 def test_demo_options_are_checked():
     with pytest.raises(ValueError, match="steps=0 must be a positive integer"):
         DemoConfig(steps=0)
     with pytest.raises(ValueError, match=r"methods=.*choose some of"):
         DemoConfig(methods=("lora", "qlora"))
+    with pytest.raises(ValueError, match=r"format='mc': choose one of"):
+        DemoConfig(format="mc")
+
+
+def test_paper_comparison_runs_resumes_and_tabulates(package, tmp_path, monkeypatch):
+    """bench/paper_comparison.py at the smallest scale: one line per finished run, skipped when run again."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import paper_comparison
+
+    out = tmp_path / "cmp"
+    args = ["--tasks", "arc_easy,csqa", "--methods", "lora", "--seeds", "0", "--steps", "1", "--limit", "2",
+            "--holdout", "2", "--scoring", "letter", "--batch-size", "2", "--micro-batch-size", "2",
+            "--output-dir", str(out)]  # fmt: skip
+    assert paper_comparison.main(args) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert {(r["task"], r["method"]) for r in rows} == {("arc_easy", "base"), ("arc_easy", "lora"),
+                                                         ("csqa", "base"), ("csqa", "lora")}  # fmt: skip
+    table = (out / "table.md").read_text()
+    assert "| base | 0 |" in table and "| lora (r " in table and "arc_easy" in table and "csqa" in table
+    assert paper_comparison.main(args) == 0  # everything done: nothing is trained again
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    assert paper_comparison.main([*args[:-2], "--limit", "5", "--output-dir", str(out)]) == 2  # limit > holdout

@@ -551,3 +551,39 @@ def test_lm_eval_scores_an_adapted_model(tmp_path, monkeypatch, tokenizer):
     ours = evaluate(model, tokenizer, [f"file:{data}"], methods=("loglik",), progress=False)[f"file:{data}"]
     assert ours["acc"] == pytest.approx(theirs["acc,none"])
     assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"])
+
+
+def test_letter_accuracy_is_the_most_likely_first_letter_of_the_answer(chat_tokenizer):
+    """`letter` scores each question with one forward pass of the lettered prompt; left padding and explicit
+    positions make the batched next-token log-probabilities equal those of each prompt run alone."""
+    from smore.evaluation.scoring import next_token_logprobs
+
+    model = tiny_lm(3)
+    questions = toy_questions()
+    run = evaluate_module._Run(model, chat_tokenizer, "toy", 2, 4, False)
+    requests = [run._letter_request(ex) for ex in questions]
+    prompts = [prompt for prompt, _ in requests]
+    letters = [chat_tokenizer.convert_tokens_to_ids(letter) for letter in "ABC"]
+    assert [candidates for _, candidates in requests] == [letters[:2], letters[:3], letters[:2]]
+    assert prompts[0] == encode_prompt(to_example({"question": "q1", "choices": ["a", "b"], "answer": 1}),
+                                       chat_tokenizer)["input_ids"]  # fmt: skip
+    batched = next_token_logprobs(model, prompts, [c for _, c in requests], pad_token_id=0, batch_size=3)
+    with torch.no_grad():
+        alone = [torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1], -1)[c].tolist()
+                 for p, (_, c) in zip(prompts, requests)]  # fmt: skip
+    for row, reference in zip(batched, alone):
+        assert row == pytest.approx(reference, abs=1e-5)
+    expected = sum(max(range(len(r)), key=r.__getitem__) == ex.answer_index for r, ex in zip(alone, questions))
+    metrics = evaluate(model, chat_tokenizer, {"toy": questions}, methods=("letter",), batch_size=2, progress=False)
+    assert metrics["toy"] == {"n": 3, "acc_letter": pytest.approx(expected / 3)}
+
+
+def test_test_splits_are_disjoint_from_the_validation_splits_the_demo_trains_on():
+    for validation, test, size in (("arc_easy", "arc_easy_test", 2376), ("obqa", "obqa_test", 500)):
+        held_out = load_task(test)
+        assert len(held_out) == size and all(len(ex.choices) >= 3 for ex in held_out)
+        trained = {ex.question for ex in load_task(validation)}
+        assert not trained & {ex.question for ex in held_out}
+        first = held_out[0]
+        assert first.contexts[0].endswith(first.question) or first.contexts[0].endswith("Answer:")
+        assert first.continuations == tuple(" " + choice for choice in first.choices)

@@ -11,6 +11,7 @@ from transformers import PhiConfig, PhiForCausalLM
 import smore
 from conftest import tiny_batch, tiny_llama
 from smore.adapters.base import AdaptedFFN
+from smore.adapters.mixlora import GROUPED_MIN_TOKENS
 from smore.analysis.params import mixlora_flops_per_token, mixlora_parameter_counts, model_report
 
 
@@ -181,15 +182,16 @@ def test_costs_equal_the_built_modules():
     block = model.model.layers[0].mlp
     assert mixlora_parameter_counts(config, 32, 64)["total"] == sum(p.numel() for p in block.delta.parameters())
     assert mixlora_parameter_counts(config, 32, 64)["total"] == 4 * 3 * 3 * (32 + 64) + 32 * 4  # SPEC §2
-    x = torch.randn(5, 32)
-    with torch.no_grad():
-        base_counter, counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
-        with base_counter:
-            block.base_layer(x)
-        with counter:
-            block(x.unsqueeze(0))
-    adapter_macs = (counter.get_total_flops() - base_counter.get_total_flops()) // 2
-    assert adapter_macs == 5 * mixlora_flops_per_token(config, 32, 64)["total"]
+    for tokens, path in ((5, "masked"), (GROUPED_MIN_TOKENS, "grouped")):  # the path auto picks at each length
+        x = torch.randn(tokens, 32)
+        with torch.no_grad():
+            base_counter, counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
+            with base_counter:
+                block.base_layer(x)
+            with counter:
+                block(x.unsqueeze(0))
+        adapter_macs = (counter.get_total_flops() - base_counter.get_total_flops()) // 2
+        assert adapter_macs == tokens * mixlora_flops_per_token(config, 32, 64, path=path)["total"], path
 
 
 def test_unsupported_models_and_bad_configs_give_clear_errors():

@@ -280,3 +280,38 @@ def test_non_finite_steps_are_skipped_or_stop_without_touching_the_weights(works
     assert [record["step"] for record in result.history] == [1, 3, 4]  # step 2 was skipped, not logged
     weights = adapter_weights(result.adapter_dir)
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+@pytest.mark.parametrize("method", ["smore", "lora"])
+def test_response_loss_equals_the_models_own_loss_and_gradients(method):
+    """The LM head runs only where a next token carries loss; the loss and every gradient stay the model's."""
+    import smore
+    from conftest import tiny_llama
+    from smore.training.loss import response_loss
+
+    config = {"smore": smore.SMoREConfig(num_experts=[2, 3], top_k=[1, 2], ranks=[2, 2], router_dims=[8, 8],
+                                         down_proj_dim=8, init="normal"),
+              "lora": smore.LoRAConfig(rank=4)}[method]  # fmt: skip
+    model = smore.adapt(tiny_llama(0), config).train()
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 128, (3, 12), generator=generator)
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 5:9] = input_ids[0, 5:9]  # responses at different places in each row
+    labels[1, 10:] = input_ids[1, 10:]
+    labels[2, 3] = input_ids[2, 3]
+    mask = torch.ones_like(input_ids)
+    mask[1, :2] = 0
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference, reference_grads = loss_and_grads(lambda: model(**batch).loss)
+    fast, fast_grads = loss_and_grads(lambda: response_loss(model, batch))
+    torch.testing.assert_close(fast, reference)
+    assert reference_grads.keys() == fast_grads.keys() and reference_grads
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, msg=name)

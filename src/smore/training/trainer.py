@@ -365,19 +365,22 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             health = routing_health(unwrapped) or health
             if main and health:
                 log.write_routing(done, health)
-                for level in health:
-                    key = (level.module, level.level)
-                    if level.collapsed and key not in collapsed_before:
-                        collapsed_before.add(key)
-                        logger.warning(
-                            "routing collapse at step %d in %s level %d: max expert load %.2f, %.0f%% experts unused; "
-                            "consider a larger balance_weight",
-                            done,
-                            level.module,
-                            level.level,
-                            max(level.load),
-                            100 * level.dead_share,
-                        )
+                # One line per log window, not one per adapter: a model has hundreds of routed levels.
+                new = [h for h in health if h.collapsed and (h.module, h.level) not in collapsed_before]
+                collapsed_before.update((h.module, h.level) for h in new)
+                if new:
+                    worst = max(new, key=lambda h: max(h.load))
+                    logger.warning(
+                        "routing collapse at step %d in %d of %d routed levels (worst: %s level %d, max expert load "
+                        "%.2f, %.0f%% experts unused); consider a larger balance_weight. Details: logs/routing.jsonl",
+                        done,
+                        len(new),
+                        len(health),
+                        worst.module,
+                        worst.level,
+                        max(worst.load),
+                        100 * worst.dead_share,
+                    )
             track_routing(unwrapped)
         if opt.save_every and done % opt.save_every == 0 and done < total_steps:
             _save(accelerator, unwrapped, optimizer, scheduler, config, output, done, history)

