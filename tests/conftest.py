@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import smore
@@ -86,3 +87,18 @@ def tiny_model_folder(path, seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.sampled_from(["all-linear", "(", "up_proj", "relu", "dense", "mlp"]),
+    st.lists(st.one_of(st.integers(-2, 6), st.floats(allow_nan=True), st.text(max_size=3), st.none()), max_size=4),
+    st.lists(st.sampled_from(["q_proj", "up_proj", "down_proj", "mlp", ""]), max_size=3),
+    st.tuples(st.integers(-1, 4), st.integers(-1, 4)),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+"""Values of every wrong kind for a config field (the fuzz tests of test_config and test_fuzz share it)."""

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import smore
+from conftest import JUNK
 from smore.adapters.smore import build_smore
 from smore.config import SMoREConfig
 from smore.registry import config_from_dict
@@ -257,16 +258,6 @@ def test_valid_configs_build_a_working_delta(config, d_in, d_out, tokens, traini
     assert SMoREConfig.from_dict(config.to_dict()) == config
 
 
-JUNK = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-3, 6),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=6),
-    st.lists(st.one_of(st.integers(-2, 6), st.floats(allow_nan=True), st.text(max_size=3), st.none()), max_size=4),
-    st.tuples(st.integers(-1, 4), st.integers(-1, 4)),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-)
 FIELDS = [f.name for f in dataclasses.fields(SMoREConfig)]
 
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import smore
-from conftest import tiny_llama
+from conftest import JUNK, tiny_llama
 from smore.registry import METHODS, config_from_dict
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -157,17 +157,6 @@ def test_valid_configs_train_and_survive_save_and_load_exactly(tmp_path_factory,
 
 
 # -- invalid configs ------------------------------------------------------------------------------------------------
-JUNK = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-3, 6),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=6),
-    st.sampled_from(["all-linear", "(", "up_proj", "relu", "dense", "mlp"]),
-    st.lists(st.one_of(st.integers(-2, 6), st.floats(allow_nan=True), st.text(max_size=3), st.none()), max_size=4),
-    st.lists(st.sampled_from([*LINEAR, "mlp", ""]), max_size=3),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-)
 
 
 @st.composite
