@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import strategies as st
@@ -78,6 +80,16 @@ def counting_records(count: int = 16) -> list[dict]:
         choices, answer = ([right, wrong], "A") if i % 2 == 0 else ([wrong, right], "B")
         records.append({"question": f"What comes after {n} ?", "choices": choices, "answer": answer})
     return records
+
+
+def counting_workspace(root, eval_records: int = 0):
+    """``root/model`` (a tiny Llama folder), ``root/train.jsonl`` (16 counting records) and, when asked,
+    ``root/eval.jsonl``: what a training run in the tests reads."""
+    tiny_model_folder(root / "model")
+    files = {"train.jsonl": 16, **({"eval.jsonl": eval_records} if eval_records else {})}
+    for name, count in files.items():
+        (root / name).write_text("".join(json.dumps(record) + "\n" for record in counting_records(count)))
+    return root
 
 
 def tiny_model_folder(path, seed: int = 0):

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import smore
-from conftest import counting_records, tiny_batch, tiny_llama, tiny_model_folder
+from conftest import counting_records, counting_workspace, tiny_batch, tiny_llama
 from smore.cli import main
 from smore.files import read_safetensors
 from smore.training.checkpoint import FAULT_ENV, checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
@@ -41,12 +41,7 @@ ADAPTER = {  # noisy top-k: the gate draws from the RNG, so an exact resume need
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    tiny_model_folder(root / "model")
-    with (root / "train.jsonl").open("w") as handle:
-        for record in counting_records(16):
-            handle.write(json.dumps(record) + "\n")
-    return root
+    return counting_workspace(tmp_path_factory.mktemp("faults"))
 
 
 def run_document(workspace: Path, output: Path, **train) -> dict:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import counting_records, tiny_model_folder
+from conftest import counting_workspace
 from smore.cli import main
 from smore.training.config import apply_overrides, load_run_config, run_config_from_dict
 from smore.training.trainer import train
@@ -37,15 +37,7 @@ ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    tiny_model_folder(root / "model")
-    with (root / "train.jsonl").open("w") as handle:
-        for record in counting_records(16):
-            handle.write(json.dumps(record) + "\n")
-    with (root / "eval.jsonl").open("w") as handle:
-        for record in counting_records(4):
-            handle.write(json.dumps(record) + "\n")
-    return root
+    return counting_workspace(tmp_path_factory.mktemp("train"), eval_records=4)
 
 
 def run_document(workspace, output, adapter="lora", **train):
