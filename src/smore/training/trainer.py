@@ -226,6 +226,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
             f"{opt.global_batch_size}; lower the batch size or add data."
         )
+    check_training_memory(config.model, opt.micro_batch_size, data.max_length)  # refuse now, not an hour in
     resume_from = _prepare_output(config, resume=resume, overwrite=overwrite) if main else None
     accelerator.wait_for_everyone()
     if not main and resume:
@@ -235,7 +236,6 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     if main:
         (output / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
-    check_training_memory(config.model, opt.micro_batch_size, data.max_length)  # refuse now, not an hour in
     set_seed(opt.seed)
     model = _load_model(config)
     smore.adapt(model, config.adapter)
