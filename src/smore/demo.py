@@ -51,6 +51,8 @@ class DemoFormat:
     scored: Callable[[Sequence[MCExample], Any], list[MCExample]]
     method: str
     metric: str
+    generative: str
+    """The evaluator method that scores the same format by a greedy answer (the paper's second way)."""
 
 
 def _answer_records(examples: Sequence[MCExample]) -> list[dict[str, Any]]:
@@ -75,9 +77,10 @@ FORMATS: dict[str, DemoFormat] = {
     # A 135M model knows some science but cannot yet map it to option letters (OLMES: the lettered format emerges
     # at larger scale); trained on letters it stays at chance. Answering in words shows what the adapter learns.
     "answer": DemoFormat("the question, answered in words; each choice scored by its log-likelihood as the answer",
-                         _answer_records, _chat_cloze, "loglik", "acc"),
+                         _answer_records, _chat_cloze, "loglik", "acc", "answer"),
     "letter": DemoFormat("the paper's lettered prompt, answered by a letter; scored by the most likely letter",
-                         _letter_records, lambda examples, tokenizer: list(examples), "letter", "acc_letter"),
+                         _letter_records, lambda examples, tokenizer: list(examples), "letter", "acc_letter",
+                         "generate"),
 }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from smore.evaluation.sandbox import Result, run_untrusted
 from smore.evaluation.scoring import (
     canonical_number,
     encode_pair,
+    extract_choice,
     extract_code,
     extract_letter,
     extract_number,
@@ -57,6 +58,7 @@ __all__ = [
     "encode_pair",
     "eval_command",
     "evaluate",
+    "extract_choice",
     "extract_code",
     "extract_letter",
     "extract_number",

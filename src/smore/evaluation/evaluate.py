@@ -10,7 +10,9 @@ multiple choice     ``acc`` and ``acc_norm``: the choice of highest log-likeliho
                     answer to the paper's prompt (method ``"generate"``, as OpenCompass, which the paper used), with
                     ``no_letter``, the fraction of answers naming no letter; ``acc_letter``: the letter of highest
                     probability as the first token of the answer to the same prompt (method ``"letter"``, OLMES'
-                    "MC" format: one forward pass per question, so the cheapest)
+                    "MC" format: one forward pass per question, so the cheapest); ``acc_answer``: the choice a
+                    greedy answer in words to the question's own context gives (method ``"answer"``, the
+                    generative twin of ``acc`` for a model trained to answer in words), with ``no_choice``
 gsm8k               ``exact_match`` of the final number of a greedy solution; ``no_number``
 humaneval           ``pass@1`` of greedy completions, each program run by :func:`~smore.evaluation.sandbox.
                     run_untrusted` (a separate, limited process); ``timeout``, the number that ran out of time
@@ -45,6 +47,7 @@ from tqdm.auto import tqdm
 
 from smore.evaluation.sandbox import run_untrusted
 from smore.evaluation.scoring import (
+    extract_choice,
     extract_code,
     extract_letter,
     extract_number,
@@ -78,7 +81,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("loglik", "letter", "generate")
+METHODS = ("loglik", "letter", "generate", "answer")
 """How multiple-choice tasks can be scored; GSM8K and HumanEval are always generated."""
 DEFAULT_METHODS = ("loglik", "generate")
 """The paper's two ways (the harness' log-likelihood and OpenCompass' generation)."""
@@ -205,6 +208,22 @@ class _Run:
             hits = sum(letter == LETTERS[ex.answer_index] for letter, ex in zip(letters, examples))
             metrics["acc_gen"] = hits / len(examples)
             metrics["no_letter"] = sum(letter is None for letter in letters) / len(examples)
+        if "answer" in methods:
+            for ex in examples:
+                if len(set(ex.contexts)) != 1:
+                    raise ValueError(f"{ex.location}: method 'answer' continues the question's one context, but "
+                                     "its choices have different contexts (WinoGrande-style); score it with "
+                                     "'loglik'.")  # fmt: skip
+            # Tokenised as the log-likelihood scoring tokenises a context (the tokenizer's own special tokens), but
+            # whole: a chat context's trailing newline is part of the prompt the model continues.
+            prompts = [list(self.tokenizer(ex.contexts[0])["input_ids"]) for ex in examples]
+            # Long enough for the longest choice and a few tokens more; a trained model stops at its end of turn.
+            longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples
+                          for c in ex.choices)  # fmt: skip
+            answers = self.generate(prompts, stop=("\n",), max_new_tokens=max(self.max_new_tokens, longest + 4))
+            picks = [extract_choice(answer, ex.choices) for answer, ex in zip(answers, examples)]
+            metrics["acc_answer"] = sum(pick == ex.answer_index for pick, ex in zip(picks, examples)) / len(examples)
+            metrics["no_choice"] = sum(pick is None for pick in picks) / len(examples)
         return metrics
 
     def math(self, examples: Sequence[MathExample]) -> Metrics:
@@ -253,12 +272,14 @@ class _Run:
         messages = ({"role": "user", "content": user}, {"role": "assistant", "content": response})
         return encode_prompt(Example(messages, f"{self.name} prompt"), self.tokenizer)["input_ids"]
 
-    def generate(self, prompts: Sequence[list[int]], stop: Sequence[str] = ()) -> list[str]:
+    def generate(
+        self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_new_tokens: int | None = None
+    ) -> list[str]:
         return generate(
             self.model,
             self.tokenizer,
             prompts,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
             batch_size=self.batch_size,
             stop=stop,
             progress=self.progress,
@@ -378,7 +399,7 @@ def write_report(
 
 def format_metrics(metrics: Mapping[str, Metrics]) -> str:
     """A plain-text table, one task per row."""
-    columns = ["n", "acc", "acc_norm", "acc_gen", "exact_match", "pass@1"]
+    columns = ["n", "acc", "acc_norm", "acc_gen", "acc_answer", "exact_match", "pass@1"]
     shown = [c for c in columns if any(c in values for values in metrics.values())]
     width = max([4, *map(len, metrics)])
     lines = [f"{'task':<{width}}  " + "  ".join(f"{c:>11}" for c in shown)]

@@ -5,6 +5,8 @@ Extraction (pure string functions):
 * :func:`extract_letter` — the chosen option in a generated answer, as OpenCompass' ``first_option_postprocess``
   (which the paper's evaluation used): explicit phrases first ("The answer is C", "Answer: D"), then a letter in
   parentheses "(B)", then a letter opening the text "B.", then the first standalone capital letter in range.
+* :func:`extract_choice` — which choice a free answer in words gives: the longest choice the answer starts with
+  (case, spacing and punctuation ignored), else the one choice it contains as whole words; no choice when neither.
 * :func:`extract_number` — the final number of a GSM8K solution: the number after ``####`` or "The answer is" when
   there is one, else the last number in the text (lm-eval's "strict" and "flexible" matches in one); commas, ``$``,
   signs and decimals handled; :func:`canonical_number` makes ``"1,000.00"`` and ``"1000"`` equal.
@@ -63,6 +65,25 @@ def extract_letter(text: str, num_choices: int) -> str | None:
         if match:
             return match.group(1)
     return None
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+def extract_choice(text: str, choices: Sequence[str]) -> int | None:
+    """The index of the choice a free answer in words gives, or ``None`` when it gives none.
+
+    Case, spacing and punctuation are ignored. The longest choice the answer starts with wins ("mass of the ball"
+    over "mass"); failing that, the only choice found inside the answer as whole words ("I think it is the Sun.");
+    an answer that contains two choices, or none, gives none."""
+    answer = _words(text)
+    normalised = [_words(choice) for choice in choices]
+    starts = [i for i, c in enumerate(normalised) if c and (answer == c or answer.startswith(c + " "))]
+    if starts:
+        return max(starts, key=lambda i: len(normalised[i]))
+    inside = [i for i, c in enumerate(normalised) if c and f" {c} " in f" {answer} "]
+    return inside[0] if len(inside) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
