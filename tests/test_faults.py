@@ -222,6 +222,8 @@ def test_kill_9_at_any_moment_loses_nothing_and_resume_reaches_the_same_weights(
     assert not [p.name for p in out.iterdir() if p.name.startswith("checkpoint-") and "." in p.name]  # cleaned up
     state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     assert [record["step"] for record in state["progress"]["history"]] == list(range(1, STEPS + 1))
+    logged = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))  # each resume cut the logs back to its checkpoint: no step twice
     from transformers import AutoModelForCausalLM
 
     loaded = smore.load_adapter(AutoModelForCausalLM.from_pretrained(workspace / "model"), out / "adapter")

@@ -3,6 +3,7 @@ output-folder protection and config errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -103,12 +104,26 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(workspace, tmp
 
     shutil.rmtree(tmp_path / "again" / "checkpoint-6")
     shutil.rmtree(tmp_path / "again" / "adapter")
+    logs = tmp_path / "again" / "logs"
+    with (logs / "metrics.jsonl").open("a") as handle:  # a line a kill cut in half
+        handle.write('{"step": 7, "lo')
+    with (logs / "metrics.csv").open("a") as handle:
+        handle.write("7,1,2.5")
     resumed = train(config, resume=True)
     got = adapter_weights(resumed.adapter_dir)
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.allclose(expected[key], got[key], atol=1e-6), key
     assert [r["step"] for r in resumed.history] == list(range(1, 7))
+    # the logs hold each step once, as the uninterrupted run's: steps 4-6 were cut back before being trained again
+    lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7))
+    with (logs / "metrics.csv").open(newline="") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(1, 7))
+    whole_routing = (tmp_path / "run" / "logs" / "routing.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in (logs / "routing.jsonl").read_text().splitlines()] == [
+        json.loads(x)["step"] for x in whole_routing
+    ]
 
 
 def test_accumulation_gives_the_same_step_as_one_big_batch(workspace, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import math
@@ -112,21 +113,55 @@ def _load_model(config: RunConfig):
 
 
 class _Logger:
-    """metrics.jsonl and metrics.csv under ``output/logs`` (and TensorBoard when it is installed)."""
+    """metrics.jsonl and metrics.csv under ``output/logs`` (and TensorBoard when it is installed).
 
-    def __init__(self, output: Path, enabled: bool) -> None:
+    A resumed run first cuts the logs back to the checkpoint it resumes from (``resumed_at``): the steps after it are
+    trained again, so their old lines would otherwise appear twice."""
+
+    def __init__(self, output: Path, enabled: bool, resumed_at: int = 0) -> None:
         self.enabled = enabled
         self.folder = output / "logs"
         self.tensorboard = None
         if not enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        if resumed_at:
+            self._cut_to(resumed_at)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"))
+            # purge_step: TensorBoard hides the events of the steps trained again
+            self.tensorboard = SummaryWriter(
+                str(self.folder / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None
+            )
         except ImportError:  # optional: pip install tensorboard
             logger.debug("tensorboard is not installed; logging to JSONL and CSV only")
+
+    def _cut_to(self, step: int) -> None:
+        """Keep the lines of steps up to ``step``; a line a kill left half-written is dropped too."""
+
+        def kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [row for row in rows if str(row.get("step", "")).isdigit() and int(row["step"]) <= step]
+
+        for name in ("metrics.jsonl", "routing.jsonl"):
+            path = self.folder / name
+            if path.is_file():
+                rows = []
+                for line in path.read_text().splitlines():
+                    with contextlib.suppress(json.JSONDecodeError):
+                        rows.append(json.loads(line))
+                _replace_text(path, "".join(json.dumps(row) + "\n" for row in kept(rows)))
+        path = self.folder / "metrics.csv"
+        if path.is_file():
+            with path.open(newline="") as handle:
+                rows = [
+                    row for row in csv.DictReader(handle) if None not in row and None not in row.values()
+                ]  # cut lines
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept(rows))
+            _replace_text(path, buffer.getvalue())
 
     def write_routing(self, step: int, health) -> None:
         """Per adapter and level: expert load, normalised entropy, share of dead experts."""
@@ -153,6 +188,13 @@ class _Logger:
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tensorboard.add_scalar(key, value, record["step"])
             self.tensorboard.flush()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a kill leaves the old or the new file, never half."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _batches(dataset, indices: list[int], size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
@@ -282,7 +324,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         start_step, history = progress["step"], progress["history"]
         logger.info("resuming %s from step %d of %d", output, start_step, total_steps)
 
-    log = _Logger(output, main)
+    log = _Logger(output, main, resumed_at=start_step)
     model.train()
     track_routing(unwrapped)  # counts expert selections per log window, for routing health
     health, collapsed_before = [], set()
