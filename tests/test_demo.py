@@ -242,7 +242,7 @@ def test_paper_comparison_runs_resumes_and_tabulates(package, tmp_path, monkeypa
     assert not {r["instruction"] for r in trained} & {ex.question for ex in held_out}
     table = (out / "table.md").read_text()
     assert "| base | 0 |" in table and "| lora (r " in table and "arc_easy" in table and "csqa" in table
-    assert "**loglik** (`acc`)" in table and "**answer** (`acc_answer`)" in table
+    assert "**loglik** (`acc`: " in table and "**answer** (`acc_answer`: " in table
     assert paper_comparison.main(args) == 0  # everything done: nothing is trained again
     assert (out / "results.jsonl").read_text().splitlines() == lines
     # A resumed comparison may add seeds, methods or tasks, but not change what the finished runs were.
@@ -271,3 +271,27 @@ def test_paper_comparison_letter_format_scores_letters(package, tmp_path, monkey
     assert all(set(r["metrics"]) == {"n", "acc_letter"} for r in rows)
     trained = json.loads((out / "data" / "arc_easy_letter.jsonl").read_text().splitlines()[0])
     assert set(trained) == {"question", "choices", "answer"}
+
+
+def test_paper_comparison_trains_without_held_out_questions(monkeypatch, caplog):
+    """A question asked in training and held out (whatever its choices or spacing) leaves training, with a warning."""
+    from pathlib import Path
+
+    from smore.evaluation.tasks import MCExample
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import paper_comparison
+
+    def example(question, choices=("a", "b")):
+        return MCExample(question, choices, 0, ("Q:",) * 2, tuple(" " + c for c in choices))
+
+    splits = {
+        "arc_easy": [example("Why is the sky blue?"), example("What melts ice?"), example("Which is a gas?")],
+        "arc_easy_test": [example("why is  the sky BLUE?", ("c", "d")), example("What is a planet?")],
+    }
+    monkeypatch.setattr(paper_comparison, "load_task", lambda name, limit=None: splits[name][:limit])
+    with caplog.at_level(logging.WARNING):
+        training, name, scored = paper_comparison.task_split("arc_easy", holdout=10, limit=2)
+    assert name == "arc_easy_test" and scored == splits["arc_easy_test"]
+    assert [ex.question for ex in training] == ["What melts ice?", "Which is a gas?"]
+    assert "1 training questions are also held out" in caplog.text

@@ -155,12 +155,21 @@ def test_extract_letter_range_follows_the_number_of_choices():
         ("massive", None),  # a word that merely starts with a choice
         ("volume or mass", 2),  # it starts with "volume"
         ("either the mass or the volume", None),  # two choices inside: none
+        ("it is the mass of the ball", 1),  # "mass" is inside only as part of the longer choice
+        ("Café au lait", 4),  # NFKC: a combining accent equals the composed letter
         ("no idea", None),
         ("", None),
     ],
 )
 def test_extract_choice(text, index):
-    assert extract_choice(text, ["mass", "mass of the ball", "volume", ""]) == index
+    assert extract_choice(text, ["mass", "mass of the ball", "volume", "", "cafe\u0301 au lait"]) == index
+
+
+def test_extract_choice_needs_the_exact_text_when_choices_differ_only_in_punctuation():
+    choices = ["-5 °C", "5 °C", "10 °C"]
+    assert extract_choice("5 °C", choices) == 1 and extract_choice("-5 °C", choices) == 0
+    assert extract_choice("5 °C, I think", choices) is None  # which of the two, it cannot tell
+    assert extract_choice("10 °C, I think", choices) == 2
 
 
 def test_answer_accuracy_continues_the_context_and_matches_choices(chat_tokenizer, monkeypatch):
@@ -168,23 +177,33 @@ def test_answer_accuracy_continues_the_context_and_matches_choices(chat_tokenize
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
         seen.update(prompts=prompts, **kwargs)
-        return ["green plants", "the answer is rocks", "both rocks and water", "Water."]
+        return ["green plants", "\nthe answer is rocks\nwater", "both rocks and water", "Water."]
 
-    context = "<|user|> What grows? <|end|> <|assistant|> "  # the chat cloze context; its trailing space stays
-    choices = ("green plants", "rocks", "water")
+    context = "<|user|> What grows? <|end|> <|assistant|> "  # a context with a trailing space, as lm-eval's
+    choices = ("green plants", "rocks", "water, which falls as rain from the clouds")
     examples = [MCExample("What grows?", choices, answer, (context,) * 3, choices) for answer in (0, 1, 1, 2)]
     monkeypatch.setattr(evaluate_module, "generate", fake_generate)
     metrics = evaluate(BigramLM(), chat_tokenizer, {"toy": examples}, methods=("answer",), progress=False)
+    # the first line that says something is the answer ("the answer is rocks"); "both rocks and water" names only
+    # "rocks" of the choices, and "Water." is not the long choice
     assert metrics["toy"] == {"n": 4, "acc_answer": pytest.approx(3 / 4), "no_choice": pytest.approx(1 / 4)}
-    assert seen["prompts"][0] == chat_tokenizer(context)["input_ids"]
-    assert chat_tokenizer.decode(seen["prompts"][0], skip_special_tokens=True).endswith("<|assistant|> ")
-    assert seen["stop"] == ("\n",) and seen["max_new_tokens"] >= len("green plants") + 4  # byte-level: a token a byte
+    assert seen["prompts"][0] == chat_tokenizer(context.rstrip())["input_ids"]  # the space goes, as for loglik
+    assert seen["max_new_tokens"] == len(choices[2]) + 4  # the longest choice and 4 more (byte-level tokens)
+    evaluate(BigramLM(), chat_tokenizer, {"toy": examples}, methods=("answer",), max_new_tokens=5, progress=False)
+    assert seen["max_new_tokens"] == 5  # a length the caller sets is kept
 
 
-def test_answer_accuracy_refuses_choices_with_different_contexts(chat_tokenizer):
+def test_answer_accuracy_refuses_choices_with_different_contexts_before_scoring(chat_tokenizer, monkeypatch):
     example = MCExample("s", ("a", "b"), 0, ("The a", "The b"), (" fits", " fits"), location="wino, example 3")
+    fine = MCExample("q", ("a", "b"), 0, ("Q:", "Q:"), (" a", " b"))
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scored before the refusal")
+
+    monkeypatch.setattr(evaluate_module, "loglikelihoods", must_not_score)
     with pytest.raises(ValueError, match=r"wino, example 3: method 'answer'.*score it with 'loglik'"):
-        evaluate(BigramLM(), chat_tokenizer, {"toy": [example]}, methods=("answer",), progress=False)
+        evaluate(BigramLM(), chat_tokenizer, {"ok": [fine], "toy": [example]}, methods=("loglik", "answer"),
+                 progress=False)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -604,7 +623,7 @@ def test_letter_accuracy_is_the_most_likely_first_letter_of_the_answer(chat_toke
 
     model = tiny_lm(3)
     questions = toy_questions()
-    run = evaluate_module._Run(model, chat_tokenizer, "toy", 2, 4, False)
+    run = evaluate_module._Run(model, chat_tokenizer, "toy", 2, "multiple_choice", 4, False)
     requests = [run._letter_request(ex) for ex in questions]
     prompts = [prompt for prompt, _ in requests]
     letters = [chat_tokenizer.convert_tokens_to_ids(letter) for letter in "ABC"]

@@ -114,8 +114,9 @@ def evaluate(
             examples already loaded.
         limit: score the first ``limit`` examples of each task (all when ``None``).
         batch_size: sequences per forward pass, for scoring and for generation.
-        max_new_tokens: generation length for every task (default: :data:`MAX_NEW_TOKENS` by kind).
-        methods: ``"loglik"`` and/or ``"generate"`` for multiple-choice tasks.
+        max_new_tokens: generation length for every task (default: :data:`MAX_NEW_TOKENS` by kind; for
+            ``"answer"``, at least the longest choice and 4 tokens more).
+        methods: some of :data:`METHODS` for multiple-choice tasks.
         code_timeout: seconds each HumanEval program may run.
         code_workers: HumanEval programs run at once (each in its own process).
     """
@@ -128,6 +129,13 @@ def evaluate(
         loaded = {name: list(examples)[:limit] for name, examples in tasks.items()}
     else:
         loaded = {name: load_task(name, limit) for name in tasks}  # every task loads before any is scored
+    if "answer" in methods:  # refused before anything is scored, so no task's scores are thrown away
+        for examples in loaded.values():
+            for ex in examples:
+                if isinstance(ex, MCExample) and len(set(ex.contexts)) != 1:
+                    raise ValueError(f"{ex.location}: method 'answer' continues the question's one context, but "
+                                     "its choices have different contexts (WinoGrande-style); score it with "
+                                     "'loglik'.")  # fmt: skip
     training = model.training
     model.eval()
     results: dict[str, Metrics] = {}
@@ -136,7 +144,7 @@ def evaluate(
             if not examples:
                 raise ValueError(f"task {name!r} has no examples to score.")
             kind = _kind_of(examples)
-            run = _Run(model, tokenizer, name, batch_size, max_new_tokens or MAX_NEW_TOKENS[kind], progress)
+            run = _Run(model, tokenizer, name, batch_size, kind, max_new_tokens, progress)
             if kind == "multiple_choice":
                 results[name] = run.multiple_choice(examples, methods)
             elif kind == "math":
@@ -160,9 +168,13 @@ def _kind_of(examples: Sequence[TaskExample]) -> Kind:
 class _Run:
     """One task's scoring: the model, the tokenizer and the settings every step shares."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int, max_new_tokens: int, progress: bool) -> None:
+    def __init__(
+        self, model, tokenizer, name: str, batch_size: int, kind: Kind, max_new_tokens: int | None, progress: bool
+    ) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
+        self.batch_size, self.progress = batch_size, progress
+        self.requested = max_new_tokens  # what the caller set, if anything
+        self.max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
 
     def multiple_choice(self, examples: Sequence[MCExample], methods: Sequence[str]) -> Metrics:
         metrics: Metrics = {"n": len(examples)}
@@ -209,19 +221,17 @@ class _Run:
             metrics["acc_gen"] = hits / len(examples)
             metrics["no_letter"] = sum(letter is None for letter in letters) / len(examples)
         if "answer" in methods:
-            for ex in examples:
-                if len(set(ex.contexts)) != 1:
-                    raise ValueError(f"{ex.location}: method 'answer' continues the question's one context, but "
-                                     "its choices have different contexts (WinoGrande-style); score it with "
-                                     "'loglik'.")  # fmt: skip
-            # Tokenised as the log-likelihood scoring tokenises a context (the tokenizer's own special tokens), but
-            # whole: a chat context's trailing newline is part of the prompt the model continues.
-            prompts = [list(self.tokenizer(ex.contexts[0])["input_ids"]) for ex in examples]
-            # Long enough for the longest choice and a few tokens more; a trained model stops at its end of turn.
+            # Tokenised as the log-likelihood scoring tokenises a context (the tokenizer's own special tokens); a
+            # trailing space goes, as there, since BPE merges it into the next word, but a chat context's trailing
+            # newline is part of the prompt the model continues.
+            prompts = [list(self.tokenizer(ex.contexts[0].rstrip(" \t"))["input_ids"]) for ex in examples]
+            # Unless set: long enough for the longest choice and a few tokens more (a trained model stops at its end
+            # of turn, so only a rambling one uses it all).
             longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples
                           for c in ex.choices)  # fmt: skip
-            answers = self.generate(prompts, stop=("\n",), max_new_tokens=max(self.max_new_tokens, longest + 4))
-            picks = [extract_choice(answer, ex.choices) for answer, ex in zip(answers, examples)]
+            answers = self.generate(prompts, max_new_tokens=self.requested or max(self.max_new_tokens, longest + 4))
+            first_lines = [(answer.strip().splitlines() or [""])[0] for answer in answers]
+            picks = [extract_choice(answer, ex.choices) for answer, ex in zip(first_lines, examples)]
             metrics["acc_answer"] = sum(pick == ex.answer_index for pick, ex in zip(picks, examples)) / len(examples)
             metrics["no_choice"] = sum(pick is None for pick in picks) / len(examples)
         return metrics

@@ -25,6 +25,7 @@ Log-likelihood (lm-evaluation-harness' method, so the numbers are comparable wit
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
@@ -68,22 +69,37 @@ def extract_letter(text: str, num_choices: int) -> str | None:
 
 
 def _words(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.casefold()))
+    # NFKC first, so an accent written as a combining mark and as one character compare equal
+    return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()))
+
+
+def _contains(text: str, part: str) -> bool:
+    return f" {part} " in f" {text} "
 
 
 def extract_choice(text: str, choices: Sequence[str]) -> int | None:
     """The index of the choice a free answer in words gives, or ``None`` when it gives none.
 
     Case, spacing and punctuation are ignored. The longest choice the answer starts with wins ("mass of the ball"
-    over "mass"); failing that, the only choice found inside the answer as whole words ("I think it is the Sun.");
-    an answer that contains two choices, or none, gives none."""
+    over "mass"); failing that, the choice found inside the answer as whole words ("I think it is the Sun."), where
+    a choice inside a longer one found too does not count ("it is the mass of the ball"). An answer that gives two
+    choices, or none, gives none; so do choices that differ only in punctuation ("-5 °C" and "5 °C"), unless the
+    answer is one of them exactly."""
     answer = _words(text)
     normalised = [_words(choice) for choice in choices]
     starts = [i for i, c in enumerate(normalised) if c and (answer == c or answer.startswith(c + " "))]
     if starts:
-        return max(starts, key=lambda i: len(normalised[i]))
-    inside = [i for i, c in enumerate(normalised) if c and f" {c} " in f" {answer} "]
-    return inside[0] if len(inside) == 1 else None
+        longest = max(len(normalised[i]) for i in starts)
+        found = [i for i in starts if len(normalised[i]) == longest]
+    else:
+        inside = [i for i, c in enumerate(normalised) if c and _contains(answer, c)]
+        found = [i for i in inside if not any(normalised[j] != normalised[i] and _contains(normalised[j],
+                                                                                              normalised[i])
+                                              for j in inside)]  # fmt: skip
+    if len(found) > 1:  # the same words: only the exact text tells them apart
+        exact = [i for i in found if choices[i].strip().casefold() == text.strip().casefold()]
+        found = exact
+    return found[0] if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
