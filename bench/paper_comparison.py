@@ -7,6 +7,8 @@ by log-likelihood and by generation, in the format the model was trained in (``-
 * ``answer`` (default): the question in the chat format, answered in words; ``loglik`` scores each choice as the
   answer (``acc``), ``answer`` reads which choice a greedy answer gives (``acc_answer``). For small models, which
   stay at chance on option letters (see ``BENCHMARKS.md``).
+* ``options``: the question with its choices listed (no letters), answered in words; the same two scorings, and a
+  greedy answer can now copy a choice.
 * ``letter``: the paper's lettered prompt, answered by a letter; ``letter`` is the letter of highest probability
   (``acc_letter``, one forward pass), ``generate`` the letter of a greedy answer (OpenCompass' ``acc_gen``), and
   ``loglik`` lm-evaluation-harness' cloze ``acc``. For models large enough to answer by letter.

@@ -210,6 +210,29 @@ def test_letter_format_and_overlap_check(package, tmp_path):
         run_demo(_small(output_dir=str(tmp_path / "same"), eval_task="arc_easy"))
 
 
+def test_options_format_lists_the_choices_in_training_and_in_scoring(package, tmp_path):
+    """``--format options``: the choices listed under the question, the answer in words, in training and scoring."""
+    from smore.demo import FORMATS
+
+    result = run_demo(_small(output_dir=str(tmp_path / "options"), format="options", limit=2))
+    assert result.metric == "acc" and 0.0 <= result.methods[0].accuracy <= 1.0
+    records = [json.loads(x) for x in (tmp_path / "options" / "data" / "arc_easy_options.jsonl").read_text().split("\n")
+               if x]  # fmt: skip
+    first = load_task("arc_easy")[0]
+    assert records[0]["output"] == first.choices[first.answer_index]
+    assert records[0]["instruction"].startswith(first.question) and all(
+        f"- {choice}\n" in records[0]["instruction"] for choice in first.choices
+    )
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    (scored,) = FORMATS["options"].scored([first], tokenizer)
+    assert scored.continuations == first.choices and len(set(scored.contexts)) == 1
+    opened = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                           tokenize=False).rsplit("x", 1)[1]  # fmt: skip
+    # the question as the user's turn, then the assistant's turn opened, as in training
+    assert records[0]["instruction"] in scored.contexts[0] and scored.contexts[0].endswith(opened)
+    assert FORMATS["options"].generative == "answer" and FORMATS["letter"].generative == "generate"
+
+
 def test_demo_options_are_checked():
     with pytest.raises(ValueError, match="steps=0 must be a positive integer"):
         DemoConfig(steps=0)

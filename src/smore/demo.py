@@ -7,7 +7,9 @@
   package; nothing is downloaded. The training records are written to ``output_dir/data/`` for inspection.
 * Format (``--format``, :data:`FORMATS`): ``answer`` (default) asks the question in the chat format and trains the
   answer in words; each held-out choice is scored by its log-likelihood as the assistant's answer (``acc``, as
-  lm-evaluation-harness, in the chat format training used). ``letter`` uses the paper's lettered prompt and trains
+  lm-evaluation-harness, in the chat format training used). ``options`` lists the choices (without letters) under
+  the question and trains the answer in words, so a greedy answer can copy one (scored by ``"answer"``, the
+  evaluator's generative way for words). ``letter`` uses the paper's lettered prompt and trains
   the letter; the score is the letter of highest probability (``acc_letter``, one forward pass per question). A 135M
   model stays at chance in the lettered format (measured, see ``BENCHMARKS.md``): it cannot yet map what it knows to
   option letters, which is why the demo answers in words.
@@ -55,17 +57,30 @@ class DemoFormat:
     """The evaluator method that scores the same format by a greedy answer (the paper's second way)."""
 
 
-def _answer_records(examples: Sequence[MCExample]) -> list[dict[str, Any]]:
-    return [{"instruction": ex.question, "output": ex.choices[ex.answer_index]} for ex in examples]
+def _question(ex: MCExample) -> str:
+    return ex.question
 
 
-def _chat_cloze(examples: Sequence[MCExample], tokenizer: Any) -> list[MCExample]:
+def _question_and_options(ex: MCExample) -> str:
+    options = "\n".join(f"- {choice}" for choice in ex.choices)
+    return f"{ex.question}\n\nOptions:\n{options}\n\nAnswer with one of the options."
+
+
+def _words_records(ask: Callable[[MCExample], str]) -> Callable[[Sequence[MCExample]], list[dict[str, Any]]]:
+    return lambda examples: [{"instruction": ask(ex), "output": ex.choices[ex.answer_index]} for ex in examples]
+
+
+def _chat_cloze(ask: Callable[[MCExample], str]) -> Callable[[Sequence[MCExample], Any], list[MCExample]]:
     """Each choice scored as the assistant's whole answer to the question, in the chat format training used."""
-    scored = []
-    for ex in examples:
-        messages = [{"role": "user", "content": ex.question}]
-        context = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        scored.append(replace(ex, contexts=(context,) * len(ex.choices), continuations=tuple(ex.choices)))
+
+    def scored(examples: Sequence[MCExample], tokenizer: Any) -> list[MCExample]:
+        out = []
+        for ex in examples:
+            messages = [{"role": "user", "content": ask(ex)}]
+            context = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            out.append(replace(ex, contexts=(context,) * len(ex.choices), continuations=tuple(ex.choices)))
+        return out
+
     return scored
 
 
@@ -77,7 +92,12 @@ FORMATS: dict[str, DemoFormat] = {
     # A 135M model knows some science but cannot yet map it to option letters (OLMES: the lettered format emerges
     # at larger scale); trained on letters it stays at chance. Answering in words shows what the adapter learns.
     "answer": DemoFormat("the question, answered in words; each choice scored by its log-likelihood as the answer",
-                         _answer_records, _chat_cloze, "loglik", "acc", "answer"),
+                         _words_records(_question), _chat_cloze(_question), "loglik", "acc", "answer"),
+    # The options listed (without letters), answered by copying one: a greedy answer can then name a choice, which
+    # an answer to the bare question rarely does word for word.
+    "options": DemoFormat("the question and its options, answered with an option's words; each choice scored by "
+                          "its log-likelihood as the answer", _words_records(_question_and_options),
+                          _chat_cloze(_question_and_options), "loglik", "acc", "answer"),
     "letter": DemoFormat("the paper's lettered prompt, answered by a letter; scored by the most likely letter",
                          _letter_records, lambda examples, tokenizer: list(examples), "letter", "acc_letter",
                          "generate"),
@@ -389,7 +409,8 @@ def add_arguments(parser: Any, defaults: DemoConfig | None = None) -> None:
     parser.add_argument("--max-length", dest="max_length", type=int, default=defaults.max_length)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--format", default=defaults.format, choices=sorted(FORMATS),
-                        help="answer: in words, scored by log-likelihood; letter: the lettered prompt")  # fmt: skip
+                        help="answer: the question, answered in words; options: the question and its options, "
+                        "answered with an option's words; letter: the paper's lettered prompt")  # fmt: skip
     parser.add_argument("--model", default=None, help="a Hugging Face model folder (default: the embedded "
                         "SmolLM2-135M-Instruct, converted once into $SMORE_CACHE or ~/.cache/smore)")  # fmt: skip
     parser.add_argument("--methods", default=None, help=f"with --compare: which methods ({','.join(COMPARE_METHODS)})")
