@@ -53,7 +53,16 @@ from typing import Any
 import yaml
 
 import smore
-from smore.demo import COMPARE_METHODS, FORMATS, demo_adapter, describe, method_configs, resolve_model, run_name
+from smore.demo import (
+    COMPARE_METHODS,
+    FORMATS,
+    demo_adapter,
+    describe,
+    method_configs,
+    question_key,
+    resolve_model,
+    run_name,
+)
 from smore.evaluation.evaluate import evaluate
 from smore.evaluation.tasks import load_task
 from smore.training.config import DataConfig, OptimConfig, RunConfig
@@ -117,16 +126,12 @@ def task_split(task: str, holdout: int, limit: int) -> tuple[list, str, list]:
         everything = load_task(task)
         training, name, scored = everything[holdout:], f"{task}[:{limit}]", everything[:limit]
     # A held-out question must be unseen: one asked in training too (whatever its choices) leaves training.
-    held_out = {_question_key(ex) for ex in scored}
-    unseen = [ex for ex in training if _question_key(ex) not in held_out]
+    held_out = {question_key(ex) for ex in scored}
+    unseen = [ex for ex in training if question_key(ex) not in held_out]
     if len(unseen) < len(training):
         logger.warning("%s: %d training questions are also held out; trained without them",
                        task, len(training) - len(unseen))  # fmt: skip
     return unseen, name, scored
-
-
-def _question_key(example) -> str:
-    return " ".join(example.question.casefold().split())
 
 
 RESUMABLE = ("tasks", "methods", "seeds", "output_dir")

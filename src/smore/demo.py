@@ -104,6 +104,11 @@ FORMATS: dict[str, DemoFormat] = {
 }  # fmt: skip
 
 
+def question_key(example: MCExample) -> str:
+    """What makes two questions the same for the held-out checks: the words, whatever the case and spacing."""
+    return " ".join(example.question.casefold().split())
+
+
 def demo_adapter() -> SMoREConfig:
     """The demo's S'MoRE: the library default (two levels, 4 experts each, top-2, ranks 8) on the FFN."""
     return SMoREConfig(target_modules=list(FFN))
@@ -236,7 +241,7 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     form = FORMATS[config.format]
     training = load_task(config.train_task)
     questions = load_task(config.eval_task, config.limit)
-    overlap = {ex.question for ex in training} & {ex.question for ex in questions}
+    overlap = {question_key(ex) for ex in training} & {question_key(ex) for ex in questions}
     if overlap:
         raise ValueError(f"{len(overlap)} scored questions of {config.eval_task} are also training questions of "
                          f"{config.train_task}; score a split the model does not train on.")  # fmt: skip

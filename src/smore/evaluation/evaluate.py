@@ -227,9 +227,12 @@ class _Run:
             prompts = [list(self.tokenizer(ex.contexts[0].rstrip(" \t"))["input_ids"]) for ex in examples]
             # Unless set: long enough for the longest choice and a few tokens more (a trained model stops at its end
             # of turn, so only a rambling one uses it all).
-            longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples
-                          for c in ex.choices)  # fmt: skip
-            answers = self.generate(prompts, max_new_tokens=self.requested or max(self.max_new_tokens, longest + 4))
+            length = self.requested
+            if not length:  # 0 counts as unset, as for every kind
+                longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples
+                              for c in ex.choices)  # fmt: skip
+                length = max(self.max_new_tokens, longest + 4)
+            answers = self.generate(prompts, max_new_tokens=length)
             first_lines = [(answer.strip().splitlines() or [""])[0] for answer in answers]
             picks = [extract_choice(answer, ex.choices) for answer, ex in zip(first_lines, examples)]
             metrics["acc_answer"] = sum(pick == ex.answer_index for pick, ex in zip(picks, examples)) / len(examples)
