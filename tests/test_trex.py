@@ -108,18 +108,109 @@ def test_save_load_reproduces_outputs_and_prior(tmp_path):
 
 
 def test_generation_keeps_the_prompt_prior_while_decoding():
+    """The case that broke on transformers 5.24 (the KV cache passed as ``cache``): a cached decoding step must keep
+    the prompt's prior instead of re-embedding its one new token against the full-length mask."""
     model = fitted_model()
     batch = tiny_batch(batch=2, length=5)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
+        expected = smore.compute_prior(model, **batch)
         cached = model.generate(**batch, use_cache=True, **kwargs)
-        prompt_prior = model.smore_state.context.prior.clone()
         model(**batch)
-        assert torch.allclose(prompt_prior, model.smore_state.context.prior)  # decoding kept the prefill's prior
+        assert torch.allclose(expected, model.smore_state.context.prior)  # a plain forward computes the same prior
         uncached = model.generate(**batch, use_cache=False, **kwargs)
     assert torch.equal(cached[:, :5], batch["input_ids"]) and cached.shape == (2, 10)
-    # Without a cache every step re-embeds the grown sequence, so only the first new token must agree.
-    assert torch.equal(cached[:, 5], uncached[:, 5])
+    # The prior is the prompt's in both: with or without a cache, decoding routes alike and gives the same tokens.
+    assert torch.equal(cached, uncached)
+
+
+def top_level_calls(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    return calls, handle
+
+
+def test_generation_embeds_the_prompt_once_and_never_re_enters_the_model():
+    model = fitted_model()
+    batch = tiny_batch(batch=2, length=6)
+    calls, handle = top_level_calls(model)
+    embeds = []
+    source = model.smore_state.context.prior_source
+    original = source.encoder
+    source.encoder = lambda *args: embeds.append(1) or original(*args)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    handle.remove()
+    assert len(embeds) == 1  # the prompt, once, before the first step
+    assert len(calls) == 4  # one top-level call per new token: the prior's pass never calls the model itself
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_of_different_lengths_generates_as_each_prompt_alone(use_cache):
+    model = fitted_model()
+    short, long = torch.tensor([[5, 9, 17]]), torch.tensor([[3, 44, 8, 21, 60, 7]])
+    pad = 0
+    input_ids = torch.cat([torch.cat([torch.full((1, 3), pad), short], dim=1), long])
+    attention_mask = (torch.arange(6) >= torch.tensor([[3], [0]])).long()  # left padding on the short prompt
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=pad, use_cache=use_cache)
+    with torch.no_grad():
+        together = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        alone = model.generate(input_ids=long, attention_mask=torch.ones_like(long), **kwargs)
+        prior = smore.compute_prior(model, input_ids, attention_mask)
+        short_prior = smore.compute_prior(model, short, torch.ones_like(short))
+    assert together.shape == (2, 10)
+    assert torch.equal(together[1], alone[0])
+    torch.testing.assert_close(prior[0], short_prior[0], rtol=1e-4, atol=1e-5)  # padding does not enter the prior
+
+
+def test_a_given_prior_routes_every_call_and_beams_take_their_sequence_row():
+    model = fitted_model()
+    batch = tiny_batch(batch=2, length=5)
+    prior = torch.randn(2, 6)
+    with torch.no_grad():
+        with smore.use_prior(model, prior):
+            given = model(**batch).logits
+            assert torch.equal(model.smore_state.context.prior, prior)
+            beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+        computed = model(**batch).logits
+    assert not torch.allclose(given, computed)  # the given prior was used, not the computed one
+    assert beams.shape == (2, 8)
+    with pytest.raises(ValueError, match=r"\(batch, 6\) tensor"):
+        with smore.use_prior(model, torch.zeros(2, 5)):
+            pass
+    with pytest.raises(ValueError, match="holds 2 sequences"):
+        with smore.use_prior(model, prior), torch.no_grad():
+            model(**tiny_batch(batch=3))
+    with pytest.raises(ValueError, match="only T-REX has one"):
+        smore.use_prior(smore.adapt(tiny_llama(), smore.LoRAConfig()), prior).__enter__()
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cached_step_is_recognised_by_either_cache_argument(name):
+    from transformers import DynamicCache
+
+    from smore.prior import continues_sequence
+
+    model = tiny_llama()
+    batch = tiny_batch(batch=2, length=5)
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 5
+    step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    assert continues_sequence({**step, name: cache})
+    assert continues_sequence(step)  # fewer new tokens than mask columns: a cache holds the rest
+    assert not continues_sequence({**batch, name: DynamicCache()})  # an empty cache begins a sequence
+    assert not continues_sequence(batch)
+
+
+def test_remove_adapter_restores_generate():
+    model = fitted_model()
+    assert "generate" in model.__dict__
+    smore.remove_adapter(model)
+    assert "generate" not in model.__dict__
+    out = model.generate(**tiny_batch(batch=1, length=4), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 6)
 
 
 def test_training_moves_the_adapter_and_the_gates():

@@ -22,6 +22,7 @@ from smore.inject import (
     adapt,
     adapted_modules,
     aux_loss,
+    compute_prior,
     disable_adapters,
     fit_prior,
     load_adapter,
@@ -29,6 +30,7 @@ from smore.inject import (
     remove_adapter,
     save_adapter,
     summary,
+    use_prior,
 )
 from smore.registry import METHODS, config_from_dict, get_method
 
@@ -47,6 +49,7 @@ __all__ = [
     "adapt",
     "adapted_modules",
     "aux_loss",
+    "compute_prior",
     "config_from_dict",
     "disable_adapters",
     "fit_prior",
@@ -56,4 +59,5 @@ __all__ = [
     "remove_adapter",
     "save_adapter",
     "summary",
+    "use_prior",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,8 @@ class AdapterState:
     """Which base parameters required grad before ``adapt`` froze them, for :func:`remove_adapter`."""
     context: ForwardContext = field(default_factory=ForwardContext)
     hook: torch.utils.hooks.RemovableHandle | None = None
+    undo_setup: Callable[[], None] | None = None
+    """What undoes the method's model-level setup (T-REX's generate wrapper), for :func:`remove_adapter`."""
 
 
 def _wrap_linear(method: Method, config: AdapterConfig, base: nn.Module, context: ForwardContext) -> AdapterWrapper:
@@ -96,7 +98,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, adapter_dtype: torch.dtype
         _replace(model, name, wrapper)
         state.modules[name] = wrapper.shape
     if method.setup is not None:
-        method.setup(model, config, state.context)
+        state.undo_setup = method.setup(model, config, state.context)
     state.hook = model.register_forward_pre_hook(state.context.hook, with_kwargs=True)
     model.smore_state = state
     logger.info("adapted %d modules with %s", len(state.modules), config.method)
@@ -116,6 +118,8 @@ def remove_adapter(model: nn.Module) -> nn.Module:
         _replace(model, name, wrapper.base_layer)
     if state.hook is not None:
         state.hook.remove()
+    if state.undo_setup is not None:
+        state.undo_setup()
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     del model.smore_state
@@ -381,3 +385,25 @@ def fit_prior(model: nn.Module, batches, *, seed: int = 0, iterations: int = 50)
     if prior is None:
         raise ValueError(f"method {_state(model).config.method!r} has no semantic prior; only T-REX needs fit_prior.")
     return prior.fit(model, batches, seed=seed, iterations=iterations)
+
+
+def _prior_source(model: nn.Module):
+    prior = _state(model).context.prior_source
+    if prior is None:
+        raise ValueError(f"method {_state(model).config.method!r} routes without a semantic prior; only T-REX has one.")
+    return prior
+
+
+def compute_prior(model: nn.Module, input_ids: torch.Tensor, attention_mask=None, labels=None) -> torch.Tensor:
+    """The T-REX semantic prior (B, K) of each sequence of a batch, as a model call on it computes it (the prompt's
+    embedding against the fitted centroids; ``labels`` of -100 mark the prompt)."""
+    return _prior_source(model).compute(model, input_ids, attention_mask, labels)
+
+
+@contextlib.contextmanager
+def use_prior(model: nn.Module, prior: torch.Tensor) -> Iterator[nn.Module]:
+    """Inside the block every call of the T-REX ``model`` (forward and ``generate``) routes with ``prior`` (B, K),
+    one row per sequence, instead of computing it: e.g. a prior from another encoder, or one computed once for many
+    calls. Beams and ``num_return_sequences`` take their sequence's row."""
+    with _prior_source(model).holding(prior):
+        yield model

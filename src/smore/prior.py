@@ -8,12 +8,23 @@ The default encoder is the frozen base model itself (mean-pooled last hidden sta
 is downloaded. Any encoder can be plugged in: a callable ``encoder(model, input_ids, attention_mask, pool_mask)``
 returning (B, d_e) embeddings (it receives the language model's token ids, so a sentence encoder with its own
 tokenizer would decode them first).
+
+When the prior is computed: once per sequence, from its prompt.
+
+- ``model.generate(...)`` embeds the prompt once, before the first step, and holds that prior for every step, with or
+  without a KV cache (so cached and uncached decoding route alike, and beams or ``num_return_sequences`` reuse their
+  sequence's row). Nothing re-enters the model from inside its own forward.
+- A plain forward (training, scoring) embeds its own batch; a call that continues a cached sequence (a cache of
+  non-zero length, or fewer input tokens than mask columns) keeps the prior of the call that began it.
+- A caller may give the prior (B, K) instead: ``with smore.use_prior(model, prior): ...``; ``smore.compute_prior``
+  computes it as the model would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +40,13 @@ Encoder = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.
 def base_model_encoder(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean of the model's last hidden state over ``pool_mask`` (B, T) → (B, d)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-    hidden = out.hidden_states[-1].float()  # (B, T, d)
+    """Mean of the model's last hidden state over ``pool_mask`` (B, T) → (B, d).
+
+    Runs the decoder stack only (``model.base_model``: its last hidden state is the causal LM's ``hidden_states[-1]``),
+    which skips the vocabulary projection and never calls the top-level model, whose hooks would see this pass."""
+    backbone = getattr(model, "base_model", model)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state.float()  # (B, T, d)
     weights = pool_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
@@ -88,6 +103,7 @@ class SemanticPrior:
         self.encoder = encoder or base_model_encoder
         self.centroids: torch.Tensor | None = None
         self.busy = False  # True during the embedding pass, which runs through the same model
+        self.given: torch.Tensor | None = None  # (B, K) held for every call: by the caller, or by generate()
 
     def embed(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels=None
@@ -123,17 +139,55 @@ class SemanticPrior:
             )
         return embedding @ self.centroids.to(embedding.device).t()
 
+    def compute(self, model: nn.Module, input_ids: torch.Tensor, attention_mask=None, labels=None) -> torch.Tensor:
+        """The prior (B, K) of each sequence of a batch, as a model call on it would compute it."""
+        return self.prior(self.embed(model, input_ids, attention_mask, labels))
+
     def prior_for_call(self, model: nn.Module, arguments: dict, previous: torch.Tensor | None):
-        """The prior of a model call: computed from its prompt, or kept from the prefill during cached decoding."""
-        if previous is not None and _cached_length(arguments.get("past_key_values")) > 0:
+        """The prior of a model call: the one given or held by ``generate``, the one of the call that began a cached
+        sequence, or computed from this call's prompt."""
+        input_ids = arguments.get("input_ids")
+        if self.given is not None:
+            return _rows_for(self.given, input_ids)
+        if previous is not None and continues_sequence(arguments):
             return previous
         if self.centroids is None:
             return None  # the adapter says what to do if it is used
-        input_ids = arguments.get("input_ids")
         if input_ids is None:
-            raise ValueError("T-REX computes its semantic prior from input_ids; call the model with input_ids.")
-        embedding = self.embed(model, input_ids, arguments.get("attention_mask"), arguments.get("labels"))
-        return self.prior(embedding)
+            raise ValueError(
+                "T-REX computes its semantic prior from input_ids; call the model with input_ids, or give the prior "
+                "with smore.use_prior(model, prior)."
+            )
+        return self.compute(model, input_ids, arguments.get("attention_mask"), arguments.get("labels"))
+
+    @contextlib.contextmanager
+    def holding(self, prior: torch.Tensor) -> Iterator[None]:
+        """Every model call inside the block uses ``prior`` (B, K), one row per sequence."""
+        if not isinstance(prior, torch.Tensor) or prior.dim() != 2 or prior.shape[1] != self.num_clusters:
+            shape = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
+            raise ValueError(
+                f"the semantic prior must be a (batch, {self.num_clusters}) tensor, one row per sequence; got {shape}. "
+                "smore.compute_prior(model, input_ids, attention_mask) gives one."
+            )
+        outer = self.given
+        self.given = prior
+        try:
+            yield
+        finally:
+            self.given = outer
+
+    def generate(self, model: nn.Module, generate: Callable, args: tuple, kwargs: dict):
+        """``model.generate`` with the prompt's prior computed once, before the first step, and held for all."""
+        if self.given is not None or self.centroids is None:
+            return generate(*args, **kwargs)  # the caller's prior, or none to compute (the adapter will say so)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                "T-REX's generate() computes the semantic prior from the prompt's input_ids; pass input_ids, or give "
+                "the prior with smore.use_prior(model, prior)."
+            )
+        with self.holding(self.compute(model, input_ids, kwargs.get("attention_mask"))):
+            return generate(*args, **kwargs)
 
     def fit(self, model: nn.Module, batches: Iterable[dict], *, seed: int = 0, iterations: int = 50) -> torch.Tensor:
         """Cluster the prompts of ``batches`` (dicts with input_ids, attention_mask and optionally labels)."""
@@ -155,6 +209,43 @@ class SemanticPrior:
             "semantic prior: %d centroids from %d prompts", self.num_clusters, sum(e.shape[0] for e in embeddings)
         )
         return self.centroids
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
+"""Names a model call's KV cache goes by: ``cache`` from transformers 5.24, ``past_key_values`` before, and
+``cache_params`` for state-space models."""
+
+
+def continues_sequence(arguments: Mapping) -> bool:
+    """Whether a model call continues sequences begun by an earlier call (a cached decoding step)."""
+    if any(_cached_length(arguments.get(name)) > 0 for name in CACHE_ARGUMENTS):
+        return True
+    position = arguments.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel() and int(position.reshape(-1)[0]) > 0:
+        return True
+    input_ids, mask = arguments.get("input_ids"), arguments.get("attention_mask")
+    # The mask covers the cached tokens too: fewer new tokens than mask columns means a cache holds the rest.
+    return (
+        isinstance(input_ids, torch.Tensor)
+        and isinstance(mask, torch.Tensor)
+        and mask.dim() == 2
+        and input_ids.dim() == 2
+        and input_ids.shape[1] < mask.shape[1]
+    )
+
+
+def _rows_for(prior: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    """The held prior's rows for a call's batch: beams and ``num_return_sequences`` repeat each sequence in place
+    (HF expands the batch with ``repeat_interleave``), so each copy takes its sequence's row."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == prior.shape[0]:
+        return prior
+    batch = input_ids.shape[0]
+    if batch % prior.shape[0]:
+        raise ValueError(
+            f"the semantic prior holds {prior.shape[0]} sequences but the model was called with a batch of {batch}; "
+            "give one prior row per sequence."
+        )
+    return prior.repeat_interleave(batch // prior.shape[0], dim=0)
 
 
 def _cached_length(past) -> int:

@@ -39,8 +39,9 @@ class Method:
     build: Callable[[Any, int, int], nn.Module] | None = None
     find: Callable[[nn.Module, Any], dict[str, nn.Module]] | None = None
     wrap: Callable[..., nn.Module] | None = None
-    setup: Callable[[nn.Module, Any, Any], None] | None = None
-    """Model-level setup after wrapping, ``setup(model, config, context)`` (T-REX attaches its semantic prior)."""
+    setup: Callable[[nn.Module, Any, Any], Callable[[], None] | None] | None = None
+    """Model-level setup after wrapping, ``setup(model, config, context)`` (T-REX attaches its semantic prior);
+    it may return a function that undoes it, which :func:`~smore.remove_adapter` calls."""
 
 
 METHODS: dict[str, Method] = {}

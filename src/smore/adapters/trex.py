@@ -12,6 +12,7 @@ with ``g = sigmoid(100·w_g)``, ``ω = sigmoid(100·w_ω)`` (both ½ at init), W
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import nn
@@ -57,8 +58,23 @@ def build_trex(config, in_features: int, out_features: int) -> TREXDelta:
     )
 
 
-def setup_trex_prior(model: nn.Module, config, context) -> None:
-    """Attach the model-level semantic prior that every T-REX adapter of the model reads."""
+def setup_trex_prior(model: nn.Module, config, context):
+    """Attach the model-level semantic prior that every T-REX adapter of the model reads, and make
+    ``model.generate`` compute it once from the prompt (see :mod:`smore.prior`). Returns what undoes it."""
     from smore.prior import SemanticPrior
 
-    context.prior_source = SemanticPrior(config.rank_in * config.rank_out)
+    prior = context.prior_source = SemanticPrior(config.rank_in * config.rank_out)
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
+        return None
+
+    def generate_with_prior(self, *args, **kwargs):
+        return prior.generate(self, type(self).generate.__get__(self), args, kwargs)
+
+    # An instance attribute bound to the model: deepcopy rebinds it, and the class's generate stays untouched.
+    model.generate = types.MethodType(generate_with_prior, model)
+
+    def undo() -> None:
+        model.__dict__.pop("generate", None)
+
+    return undo
