@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 import smore
+from smore.compat import cache_argument, output_cache
 
 if __package__ in (None, ""):
     import sys
@@ -43,17 +44,19 @@ SMORE_CONFIGS = {
 def generate_fn(model, prompt: torch.Tensor, new_tokens: int, device, record: dict[str, list[float]]):
     """Prefill, then ``new_tokens`` greedy decode steps; appends the prefill and decode seconds to ``record``."""
 
+    cache_name = cache_argument(model)  # 'cache' from transformers 5.24, 'past_key_values' before
+
     def run() -> None:
         with torch.inference_mode():
             cache = DynamicCache()
             common.synchronize(device)
             start = time.perf_counter()
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=prompt, **{cache_name: cache}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             common.synchronize(device)
             middle = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=token, **{cache_name: output_cache(out)}, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
             common.synchronize(device)
             end = time.perf_counter()

@@ -44,6 +44,7 @@ EXTRAS = {
     "alpha": dict(alpha=None),  # filled per level below: alpha needs one entry per level
     "child": dict(activation_position="child", activation="tanh"),
     "eq_1_layer": dict(init="eq_1_layer", activation="identity"),
+    "prelu_router_layer_down": dict(router_activation="prelu", down_proj_dim=None),
 }
 
 

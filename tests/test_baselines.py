@@ -242,7 +242,7 @@ def test_molora_switch_aux_loss_is_w_E_sum_f_P():
     delta(x, valid=valid)
     probs = (x[valid] @ delta.router.weight.t()).softmax(dim=-1)
     chosen = probs.topk(top_k, dim=-1).indices
-    share = torch.stack([(chosen == j).sum() for j in range(num_experts)]).float() / chosen.numel()  # f_j
+    share = torch.stack([(chosen == j).sum() for j in range(num_experts)]).float() / chosen.shape[0]  # f_j, Σ = k
     expected = weight * num_experts * (share * probs.mean(dim=0)).sum()  # w · E · Σ f_j P_j
     torch.testing.assert_close(delta.aux_loss, expected)
     assert delta.aux_loss > 0

@@ -23,10 +23,10 @@ from smore.registry import config_from_dict
 NAN, INF = float("nan"), float("inf")
 INVALID = [  # (overrides of the default two-level config, regex the message must contain)
     # per-level lists of different lengths
-    ({"top_k": [2]}, "top_k"),
-    ({"ranks": [8, 8, 8]}, "ranks"),
-    ({"router_dims": [32]}, "router_dims"),
-    ({"alpha": [16.0]}, "alpha"),
+    ({"num_experts": [4, 4], "top_k": [2]}, "top_k"),
+    ({"num_experts": [4, 4], "ranks": [8, 8, 8]}, "ranks"),
+    ({"top_k": [2, 2], "router_dims": [32]}, "router_dims"),
+    ({"ranks": [8, 8], "alpha": [16.0]}, "alpha"),
     # top_k against num_experts
     ({"top_k": [5, 2]}, r"top_k\[0\]"),
     ({"top_k": [2, 9]}, r"top_k\[1\]"),
@@ -61,13 +61,14 @@ INVALID = [  # (overrides of the default two-level config, regex the message mus
     ({"alpha": [16.0, INF]}, r"alpha\[1\]"),
     ({"alpha": ["16", 16.0]}, r"alpha\[0\]"),
     ({"alpha": [True, 16.0]}, r"alpha\[0\]"),
-    ({"alpha": 16.0}, "alpha"),
+    ({"alpha": "16"}, "alpha"),
     # lists that are not lists
-    ({"num_experts": 4}, "num_experts"),
     ({"num_experts": "4,4"}, "num_experts"),
     ({"num_experts": []}, "num_experts"),
-    ({"top_k": 2}, "top_k"),
-    ({"ranks": None}, "ranks"),
+    ({"top_k": True}, "top_k"),
+    ({"ranks": {"0": 8}}, "ranks"),
+    ({"down_proj_dim": -1}, "down_proj_dim"),
+    ({"router_activation": "prelu", "router_prelu_init": NAN}, "router_prelu_init"),
     # other scalars
     ({"balance_weight": -0.1}, "balance_weight"),
     ({"balance_weight": NAN}, "balance_weight"),
@@ -145,6 +146,38 @@ def test_scalings():
 
 def test_router_dims_int_is_broadcast():
     assert SMoREConfig(num_experts=[4, 4, 4], top_k=[1, 1, 1], ranks=[2, 2, 2], router_dims=16).router_dims == [16] * 3
+
+
+def test_per_level_defaults_follow_the_number_of_levels():
+    three = SMoREConfig(num_experts=[4, 4, 4], top_k=[2, 2, 2], ranks=[8, 8, 8])
+    assert three.router_dims == [32, 32, 32] and three.num_levels == 3
+    assert SMoREConfig(num_experts=[4, 4, 4]).top_k == [2, 2, 2]  # every default follows the levels given
+    one = SMoREConfig(ranks=[16])
+    assert (one.num_experts, one.top_k, one.router_dims) == ([4], [2], [32])
+    default = SMoREConfig()
+    assert (default.num_experts, default.top_k, default.ranks, default.router_dims) == (
+        [4, 4],
+        [2, 2],
+        [8, 8],
+        [32] * 2,
+    )
+
+
+def test_a_single_number_applies_to_every_level():
+    config = SMoREConfig(num_experts=[8, 4, 4], top_k=1, ranks=4, alpha=8, router_dims=16)
+    assert config.top_k == [1] * 3 and config.ranks == [4] * 3 and config.alpha == [8] * 3
+    assert config.router_dims == [16] * 3 and config.scalings == [2.0] * 3
+    assert SMoREConfig(num_experts=6, top_k=3).num_experts == [6, 6]  # no list given: the default two levels
+    assert config_from_dict(config.to_dict()) == config  # saved resolved: a reload needs no defaults
+
+
+def test_layer_width_down_projection_and_router_prelu():
+    config = SMoREConfig(down_proj_dim=None, router_activation="prelu", router_prelu_init=0.1)
+    delta = build_smore(config, 20, 12)
+    assert delta.router.down_proj.out_features == 20 and config.down_width(48) == 48
+    slopes = [level.mlp[1].weight for level in delta.router.levels]
+    assert all(isinstance(level.mlp[1], torch.nn.PReLU) for level in delta.router.levels)
+    assert all(torch.equal(slope, torch.tensor([0.1])) for slope in slopes)
 
 
 # -- serialisation and the registry ---------------------------------------------------------------------------------

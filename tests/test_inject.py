@@ -22,6 +22,7 @@ from transformers import (
 import smore
 from conftest import small_smore, tiny_batch, tiny_llama
 from smore.adapters.base import AdaptedLinear
+from smore.compat import enable_checkpointing
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 ARCHITECTURES = {
@@ -236,7 +237,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(gate):
     def gradients(checkpointing: bool):
         model = smore.adapt(tiny_llama(), small_smore(init="normal", gate=gate, top_k=[1, 2]))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         model.train()
         batch = tiny_batch()
         torch.manual_seed(7)  # the same noise for the noisy gate; checkpointing must replay it on recomputation
@@ -305,7 +306,7 @@ def test_damaged_module_list_in_the_config_is_named(tmp_path):
 
 def test_reentrant_checkpointing_is_refused_when_it_would_drop_the_aux_loss():
     model = smore.adapt(tiny_llama(), small_smore(init="normal", balance_weight=0.5))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(model, use_reentrant=True)
     model.train()
     batch = tiny_batch()
     model.model.embed_tokens.weight.requires_grad_(True)  # reentrant checkpointing needs an input with grad

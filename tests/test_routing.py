@@ -36,14 +36,15 @@ def softmax_by_hand(row: list[float]) -> list[float]:
 
 
 def switch_aux_by_hand(probs: list[list[float]], indices: list[list[int]], valid, weight: float) -> float:
-    """Switch Transformer: w · s · Σ_j f_j P_j over the real rows; f_j share of routed slots, P_j mean probability."""
+    """Switch Transformer: w · s · Σ_j f_j P_j over the real rows; f_j slots routed to j per row (Σ_j f_j = k, the
+    authors' and HF Mixtral's convention), P_j mean probability."""
     rows = [m for m in range(len(probs)) if valid is None or valid[m]]
-    s, k = len(probs[0]), len(indices[0])
+    s = len(probs[0])
     counts = [0] * s
     for m in rows:
         for j in indices[m]:
             counts[j] += 1
-    share = [c / (len(rows) * k) for c in counts]
+    share = [c / len(rows) for c in counts]
     mean_prob = [sum(probs[m][j] for m in rows) / len(rows) for j in range(s)]
     return weight * s * sum(f * p for f, p in zip(share, mean_prob))
 
@@ -77,9 +78,9 @@ def noisy_by_hand(clean, eps, std, k, valid, weight, training=True):
             for j in range(s):
                 threshold = threshold_in if noisy[j] > threshold_in else threshold_out
                 load[j] += normal_cdf((clean[m][j] - threshold) / std[m][j])
-        else:
-            for j in top:
-                load[j] += 1.0
+        else:  # no noise: Shazeer's count of the positive gates (a raw logit <= 0 at k = 1 adds no load)
+            for j, a in zip(top, alpha):
+                load[j] += 1.0 if a > 0 else 0.0
     return chosen, weight * (cv2_by_hand(importance) + cv2_by_hand(load))
 
 
@@ -211,9 +212,11 @@ def test_noisy_gate_weights_and_aux_with_fixed_noise(k, masked, noise_weights, m
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_noisy_gate_eval_aux_counts_selections(k):
+def test_noisy_gate_eval_aux_counts_positive_gates(k):
     gate = NoisyTopKGate(num_experts=5, top_k=k, balance_weight=0.2, router_input_dim=3).to(F64).eval()
-    logits = torch.randn(10, 5, dtype=F64)
+    logits = torch.randn(10, 5, dtype=F64) - 1.5  # cosine logits can be negative: some top-1 gates are <= 0
+    if k == 1:
+        assert (logits.max(dim=-1).values[VALID] <= 0).any()
     out = gate(logits, router_input=torch.randn(10, 3, dtype=F64), valid=VALID)
     _, expected = noisy_by_hand(logits.tolist(), None, None, k, VALID.tolist(), 0.2, training=False)
     assert_close(out.aux_loss, expected, rtol=1e-5, atol=1e-7)

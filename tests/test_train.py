@@ -250,8 +250,8 @@ def test_aux_loss_is_weighted_like_the_cross_entropy_under_accumulation(workspac
     ce, aux = 0.0, 0.0
     for batch, count in zip(micro, tokens):
         out = model(**batch)
-        ce += float(out.loss) * count / sum(tokens)
-        aux += float(smore.aux_loss(model)) * count / sum(tokens)
+        ce += out.loss.item() * count / sum(tokens)
+        aux += smore.aux_loss(model).item() * count / sum(tokens)
     assert aux > 0
     assert result.history[0]["loss"] == pytest.approx(ce, rel=1e-5)
     assert result.history[0]["aux_loss"] == pytest.approx(aux, rel=1e-5)

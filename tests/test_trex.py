@@ -189,13 +189,14 @@ def test_a_given_prior_routes_every_call_and_beams_take_their_sequence_row():
 def test_a_cached_step_is_recognised_by_either_cache_argument(name):
     from transformers import DynamicCache
 
+    from smore.compat import output_cache
     from smore.prior import continues_sequence
 
     model = tiny_llama()
     batch = tiny_batch(batch=2, length=5)
     with torch.no_grad():
         out = model(**batch, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 5
     step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     assert continues_sequence({**step, name: cache})

@@ -17,6 +17,10 @@ d_g,ℓ          ``router_dims[ℓ]``    width of the level-ℓ router query and
 d_down         ``down_proj_dim``     width of the token down-projection shared by all levels
 σ              ``activation``        non-linearity between levels
 =============  ====================  ==========================================================
+
+Per-level fields (``num_experts``, ``top_k``, ``ranks``, ``router_dims``, ``alpha``) take a list, one entry per level,
+or a single number for every level. The number of levels is the length of the lists given (they must agree); the
+fields left out follow it, so ``SMoREConfig(num_experts=[4, 4, 4])`` is a three-level tree with ``top_k=[2, 2, 2]``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ GateType = Literal["dense", "switch", "noisy_topk"]
 Activation = Literal["identity", "tanh", "relu", "prelu"]
 ActivationPosition = Literal["all", "child", "child_v2"]
 InitMethod = Literal["normal", "b_zero", "bw_zero", "w_final_zero", "eq_1_layer"]
-RouterActivation = Literal["relu", "gelu", "silu", "tanh"]
+RouterActivation = Literal["relu", "gelu", "silu", "tanh", "prelu"]
 AuxReduction = Literal["sum", "mean"]
 
 
@@ -122,20 +126,24 @@ class SMoREConfig(AdapterConfig):
 
     method: ClassVar[str] = "smore"
 
-    num_experts: list[int] = field(default_factory=lambda: [4, 4])
-    """s_ℓ: residual experts in each level."""
-    top_k: list[int] = field(default_factory=lambda: [2, 2])
-    """f_ℓ: experts picked per selected parent (per token at the top). Ignored by the ``dense`` gate."""
-    ranks: list[int] = field(default_factory=lambda: [8, 8])
-    """r_ℓ: rank of every expert of a level."""
-    alpha: list[float] | None = None
+    num_experts: list[int] | int | None = None
+    """s_ℓ: residual experts in each level (default 4 per level)."""
+    top_k: list[int] | int | None = None
+    """f_ℓ: experts picked per selected parent (per token at the top); default 2 per level. Ignored by the
+    ``dense`` gate."""
+    ranks: list[int] | int | None = None
+    """r_ℓ: rank of every expert of a level (default 8 per level)."""
+    alpha: list[float] | float | None = None
     """Per-level scaling numerators: γ_ℓ = alpha[ℓ] / ranks[ℓ]. ``None`` gives γ_ℓ = 1, as the paper's runs."""
-    router_dims: list[int] = field(default_factory=lambda: [32, 32])
-    """d_g,ℓ: width of each level's router query and expert keys."""
-    down_proj_dim: int = 32
-    """d_down: width of the token down-projection shared by the routers of all levels."""
+    router_dims: list[int] | int | None = None
+    """d_g,ℓ: width of each level's router query and expert keys (default 32 per level)."""
+    down_proj_dim: int | None = 32
+    """d_down: width of the token down-projection shared by the routers of all levels; ``None``: each adapted
+    layer's own input width (the authors' ``dim_downproj_x: 0``)."""
     router_activation: RouterActivation = "relu"
-    """Activation inside each level's two-layer router MLP."""
+    """Activation inside each level's two-layer router MLP; ``prelu`` has one learnable slope per router."""
+    router_prelu_init: float = 0.25
+    """Initial slope of the router's ``prelu`` (only read when router_activation is prelu)."""
     gate: GateType = "switch"
     """``dense`` (every expert, softmax), ``switch`` (top-k of softmax) or ``noisy_topk`` (cosine + noise)."""
     balance_weight: float = 0.01
@@ -151,28 +159,37 @@ class SMoREConfig(AdapterConfig):
     init: InitMethod = "w_final_zero"
     """Initialisation of B, W_ℓ and W_proj (SPEC §1.5); ``w_final_zero`` leaves the model unchanged."""
 
+    LEVEL_DEFAULTS: ClassVar[dict[str, int]] = {"num_experts": 4, "top_k": 2, "ranks": 8, "router_dims": 32}
+    DEFAULT_LEVELS: ClassVar[int] = 2
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_experts", "top_k", "ranks"):
-            setattr(self, name, _as_list(name, getattr(self, name)))
-            _check_positive_ints(name, getattr(self, name))
-        levels = len(self.num_experts)
+        per_level = [*self.LEVEL_DEFAULTS, "alpha"]
+        given = {name: getattr(self, name) for name in per_level if getattr(self, name) is not None}
+        for name, value in given.items():
+            if isinstance(value, tuple):
+                given[name] = value = list(value)
+            if not isinstance(value, (list, int, float)) or isinstance(value, bool):
+                raise ValueError(
+                    f"{name}={value!r} must be a list with one entry per level (bottom level first), or one number "
+                    "for every level."
+                )
+        lengths = {name: len(value) for name, value in given.items() if isinstance(value, list)}
+        if len(set(lengths.values())) > 1:
+            first = next(iter(lengths))
+            other = next(name for name in lengths if lengths[name] != lengths[first])
+            raise ValueError(
+                f"{other} has {lengths[other]} entries but {first} has {lengths[first]} levels; give one {other} "
+                "entry per level (bottom level first), or one number for every level."
+            )
+        levels = next(iter(lengths.values()), self.DEFAULT_LEVELS)
         if levels == 0:
             raise ValueError("num_experts must have at least one level, e.g. [4, 4].")
-        if isinstance(self.router_dims, int) and not isinstance(self.router_dims, bool):
-            self.router_dims = [self.router_dims] * levels
-        self.router_dims = _as_list("router_dims", self.router_dims)
-        _check_positive_ints("router_dims", self.router_dims)
-        per_level = {"top_k": self.top_k, "ranks": self.ranks, "router_dims": self.router_dims}
-        if self.alpha is not None:
-            self.alpha = _as_list("alpha", self.alpha)
-            per_level["alpha"] = self.alpha
-        for name, values in per_level.items():
-            if len(values) != levels:
-                raise ValueError(
-                    f"{name} has {len(values)} entries but num_experts has {levels} levels; "
-                    f"give one {name} entry per level (bottom level first)."
-                )
+        for name in per_level:
+            value = given.get(name, self.LEVEL_DEFAULTS.get(name))
+            setattr(self, name, value if value is None or isinstance(value, list) else [value] * levels)
+        for name in self.LEVEL_DEFAULTS:
+            _check_positive_ints(name, getattr(self, name))
         if self.alpha is not None:
             for i, a in enumerate(self.alpha):
                 _check_number(f"alpha[{i}]", a, low=0, open_low=True)
@@ -191,7 +208,9 @@ class SMoREConfig(AdapterConfig):
                     f"gate='noisy_topk' needs top_k[{level}] < num_experts[{level}] (got {k} of {s}): its load "
                     "estimate uses the (k+1)-th logit. Lower top_k, raise num_experts, or use gate='dense'."
                 )
-        _check_int("down_proj_dim", self.down_proj_dim)
+        if self.down_proj_dim is not None:
+            _check_int("down_proj_dim", self.down_proj_dim)
+        _check_number("router_prelu_init", self.router_prelu_init, low=-math.inf)
         _check_number("balance_weight", self.balance_weight, low=0)
         _check_number("prelu_init", self.prelu_init, low=-math.inf)
         if not isinstance(self.shared_pool, bool):
@@ -230,6 +249,10 @@ class SMoREConfig(AdapterConfig):
         for f in reversed(self.fanouts):
             slots.insert(0, slots[0] * f)
         return slots
+
+    def down_width(self, in_features: int) -> int:
+        """d_down on a layer of width ``in_features``: ``down_proj_dim``, or that width when it is ``None``."""
+        return in_features if self.down_proj_dim is None else self.down_proj_dim
 
     @property
     def scalings(self) -> list[float]:

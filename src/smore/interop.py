@@ -20,6 +20,7 @@ which peft's ``save_pretrained`` drops from the file's keys; both forms load)::
     moe_W_final.default        (d_out, d_L)        ↔ delta.proj.weight     (moe_W_final_bias: .bias)
     moe_downproj_x.default.{weight,bias}           ↔ delta.router.down_proj
     moe_gate.default.{l}.mlp.{0,2}.{weight,bias}   ↔ delta.router.levels[l].mlp[0], mlp[2]
+    moe_gate.default.{l}.mlp.1.weight  (1,)        ↔ delta.router.levels[l].mlp[1].weight (prelu router only)
     moe_gate.default.{l}.keys  (s_l, d_g)          ↔ delta.router.levels[l].keys
     moe_gate.default.{l}.weight_noise.weight       ↔ delta.router.levels[l].gate.weight_noise (noisy top-k only)
     moe_expert_act_param.default.{l}  (1,)         ↔ delta.prelu_slopes[l] (prelu only)
@@ -113,7 +114,6 @@ _REFERENCE_DEFAULTS: dict[str, Any] = {
     "balance_loss_weight": 1e-2,
 }
 _REQUIRED = ("num_experts", "num_active", "expert_dims", "gate_dims")
-_GATE_ACTIVATIONS = {"relu": "relu", "tanh": "tanh"}
 _NAME_LIST = re.compile(r"^[\w.\-]+(\s*,\s*[\w.\-]+)*\s*,?$")
 
 
@@ -225,32 +225,28 @@ def _module_names(key: str, value: Any) -> list[str] | str:
     raise ValueError(f"{key}={value!r} must be a list of module names, a comma-separated string or a regex.")
 
 
-def _expert_activation(value: Any) -> tuple[str, float | None]:
-    """``identity | tanh | relu | prelu|<init>`` → (activation, prelu_init)."""
+def _activation(key: str, value: Any, plain: tuple[str, ...]) -> tuple[str, float | None]:
+    """Their activation string, ``<plain name> | prelu|<init slope>`` → (our name, prelu init or None)."""
+    choices = ", ".join(plain) + " or prelu|<init slope>"
     if not isinstance(value, str):
-        raise ValueError(f"expert_act_fn={value!r} must be a string: identity, tanh, relu or prelu|<init slope>.")
+        raise ValueError(f"{key}={value!r} must be a string: {choices}.")
     text = value.strip()
-    if text in ("identity", "tanh", "relu"):
+    if text in plain:
         return text, None
-    if text == "prelu":
+    if text == "prelu":  # nn.PReLU's own default slope
         return "prelu", None
     if text.startswith("prelu|"):
         try:
             slope = float(text.split("|", 1)[1])
         except ValueError:
             raise ValueError(
-                f"expert_act_fn={value!r}: the prelu init slope after '|' must be a number, e.g. 'prelu|0.25'."
+                f"{key}={value!r}: the prelu init slope after '|' must be a number, e.g. 'prelu|0.25'."
             ) from None
         return "prelu", slope
-    raise ValueError(
-        f"expert_act_fn={value!r} is not supported; choose identity, tanh, relu or prelu|<init slope> "
-        "(e.g. 'prelu|0.25')."
-    )
+    raise ValueError(f"{key}={value!r} is not supported; choose {choices} (e.g. 'prelu|0.25').")
 
 
-def config_from_reference(
-    d: Mapping[str, Any], *, in_features: int | None = None, ignore_unknown: bool = False
-) -> SMoREConfig:
+def config_from_reference(d: Mapping[str, Any], *, ignore_unknown: bool = False) -> SMoREConfig:
     """An :class:`~smore.config.SMoREConfig` from the authors' config.
 
     ``d`` holds either their peft config (``adapter_config.json`` of ``hier_moe``: ``num_experts``, ``num_active``,
@@ -259,8 +255,8 @@ def config_from_reference(
     level); values we cannot reproduce raise ``ValueError`` naming the key and the fix; unknown keys raise
     ``ValueError`` listing them, unless ``ignore_unknown`` (e.g. to pass a whole LLaMA-Factory YAML).
 
-    ``in_features``: their ``dim_downproj_x <= 0`` (or null) means "down-project to the layer's own width d"; pass
-    that width here (it must be the same for every adapted layer, since our ``down_proj_dim`` is one number).
+    Their ``dim_downproj_x <= 0`` means "down-project to the layer's own width d": it becomes ``down_proj_dim=None``,
+    which each adapted layer resolves to its own input width, so layers of different widths work.
     """
     if not isinstance(d, Mapping):
         raise ValueError(f"config_from_reference needs a mapping of the authors' config keys, got {type(d).__name__}.")
@@ -393,24 +389,10 @@ def config_from_reference(
     down = _number(name("dim_downproj_x"), down)
     if not float(down).is_integer():
         raise ValueError(f"{name('dim_downproj_x')}={down!r} must be an integer.")
-    down = int(down)
-    if down <= 0:
-        if in_features is None:
-            raise ValueError(
-                f"{name('dim_downproj_x')}={down} means 'down-project to the layer width d' in the authors' code; "
-                "pass that width as config_from_reference(..., in_features=d) (all adapted layers must share it)."
-            )
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features={in_features!r} must be a positive integer (the adapted layers' width).")
-        down = in_features
+    down = int(down) if down > 0 else None  # None: each adapted layer's own width, resolved at adapt time
 
-    gate_act = get("gate_act_fn")
-    if gate_act not in _GATE_ACTIVATIONS:
-        raise ValueError(
-            f"{name('gate_act_fn')}={gate_act!r} is not supported for import; the router activation must be one of "
-            f"{sorted(_GATE_ACTIVATIONS)}."
-        )
-    activation, prelu_init = _expert_activation(get("expert_act_fn"))
+    router_activation, router_prelu_init = _activation(name("gate_act_fn"), get("gate_act_fn"), ("relu", "tanh"))
+    activation, prelu_init = _activation(name("expert_act_fn"), get("expert_act_fn"), ("identity", "tanh", "relu"))
 
     gate = get("gate_type")
     if gate not in ("dense", "switch", "noisy_topk"):
@@ -430,7 +412,7 @@ def config_from_reference(
         alpha=alpha,
         router_dims=router_dims,
         down_proj_dim=down,
-        router_activation=_GATE_ACTIVATIONS[gate_act],
+        router_activation=router_activation,
         gate=gate,
         balance_weight=balance,
         activation=activation,
@@ -440,6 +422,8 @@ def config_from_reference(
     )
     if prelu_init is not None:
         kwargs["prelu_init"] = prelu_init
+    if router_prelu_init is not None:
+        kwargs["router_prelu_init"] = router_prelu_init
     if values.get("target_modules") is not None:
         kwargs["target_modules"] = _module_names(name("target_modules"), values["target_modules"])
     if values.get("exclude_modules") is not None:
@@ -453,14 +437,6 @@ def config_from_reference(
         config = SMoREConfig(**kwargs)
     except ValueError as error:
         raise ValueError(f"the authors' config does not translate to a valid SMoREConfig: {error}") from error
-    if config.gate == "switch" and any(k > 1 for k in config.top_k):
-        # SPEC §1.3 counts f_j as a share of all routed slots (Σ f_j = 1); the authors' switch gate divides by
-        # tokens only (Σ f_j = k), so the same balance_weight weighs k times less here when training goes on.
-        logger.warning(
-            "the switch gate's balance loss is normalised per routed slot here and per token in the authors' code: "
-            "to continue training with the same balance strength, multiply balance_weight by top_k (%s).",
-            config.top_k,
-        )
     return config
 
 
@@ -545,6 +521,8 @@ def _module_slots(delta: SMoREDelta) -> tuple[dict[str, _Slot], dict[str, str]]:
             linear = level_router.mlp[index]
             slots[f"{prefix}.mlp.{index}.weight"] = _param_slot(linear.weight)
             slots[f"{prefix}.mlp.{index}.bias"] = _param_slot(linear.bias)
+        if isinstance(level_router.mlp[1], nn.PReLU):  # their nn.PReLU sits at the same index of the same Sequential
+            slots[f"{prefix}.mlp.1.weight"] = _param_slot(level_router.mlp[1].weight)
         slots[f"{prefix}.keys"] = _param_slot(level_router.keys)
         noise = getattr(level_router.gate, "weight_noise", None)
         if noise is not None:
@@ -723,14 +701,13 @@ def adapt_from_reference(
     state_dict: Mapping[str, torch.Tensor],
     *,
     adapter_name: str = "default",
-    in_features: int | None = None,
 ) -> tuple[nn.Module, ReferenceLoadReport]:
     """Adapt a base ``model`` with the authors' ``config`` and load their ``state_dict`` into it, in one call.
 
     The config is translated before the model is touched; if the weights then do not fit, the ``ValueError`` comes
     after ``adapt`` changed the model, so start again from a fresh base model.
     """
-    smore_config = config_from_reference(config, in_features=in_features)
+    smore_config = config_from_reference(config)
     adapt(model, smore_config)
     report = load_reference_state_dict(model, state_dict, adapter_name=adapter_name)
     return model, report

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smore.compat import CACHE_ARGUMENTS
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -209,11 +211,6 @@ class SemanticPrior:
             "semantic prior: %d centroids from %d prompts", self.num_clusters, sum(e.shape[0] for e in embeddings)
         )
         return self.centroids
-
-
-CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
-"""Names a model call's KV cache goes by: ``cache`` from transformers 5.24, ``past_key_values`` before, and
-``cache_params`` for state-space models."""
 
 
 def continues_sequence(arguments: Mapping) -> bool:

@@ -197,7 +197,7 @@ def _smore_variants(config: SMoREConfig) -> list[list[AdapterConfig]]:
     count most, ``d·d_down`` per adapter), nearest the starting one first; then the same with the level routers'
     width ``d_g`` at 16 or 64."""
     downs = range(4, 129, 4)
-    start = config.down_proj_dim
+    start = config.down_proj_dim or 32  # a layer-width down-projection (None) is searched from the usual 32
 
     def tiers(router_dims: list[int]) -> list[list[AdapterConfig]]:
         out = []
@@ -224,7 +224,8 @@ def _describe_smore(config: SMoREConfig) -> str:
         return ",".join(str(v) for v in values)
 
     text = f"s={joined(config.num_experts)} f={joined(config.top_k)} r={joined(config.ranks)}"
-    text += f" d_g={joined(config.router_dims)} d_down={config.down_proj_dim} {config.gate}"
+    down = "d" if config.down_proj_dim is None else config.down_proj_dim
+    text += f" d_g={joined(config.router_dims)} d_down={down} {config.gate}"
     return text + (" shared" if config.shared_pool else "")
 
 

@@ -56,9 +56,10 @@ def _check_smore(config: Any) -> SMoREConfig:
     return config
 
 
-def _router_input_dims(config: SMoREConfig) -> list[int]:
+def _router_input_dims(config: SMoREConfig, in_features: int) -> list[int]:
     """d_in,ℓ: the down-projected token plus the keys of every level above (SPEC §1.3)."""
-    return [config.down_proj_dim + sum(config.router_dims[level + 1 :]) for level in range(config.num_levels)]
+    down = config.down_width(in_features)
+    return [down + sum(config.router_dims[level + 1 :]) for level in range(config.num_levels)]
 
 
 def _with_total(counts: Counts) -> Counts:
@@ -68,9 +69,12 @@ def _with_total(counts: Counts) -> Counts:
 
 def _router_parameters(config: SMoREConfig, in_features: int) -> int:
     """D (with bias), then per level the two-layer MLP (with biases), the keys and, for noisy top-k, W_noise."""
-    total = in_features * config.down_proj_dim + config.down_proj_dim
-    for d_in, d_g, s in zip(_router_input_dims(config), config.router_dims, config.num_experts):
+    down = config.down_width(in_features)
+    total = in_features * down + down
+    for d_in, d_g, s in zip(_router_input_dims(config, in_features), config.router_dims, config.num_experts):
         total += d_in * d_g + d_g + d_g * d_g + d_g + s * d_g
+        if config.router_activation == "prelu":
+            total += 1  # the router activation's learnable slope
         if config.gate == "noisy_topk":
             total += d_in * s  # W_noise: Linear(d_in,ℓ → s_ℓ) without bias
     return total
@@ -157,8 +161,9 @@ def smore_flops_per_token(
     config = _check_smore(config)
     _check_features(in_features, out_features)
     widths, slots = config.widths, config.slots
-    router = in_features * config.down_proj_dim
-    for level, (d_in, d_g, s) in enumerate(zip(_router_input_dims(config), config.router_dims, config.num_experts)):
+    router = in_features * config.down_width(in_features)
+    dims = zip(_router_input_dims(config, in_features), config.router_dims, config.num_experts)
+    for level, (d_in, d_g, s) in enumerate(dims):
         per_parent = d_in * d_g + d_g * d_g + s * d_g
         if training and config.gate == "noisy_topk":
             per_parent += d_in * s

@@ -74,6 +74,10 @@ class DenseGate(Gate):
 class SwitchGate(Gate):
     """Top-k of the softmax, renormalised when k > 1; Switch Transformer loss ``w · s · Σ_j f_j P_j``.
 
+    Over the M valid rows (tokens × parent branches): ``f_j`` = slots routed to j / M, so Σ_j f_j = k, and ``P_j`` =
+    Σ p_j / M (SPEC §1.3). That is the authors' S'MoRE gate and HF Mixtral's top-k loss (MixLoRA's), so a
+    ``balance_weight`` means here what it means in their configs.
+
     With k = 1 the weight stays p (so the router gets a gradient), unless ``renormalize_top1`` asks for weight 1
     as MixLoRA does.
     """
@@ -102,7 +106,7 @@ class SwitchGate(Gate):
             return probs.new_zeros(())
         counts = torch.zeros(self.num_experts, device=probs.device, dtype=probs.dtype)
         counts.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices, dtype=probs.dtype).reshape(-1))
-        share = counts / indices.numel()  # f_j: share of the routed slots sent to expert j
+        share = counts / indices.shape[0]  # f_j: slots sent to expert j per row, Σ_j f_j = k
         mean_prob = probs.mean(dim=0)  # P_j
         return self.balance_weight * self.num_experts * (share * mean_prob).sum()
 
@@ -135,19 +139,18 @@ class NoisyTopKGate(Gate):
         chosen = noisy.gather(-1, indices)
         weights = chosen.softmax(dim=-1) if self.top_k > 1 else chosen
         gates = torch.zeros_like(logits).scatter(-1, indices, weights)  # (M, s)
-        aux = self._aux(gates, logits, noisy, noise_std, top.values, indices, valid)
+        aux = self._aux(gates, logits, noisy, noise_std, top.values, valid)
         return GateOutput(indices=indices, weights=weights, probs=gates, aux_loss=aux)
 
-    def _aux(self, gates, clean, noisy, noise_std, top_values, indices, valid) -> torch.Tensor:
+    def _aux(self, gates, clean, noisy, noise_std, top_values, valid) -> torch.Tensor:
         if self.balance_weight == 0:
             return gates.new_zeros(())
         importance = _valid_rows(gates, valid).sum(dim=0)
         if noise_std is not None and self.top_k < self.num_experts:
             load = _valid_rows(self._prob_in_top_k(clean, noisy, noise_std, top_values), valid).sum(dim=0)
-        else:  # no noise: the load is the plain count of selections
-            load = torch.zeros_like(importance).scatter_add_(
-                0, _valid_rows(indices, valid).reshape(-1), gates.new_ones(_valid_rows(indices, valid).numel())
-            )
+        else:  # no noise (eval): Shazeer's count of the gates that are positive, as the authors' gate counts it;
+            # with k = 1 the gate is the raw cosine logit, so a selection with a logit <= 0 adds no load.
+            load = (_valid_rows(gates, valid) > 0).to(gates.dtype).sum(dim=0)
         return self.balance_weight * (cv_squared(importance) + cv_squared(load))
 
     def _prob_in_top_k(self, clean, noisy, noise_std, top_values) -> torch.Tensor:

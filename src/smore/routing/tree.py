@@ -8,22 +8,42 @@ routed in one batched call per level; the only Python loop is over the L levels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from smore.routing.gates import Gate, build_gate
 from smore.routing.types import TreeRouting
 
-ROUTER_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+ROUTER_ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
+    "relu": lambda prelu_init: nn.ReLU(),
+    "gelu": lambda prelu_init: nn.GELU(),
+    "silu": lambda prelu_init: nn.SiLU(),
+    "tanh": lambda prelu_init: nn.Tanh(),
+    "prelu": lambda prelu_init: nn.PReLU(init=prelu_init),  # one learnable slope, the authors' "prelu|<init>"
+}
+"""Router activation by name; each builder takes the initial PReLU slope (read by ``prelu`` only)."""
 
 
 class LevelRouter(nn.Module):
     """One level: ``MLP_ℓ = Linear(d_in → d_g) → act → Linear(d_g → d_g)``, keys ``K_ℓ ∈ R^{s×d_g}`` ~ U(0, 1)."""
 
-    def __init__(self, *, input_dim: int, router_dim: int, num_experts: int, activation: str, gate: Gate) -> None:
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        router_dim: int,
+        num_experts: int,
+        activation: str,
+        gate: Gate,
+        prelu_init: float = 0.25,
+    ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(input_dim, router_dim), ROUTER_ACTIVATIONS[activation](), nn.Linear(router_dim, router_dim)
+            nn.Linear(input_dim, router_dim),
+            ROUTER_ACTIVATIONS[activation](prelu_init),
+            nn.Linear(router_dim, router_dim),
         )
         self.keys = nn.Parameter(torch.rand(num_experts, router_dim))
         self.gate = gate
@@ -45,6 +65,7 @@ class TreeRouter(nn.Module):
         router_dims: list[int],
         down_proj_dim: int,
         router_activation: str = "relu",
+        router_prelu_init: float = 0.25,
         gate: str = "switch",
         balance_weight: float = 0.01,
     ) -> None:
@@ -64,6 +85,7 @@ class TreeRouter(nn.Module):
                     router_dim=router_dims[level],
                     num_experts=num_experts[level],
                     activation=router_activation,
+                    prelu_init=router_prelu_init,
                     gate=build_gate(
                         gate,
                         num_experts=num_experts[level],

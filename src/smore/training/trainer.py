@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import smore
 from smore.analysis.plots import plot_expert_load, plot_losses
+from smore.compat import enable_checkpointing
 from smore.inject import restore_adapter
 from smore.resources import check_training_memory
 from smore.routing.stats import routing_health, track_routing
@@ -300,7 +301,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         # T-REX: cluster the training prompts once, before the first step (a resumed run restores the centroids).
         smore.fit_prior(model, _batches(dataset, list(range(len(dataset))), opt.micro_batch_size, pad), seed=opt.seed)
     if opt.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opt.learning_rate, weight_decay=opt.weight_decay)
