@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
+from smore.checks import check_choice, check_int, check_number
+
 GateType = Literal["dense", "switch", "noisy_topk"]
 Activation = Literal["identity", "tanh", "relu", "prelu"]
 ActivationPosition = Literal["all", "child", "child_v2"]
@@ -40,19 +42,12 @@ AuxReduction = Literal["sum", "mean"]
 
 
 def _check_choice(name: str, value: Any, literal: Any) -> None:
-    choices = get_args(literal)
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
-
-
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+    check_choice(name, value, get_args(literal))
 
 
 def _check_positive_ints(name: str, values: list[int], *, allow_zero: bool = False) -> None:
     for i, v in enumerate(values):
-        _check_int(f"{name}[{i}]", v, 0 if allow_zero else 1)
+        check_int(f"{name}[{i}]", v, 0 if allow_zero else 1)
 
 
 def _as_list(name: str, value: Any) -> list:
@@ -192,7 +187,7 @@ class SMoREConfig(AdapterConfig):
             _check_positive_ints(name, getattr(self, name))
         if self.alpha is not None:
             for i, a in enumerate(self.alpha):
-                _check_number(f"alpha[{i}]", a, low=0, open_low=True)
+                check_number(f"alpha[{i}]", a, low=0, open_low=True)
         _check_choice("gate", self.gate, GateType)
         _check_choice("activation", self.activation, Activation)
         _check_choice("activation_position", self.activation_position, ActivationPosition)
@@ -209,10 +204,10 @@ class SMoREConfig(AdapterConfig):
                     "estimate uses the (k+1)-th logit. Lower top_k, raise num_experts, or use gate='dense'."
                 )
         if self.down_proj_dim is not None:
-            _check_int("down_proj_dim", self.down_proj_dim)
-        _check_number("router_prelu_init", self.router_prelu_init, low=-math.inf)
-        _check_number("balance_weight", self.balance_weight, low=0)
-        _check_number("prelu_init", self.prelu_init, low=-math.inf)
+            check_int("down_proj_dim", self.down_proj_dim)
+        check_number("router_prelu_init", self.router_prelu_init, low=-math.inf)
+        check_number("balance_weight", self.balance_weight, low=0)
+        check_number("prelu_init", self.prelu_init, low=-math.inf)
         if not isinstance(self.shared_pool, bool):
             raise ValueError(f"shared_pool={self.shared_pool!r} must be true or false.")
         if self.shared_pool and (len(set(self.num_experts)) != 1 or len(set(self.ranks)) != 1):
@@ -262,14 +257,6 @@ class SMoREConfig(AdapterConfig):
         return [a / r for a, r in zip(self.alpha, self.ranks)]
 
 
-def _check_number(name: str, value: Any, *, low: float, high: float | None = None, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
-    if not ok:
-        bound = f"> {low}" if open_low else f">= {low}"
-        raise ValueError(f"{name}={value!r} must be a number {bound}" + (f" and < {high}." if high else "."))
-
-
 @dataclass
 class LoRAConfig(AdapterConfig):
     """LoRA: ``Δy = (alpha / rank) B A x`` (HF PEFT's LoRA, same weights and outputs)."""
@@ -285,10 +272,10 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("rank", self.rank)
+        check_int("rank", self.rank)
         if self.alpha is not None or not self.alpha_optional:
-            _check_number("alpha", self.alpha, low=0, open_low=True)
-        _check_number("dropout", self.dropout, low=0, high=1)
+            check_number("alpha", self.alpha, low=0, open_low=True)
+        check_number("dropout", self.dropout, low=0, high=1)
 
     alpha_optional: ClassVar[bool] = False
 
@@ -317,11 +304,11 @@ class MoLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("num_experts", self.num_experts)
-        _check_int("top_k", self.top_k)
+        check_int("num_experts", self.num_experts)
+        check_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
-        _check_number("balance_weight", self.balance_weight, low=0)
+        check_number("balance_weight", self.balance_weight, low=0)
 
 
 @dataclass
@@ -335,7 +322,7 @@ class HydraLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("num_experts", self.num_experts)
+        check_int("num_experts", self.num_experts)
 
 
 @dataclass
@@ -369,13 +356,13 @@ class MixLoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("num_experts", "top_k", "rank"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
-        _check_number("alpha", self.alpha, low=0, open_low=True)
-        _check_number("dropout", self.dropout, low=0, high=1)
-        _check_number("balance_weight", self.balance_weight, low=0)
-        _check_number("router_init_range", self.router_init_range, low=0)
+        check_number("alpha", self.alpha, low=0, open_low=True)
+        check_number("dropout", self.dropout, low=0, high=1)
+        check_number("balance_weight", self.balance_weight, low=0)
+        check_number("router_init_range", self.router_init_range, low=0)
         projections = ("gate_proj", "up_proj", "down_proj")
         self.expert_modules = _as_list("expert_modules", self.expert_modules)
         if not self.expert_modules or any(m not in projections for m in self.expert_modules):
@@ -402,5 +389,5 @@ class TREXConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("rank_in", self.rank_in)
-        _check_int("rank_out", self.rank_out)
+        check_int("rank_in", self.rank_in)
+        check_int("rank_out", self.rank_out)
