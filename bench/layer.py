@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 import smore
 from smore.adapters.base import AdaptedFFN, AdaptedLinear, ForwardContext
+from smore.adapters.trex_prior import SemanticPrior
 from smore.analysis.budget import TargetShapes, propose_configs
 from smore.registry import method_of
 
@@ -86,7 +87,7 @@ def linear_variants(d_in: int, d_out: int, device, dtype) -> tuple[nn.Linear, di
         entry["module"] = AdaptedLinear(base, delta, context)
         entry["delta"] = delta
         entry["trainable"] = common.trainable_parameters(delta)
-        if getattr(delta, "uses_prior", False):
+        if hasattr(delta, "call_inputs"):  # T-REX reads each token's semantic prior from the model call
             entry["prior_size"] = delta.num_experts
     return base, variants
 
@@ -119,8 +120,9 @@ def run_linear(args, device, dtype, d_in: int, d_out: int, tokens: int, repeats:
     context = next(iter(variants.values()))["module"].context
     prior_size = next((v["prior_size"] for v in variants.values() if "prior_size" in v), None)
     if prior_size is not None:  # T-REX: one sample's semantic prior, the same for all its tokens
-        context.prior = torch.rand(1, prior_size, generator=generator).to(device=device, dtype=dtype)
-    flat_prior = None if prior_size is None else context.prior.expand(tokens, -1)
+        context.state = SemanticPrior(prior_size)
+        context.state.prior = torch.rand(1, prior_size, generator=generator).to(device=device, dtype=dtype)
+    flat_prior = None if prior_size is None else context.state.prior.expand(tokens, -1)
 
     layer_calls = {"base": fwd_bwd(base, x, upstream, [])}
     adapter_calls = {}

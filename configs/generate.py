@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
+from smore.adapters.smore import SMoREConfig
 from smore.analysis.budget import BudgetRow, meta_model, propose_configs, resolve_budget
-from smore.config import SMoREConfig
 
 ROOT = Path(__file__).resolve().parent
 

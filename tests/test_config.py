@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 import smore
 from conftest import JUNK
-from smore.adapters.smore import build_smore
-from smore.config import SMoREConfig
+from smore.adapters.smore import SMoREConfig, build_smore
 from smore.registry import config_from_dict
 
 # -- validation -----------------------------------------------------------------------------------------------------

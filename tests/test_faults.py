@@ -362,7 +362,7 @@ def make_checkpoint(tmp_path: Path) -> tuple[Path, callable]:
         model, optimizer, scheduler = fresh()
         return load_checkpoint(
             folder,
-            load_adapter_weights=lambda path: smore.inject.restore_adapter(model, path),
+            load_adapter_weights=lambda path: smore.adapter_io.restore_adapter(model, path),
             optimizer=optimizer,
             scheduler=scheduler,
         )

@@ -11,8 +11,8 @@ from transformers import PhiConfig, PhiForCausalLM
 import smore
 from conftest import tiny_batch, tiny_llama
 from smore.adapters.base import AdaptedFFN
-from smore.adapters.mixlora import GROUPED_MIN_TOKENS
-from smore.analysis.params import mixlora_flops_per_token, mixlora_parameter_counts, model_report
+from smore.adapters.mixlora import GROUPED_MIN_TOKENS, mixlora_flops_per_token, mixlora_parameter_counts
+from smore.analysis.params import model_report
 
 
 def randomise(model, seed: int = 3) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import smore
 from conftest import small_smore, tiny_batch, tiny_llama
-from smore.config import SMoREConfig
+from smore.adapters.smore import SMoREConfig
 from smore.routing import DenseGate, NoisyTopKGate, SwitchGate, TreeRouter
 from smore.routing.gates import cv_squared
 

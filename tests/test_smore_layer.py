@@ -16,9 +16,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import smore
-from smore.adapters.smore import SMoREDelta, build_smore
+from smore.adapters.smore import SMoREConfig, SMoREDelta, build_smore
 from smore.adapters.smore_reference import reference_forward, reference_route
-from smore.config import SMoREConfig
 from smore.routing.types import TreeRouting
 
 D_IN, D_OUT = 6, 5

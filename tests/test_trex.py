@@ -8,8 +8,9 @@ import torch
 
 import smore
 from conftest import tiny_batch, tiny_llama
-from smore.analysis.params import model_report, trex_parameter_counts
-from smore.prior import kmeans, prompt_mask
+from smore.adapters.trex import trex_parameter_counts
+from smore.adapters.trex_prior import kmeans, prompt_mask
+from smore.analysis.params import model_report
 
 CONFIG = dict(rank_in=2, rank_out=3)
 
@@ -67,18 +68,18 @@ def test_prior_is_per_sample_and_differs_between_clusters():
     context = model.smore_state.context
     batch = tiny_batch(batch=4, length=8, seed=11)
     model(**batch)
-    prior = context.prior
+    prior = context.state.prior
     assert prior.shape == (4, 6)
-    embedding = context.prior_source.embed(model, batch["input_ids"], batch["attention_mask"])
-    assert torch.allclose(prior, embedding @ context.prior_source.centroids.t())
-    clusters = torch.cdist(embedding, context.prior_source.centroids).argmin(dim=1)
+    embedding = context.state.embed(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(prior, embedding @ context.state.centroids.t())
+    clusters = torch.cdist(embedding, context.state.centroids).argmin(dim=1)
     assert len(set(clusters.tolist())) > 1  # the batch spans several clusters ...
     assert not torch.allclose(prior[0], prior[1])  # ... so samples route differently
     delta = model.model.layers[0].mlp.up_proj.delta
     x = torch.randn(1, 32).expand(2, -1)  # the same token in two samples
     routing = delta.routing(x, prior[:2])
     assert not torch.allclose(routing[0], routing[1])
-    assert torch.equal(context.prior_for(torch.Size([4, 8]))[:8], prior[0].expand(8, -1))  # one row for all tokens
+    assert torch.equal(context.state.prior_for(torch.Size([4, 8]))[:8], prior[0].expand(8, -1))  # one row for all tokens
 
 
 def test_prior_reads_the_prompt_only():
@@ -87,11 +88,11 @@ def test_prior_reads_the_prompt_only():
     labels = batch["input_ids"].clone()
     labels[:, :5] = -100  # the first five tokens are the prompt
     model(**batch, labels=labels)
-    first = model.smore_state.context.prior.clone()
+    first = model.smore_state.context.state.prior.clone()
     changed = dict(batch, input_ids=batch["input_ids"].clone())
     changed["input_ids"][:, 6:] = 3  # another response
     model(**changed, labels=labels)
-    assert torch.allclose(model.smore_state.context.prior, first, atol=1e-6)
+    assert torch.allclose(model.smore_state.context.state.prior, first, atol=1e-6)
     assert torch.equal(prompt_mask(batch["attention_mask"], labels)[1], torch.arange(8) < 5)
     assert torch.equal(prompt_mask(batch["attention_mask"], None), batch["attention_mask"].bool())
 
@@ -101,10 +102,10 @@ def test_save_load_reproduces_outputs_and_prior(tmp_path):
     smore.save_adapter(model, tmp_path)
     reloaded = smore.load_adapter(tiny_llama(), tmp_path)
     assert torch.equal(
-        reloaded.smore_state.context.prior_source.centroids, model.smore_state.context.prior_source.centroids
+        reloaded.smore_state.context.state.centroids, model.smore_state.context.state.centroids
     )
     assert torch.equal(logits(reloaded, batch), logits(model, batch))
-    assert torch.equal(reloaded.smore_state.context.prior, model.smore_state.context.prior)
+    assert torch.equal(reloaded.smore_state.context.state.prior, model.smore_state.context.state.prior)
 
 
 def test_generation_keeps_the_prompt_prior_while_decoding():
@@ -117,7 +118,7 @@ def test_generation_keeps_the_prompt_prior_while_decoding():
         expected = smore.compute_prior(model, **batch)
         cached = model.generate(**batch, use_cache=True, **kwargs)
         model(**batch)
-        assert torch.allclose(expected, model.smore_state.context.prior)  # a plain forward computes the same prior
+        assert torch.allclose(expected, model.smore_state.context.state.prior)  # a plain forward computes the same prior
         uncached = model.generate(**batch, use_cache=False, **kwargs)
     assert torch.equal(cached[:, :5], batch["input_ids"]) and cached.shape == (2, 10)
     # The prior is the prompt's in both: with or without a cache, decoding routes alike and gives the same tokens.
@@ -135,7 +136,7 @@ def test_generation_embeds_the_prompt_once_and_never_re_enters_the_model():
     batch = tiny_batch(batch=2, length=6)
     calls, handle = top_level_calls(model)
     embeds = []
-    source = model.smore_state.context.prior_source
+    source = model.smore_state.context.state
     original = source.encoder
     source.encoder = lambda *args: embeds.append(1) or original(*args)
     with torch.no_grad():
@@ -170,7 +171,7 @@ def test_a_given_prior_routes_every_call_and_beams_take_their_sequence_row():
     with torch.no_grad():
         with smore.use_prior(model, prior):
             given = model(**batch).logits
-            assert torch.equal(model.smore_state.context.prior, prior)
+            assert torch.equal(model.smore_state.context.state.prior, prior)
             beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
         computed = model(**batch).logits
     assert not torch.allclose(given, computed)  # the given prior was used, not the computed one
@@ -189,8 +190,8 @@ def test_a_given_prior_routes_every_call_and_beams_take_their_sequence_row():
 def test_a_cached_step_is_recognised_by_either_cache_argument(name):
     from transformers import DynamicCache
 
+    from smore.adapters.trex_prior import continues_sequence
     from smore.compat import output_cache
-    from smore.prior import continues_sequence
 
     model = tiny_llama()
     batch = tiny_batch(batch=2, length=5)

@@ -9,29 +9,17 @@ Entry points::
     smore.save_adapter(model, "run/adapter"); smore.load_adapter(base_model, "run/adapter")
 """
 
-from smore.config import (
-    AdapterConfig,
-    HydraLoRAConfig,
-    LoRAConfig,
-    MixLoRAConfig,
-    MoLoRAConfig,
-    SMoREConfig,
-    TREXConfig,
-)
-from smore.inject import (
-    adapt,
-    adapted_modules,
-    aux_loss,
-    compute_prior,
-    disable_adapters,
-    fit_prior,
-    load_adapter,
-    read_adapter_config,
-    remove_adapter,
-    save_adapter,
-    summary,
-    use_prior,
-)
+from smore.adapter_io import load_adapter, read_adapter_config, restore_adapter, save_adapter
+from smore.adapters.base import adapted_modules, disable_adapters
+from smore.adapters.hydralora import HydraLoRAConfig
+from smore.adapters.lora import LoRAConfig
+from smore.adapters.mixlora import MixLoRAConfig
+from smore.adapters.molora import MoLoRAConfig
+from smore.adapters.smore import SMoREConfig
+from smore.adapters.trex import TREXConfig, compute_prior, fit_prior, use_prior
+from smore.config import AdapterConfig
+from smore.errors import UserError
+from smore.inject import adapt, aux_loss, remove_adapter, summary
 from smore.registry import METHODS, config_from_dict, get_method
 
 __version__ = "0.1.0"
@@ -45,6 +33,7 @@ __all__ = [
     "MoLoRAConfig",
     "SMoREConfig",
     "TREXConfig",
+    "UserError",
     "__version__",
     "adapt",
     "adapted_modules",
@@ -57,6 +46,7 @@ __all__ = [
     "load_adapter",
     "read_adapter_config",
     "remove_adapter",
+    "restore_adapter",
     "save_adapter",
     "summary",
     "use_prior",

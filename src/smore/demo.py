@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import smore
-from smore.config import AdapterConfig, SMoREConfig
+from smore.adapters.smore import SMoREConfig
+from smore.config import AdapterConfig
 from smore.evaluation.tasks import MCExample, load_task
 
 logger = logging.getLogger(__name__)

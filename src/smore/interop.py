@@ -43,8 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smore.adapters.smore import SMoREDelta
-from smore.config import SMoREConfig
+from smore.adapters.smore import SMoREConfig, SMoREDelta
 from smore.inject import adapt, adapted_modules
 
 logger = logging.getLogger(__name__)

@@ -38,11 +38,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from smore.adapter_io import load_adapter_weights
 from smore.adapters.base import linear_features
-from smore.adapters.lora import LoRADelta
-from smore.config import LoRAConfig
+from smore.adapters.lora import LoRAConfig, LoRADelta
 from smore.files import atomic_write, read_json_object, read_safetensors, write_json
-from smore.inject import adapt, adapted_modules, find_targets, load_adapter_weights
+from smore.inject import adapt, adapted_modules
+from smore.targets import find_targets
 
 try:  # GPT-2 style projections: PEFT marks them with fan_in_fan_out=True
     from transformers.pytorch_utils import Conv1D

@@ -8,7 +8,9 @@ their last forward in ``aux_loss`` (a scalar tensor, or ``None``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -31,17 +33,15 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
 class ForwardContext:
     """What the adapters of one model need to know about the model call in flight, beyond their own input.
 
-    A forward pre-hook on the adapted model reads the call's arguments: the 2-D ``attention_mask`` (so padding never
-    counts in routing statistics) and, when a :class:`~smore.prior.SemanticPrior` is attached (T-REX), the
-    per-sample prior, one row per sequence. Each adapter takes what matches its input: the last T mask columns
-    during cached decoding, each sequence's prior repeated over its tokens. Both stay until the next model call,
-    so a gradient-checkpointing recomputation during backward sees what the forward saw.
+    A forward pre-hook on the adapted model reads the call's arguments: the 2-D ``attention_mask``, so padding never
+    counts in routing statistics (each adapter takes the last T mask columns during cached decoding), and hands them
+    to the method's model-level ``state`` when it has one (T-REX's semantic prior: see its ``on_call``). Both stay
+    until the next model call, so a gradient-checkpointing recomputation during backward sees what the forward saw.
     """
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
-        self.prior: torch.Tensor | None = None
-        self.prior_source = None  # a SemanticPrior, for methods that route with a per-sample prior
+        self.state = None  # the method's model-level state (its Method.state attaches it), or None
         self._signatures: dict[int, inspect.Signature] = {}
 
     def arguments(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -55,13 +55,13 @@ class ForwardContext:
             return kwargs
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.prior_source is not None and self.prior_source.busy:
-            return  # the prior's own embedding pass through this model: leave the context as it is
+        if getattr(self.state, "busy", False):
+            return  # the state's own pass through this model (T-REX's embedding): leave the context as it is
         arguments = self.arguments(module, args, kwargs)
         mask = arguments.get("attention_mask")
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        if self.prior_source is not None:
-            self.prior = self.prior_source.prior_for_call(module, arguments, self.prior)
+        if self.state is not None:
+            self.state.on_call(module, arguments)
 
     def valid_for(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """(N,) bool of real tokens for an input whose leading dims are (batch, time), or ``None`` if unknown."""
@@ -72,21 +72,6 @@ class ForwardContext:
         if steps > mask.shape[1]:
             return None
         return mask[:, mask.shape[1] - steps :].reshape(-1).bool()
-
-    def prior_for(self, leading_shape: torch.Size) -> torch.Tensor:
-        """(N, K) prior of every token: its sequence's row, for an input whose leading dims are (batch, time)."""
-        prior = self.prior
-        if prior is None:
-            raise ValueError(
-                "this adapter routes with a semantic prior, but none is set: call smore.fit_prior(model, batches) "
-                "on training prompts before training, or load an adapter saved with its prior."
-            )
-        if len(leading_shape) != 2 or leading_shape[0] != prior.shape[0]:
-            raise ValueError(
-                f"the semantic prior holds {prior.shape[0]} sequences but the adapter sees inputs of shape "
-                f"{tuple(leading_shape)}; T-REX needs (batch, time, features) inputs of the model call."
-            )
-        return prior.repeat_interleave(leading_shape[1], dim=0)
 
 
 class AdapterWrapper(nn.Module):
@@ -100,6 +85,9 @@ class AdapterWrapper(nn.Module):
         self.enabled = True
         self.context = context
         self._dtype_source: tuple[torch.Tensor] | None = None  # (a parameter of delta,): see delta_dtype
+        # A delta that reads more of the model call than its tokens (T-REX: each token's prior) says so by defining
+        # ``call_inputs(context, leading_shape, dtype) -> dict`` of extra keyword arguments for its forward.
+        self._call_inputs = getattr(delta, "call_inputs", None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,11 +112,11 @@ class AdapterWrapper(nn.Module):
 
     def _flat_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Tokens as (N, d) in the adapter's dtype, and the context the delta takes: which tokens are real (not
-        padding) and, for deltas with ``uses_prior``, each token's semantic prior."""
+        padding) and whatever else the delta reads from the model call (its ``call_inputs``, e.g. T-REX's prior)."""
         context: dict = {"valid": None if self.context is None else self.context.valid_for(x.shape[:-1])}
         delta_dtype = self.delta_dtype
-        if getattr(self.delta, "uses_prior", False):
-            context["prior"] = self.context.prior_for(x.shape[:-1]).to(delta_dtype)
+        if self._call_inputs is not None:
+            context.update(self._call_inputs(self.context, x.shape[:-1], delta_dtype))
         return x.reshape(-1, x.shape[-1]).to(delta_dtype), context
 
 
@@ -199,3 +187,22 @@ class AdaptedFFN(AdapterWrapper):
         tokens, context = self._flat_inputs(x)
         y = self.delta(tokens, self.base_layer, **context)  # (N, d)
         return y.reshape(x.shape).to(x.dtype)
+
+
+def adapted_modules(model: nn.Module) -> dict[str, AdapterWrapper]:
+    """Every adapter wrapper (:class:`AdaptedLinear`, :class:`AdaptedFFN`) in ``model``, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterWrapper)}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (every adapter off); the previous state returns after."""
+    modules = list(adapted_modules(model).values())
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.enabled = was

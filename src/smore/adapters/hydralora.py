@@ -7,12 +7,40 @@ Vectorised: the outer product of the router weights (N, E) and ``A x`` (N, r) is
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from smore.adapters.lora import check_lora_arguments
+from smore.adapters.lora import LoRAConfig, check_lora_arguments
+from smore.adapters.method import (
+    CostModel,
+    Counts,
+    Method,
+    SearchSpace,
+    check_config,
+    check_features,
+    expert_variants,
+    with_total,
+)
+from smore.checks import check_int
+
+
+@dataclass
+class HydraLoRAConfig(LoRAConfig):
+    """HydraLoRA: one shared A, ``num_experts`` B heads, a dense softmax router without bias."""
+
+    method: ClassVar[str] = "hydralora"
+
+    num_experts: int = 4
+    """E: B heads per adapted layer."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("num_experts", self.num_experts)
 
 
 class HydraLoRADelta(nn.Module):
@@ -50,7 +78,7 @@ class HydraLoRADelta(nn.Module):
 
 
 def build_hydralora(config, in_features: int, out_features: int) -> HydraLoRADelta:
-    """Builder: a :class:`~smore.config.HydraLoRAConfig` to the keyword arguments of :class:`HydraLoRADelta`."""
+    """Builder: a :class:`HydraLoRAConfig` to the keyword arguments of :class:`HydraLoRADelta`."""
     return HydraLoRADelta(
         in_features=in_features,
         out_features=out_features,
@@ -59,3 +87,33 @@ def build_hydralora(config, in_features: int, out_features: int) -> HydraLoRADel
         alpha=config.alpha,
         dropout=config.dropout,
     )
+
+
+def hydralora_parameter_counts(config: HydraLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """HydraLoRA: ``{"A": r d_in, "B": E r d_out, "router": d_in E, "total"}``. The router is dense, so every
+    token uses every parameter: this is also its active count."""
+    config = check_config(config, HydraLoRAConfig)
+    check_features(in_features, out_features)
+    experts, rank = config.num_experts, config.rank
+    return with_total({"A": rank * in_features, "B": experts * rank * out_features, "router": in_features * experts})
+
+
+def hydralora_flops_per_token(config: HydraLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """Multiply-adds per token: ``router`` ``d_in E``, the shared ``A`` ``d_in r``, the stacked heads ``B``
+    ``E r d_out`` (the outer product p ⊗ A x is element-wise, left out). Equal to the parameter counts."""
+    return hydralora_parameter_counts(config, in_features, out_features)
+
+
+METHOD = Method(
+    name="hydralora",
+    config_class=HydraLoRAConfig,
+    build=build_hydralora,
+    costs=CostModel(hydralora_parameter_counts, hydralora_parameter_counts, hydralora_flops_per_token),
+    search=SearchSpace(
+        default=lambda: HydraLoRAConfig(num_experts=4),
+        resize=lambda c, r: dataclasses.replace(c, rank=r),
+        describe=lambda c: f"E={c.num_experts} r={c.rank}",
+        gamma=lambda c: 1,  # a dense softmax over all heads: one structure (Γ counts structures, not weightings)
+        variants=expert_variants(2, 8, top_k=False),
+    ),
+)

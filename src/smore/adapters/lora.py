@@ -11,10 +11,45 @@ Parameter names and initialisation follow HF PEFT's ``lora.Linear`` (``lora_A``/
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from smore.adapters.method import CostModel, Counts, Method, SearchSpace, check_config, check_features, with_total
+from smore.checks import check_int, check_number
+from smore.config import AdapterConfig
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA: ``Δy = (alpha / rank) B A x`` (HF PEFT's LoRA, same weights and outputs)."""
+
+    method: ClassVar[str] = "lora"
+
+    rank: int = 8
+    """r: the rank of the update."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input, in training only."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("rank", self.rank)
+        if self.alpha is not None or not self.alpha_optional:
+            check_number("alpha", self.alpha, low=0, open_low=True)
+        check_number("dropout", self.dropout, low=0, high=1)
+
+    alpha_optional: ClassVar[bool] = False
+
+    @property
+    def scaling(self) -> float:
+        """The factor on every update: alpha / rank (1 when alpha is null, where the method allows it)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
 
 
 def check_lora_arguments(*, rank: int, alpha: float, dropout: float) -> None:
@@ -51,7 +86,33 @@ class LoRADelta(nn.Module):
 
 
 def build_lora(config, in_features: int, out_features: int) -> LoRADelta:
-    """Builder: a :class:`~smore.config.LoRAConfig` to the keyword arguments of :class:`LoRADelta`."""
+    """Builder: a :class:`LoRAConfig` to the keyword arguments of :class:`LoRADelta`."""
     return LoRADelta(
         in_features=in_features, out_features=out_features, rank=config.rank, alpha=config.alpha, dropout=config.dropout
     )
+
+
+def lora_parameter_counts(config: LoRAConfig, in_features: int, out_features: int) -> Counts:
+    """LoRA: ``{"A": r d_in, "B": r d_out, "total": r (d_in + d_out)}``. Every token uses all of them."""
+    config = check_config(config, LoRAConfig)
+    check_features(in_features, out_features)
+    return with_total({"A": config.rank * in_features, "B": config.rank * out_features})
+
+
+def lora_flops_per_token(config: LoRAConfig, in_features: int, out_features: int) -> Counts:
+    """LoRA multiply-adds per token: ``{"A": d_in r, "B": r d_out, "total"}`` (the same numbers as its parameters)."""
+    return lora_parameter_counts(config, in_features, out_features)
+
+
+METHOD = Method(
+    name="lora",
+    config_class=LoRAConfig,
+    build=build_lora,
+    costs=CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token),
+    search=SearchSpace(
+        default=LoRAConfig,
+        resize=lambda c, r: dataclasses.replace(c, rank=r),
+        describe=lambda c: f"r={c.rank}",
+        gamma=lambda c: 1,
+    ),
+)

@@ -23,15 +23,29 @@ same outputs and gradients:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smore.adapters.base import AdaptedFFN, AdaptedLinear, AdapterWrapper, ForwardContext, ffn_features, linear_features
-from smore.adapters.lora import build_lora
-from smore.config import LoRAConfig
+from smore.adapters.lora import LoRAConfig, build_lora
+from smore.adapters.method import (
+    CostModel,
+    Counts,
+    Method,
+    SearchSpace,
+    check_config,
+    check_features,
+    expert_variants,
+    with_total,
+)
+from smore.checks import check_int, check_number
+from smore.config import AdapterConfig, as_list, check_patterns
 from smore.routing.gates import SwitchGate
 from smore.routing.stats import RoutingCounter
 from smore.targets import find_targets, matches
@@ -40,6 +54,54 @@ EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 GROUPED_MIN_TOKENS = 64
 """From this many tokens on, ``expert_path="auto"`` takes the grouped path: its loop over experts costs a few calls
 per expert, which the masked path's E-fold multiply-adds outweigh only beyond a few dozen tokens on a CPU."""
+
+
+@dataclass
+class MixLoRAConfig(AdapterConfig):
+    """MixLoRA: each gated MLP becomes a top-k mixture of ``num_experts`` copies of itself, each with its own LoRA on
+    ``expert_modules``; optional plain LoRA on ``attention_modules``. Llama-style MLPs only."""
+
+    method: ClassVar[str] = "mixlora"
+
+    target_modules: list[str] | str = field(default_factory=lambda: ["mlp"])
+    """The gated MLP blocks to turn into mixtures (modules with gate_proj, up_proj, down_proj and act_fn)."""
+    num_experts: int = 8
+    """E: experts per MLP block."""
+    top_k: int = 2
+    """Experts used per token."""
+    rank: int = 8
+    """r: rank of every expert LoRA (and of the attention LoRA)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: updates are multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA inputs, in training only."""
+    expert_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    """Which projections of the MLP get a LoRA per expert."""
+    attention_modules: list[str] | str | None = None
+    """Attention projections that get a plain LoRA (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']); null: none."""
+    balance_weight: float = 0.001
+    """Weight of the Switch-style load-balancing loss."""
+    router_init_range: float = 0.02
+    """Standard deviation of the router's normal initialisation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_experts", "top_k", "rank"):
+            check_int(name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
+        check_number("alpha", self.alpha, low=0, open_low=True)
+        check_number("dropout", self.dropout, low=0, high=1)
+        check_number("balance_weight", self.balance_weight, low=0)
+        check_number("router_init_range", self.router_init_range, low=0)
+        projections = ("gate_proj", "up_proj", "down_proj")
+        self.expert_modules = as_list("expert_modules", self.expert_modules)
+        if not self.expert_modules or any(m not in projections for m in self.expert_modules):
+            raise ValueError(
+                f"expert_modules={self.expert_modules!r} must be a non-empty subset of {list(projections)}."
+            )
+        if self.attention_modules is not None:
+            self.attention_modules = check_patterns("attention_modules", self.attention_modules)
 
 
 class MixLoRAFFN(RoutingCounter, nn.Module):
@@ -209,3 +271,76 @@ def wrap_mixlora(config, name: str, module: nn.Module, context: ForwardContext) 
         return AdaptedFFN(module, delta, context)
     in_features, out_features = linear_features(module)
     return AdaptedLinear(module, build_lora(attention_lora_config(config), in_features, out_features), context)
+
+
+def mixlora_parameter_counts(config: MixLoRAConfig, hidden_size: int, intermediate_size: int) -> Counts:
+    """One MixLoRA FFN block ``hidden → intermediate → hidden``: E LoRAs of rank r on each expert projection,
+    ``E r (d + d_ff)`` each, and the bias-free router ``d E`` (SPEC §2: ``E r · 3(d + d_ff) + d E`` for all three)."""
+    config = check_config(config, MixLoRAConfig)
+    check_features(hidden_size, intermediate_size)
+    width = config.num_experts * config.rank * (hidden_size + intermediate_size)
+    counts = {name: width for name in config.expert_modules}
+    counts["router"] = hidden_size * config.num_experts
+    return with_total(counts)
+
+
+def mixlora_active_parameters(config: MixLoRAConfig, hidden_size: int, intermediate_size: int) -> Counts:
+    """Parameters one token uses in a block: the top-k experts' LoRAs and the whole router."""
+    config = check_config(config, MixLoRAConfig)
+    check_features(hidden_size, intermediate_size)
+    width = config.top_k * config.rank * (hidden_size + intermediate_size)
+    counts = {name: width for name in config.expert_modules}
+    counts["router"] = hidden_size * config.num_experts
+    return with_total(counts)
+
+
+def mixlora_flops_per_token(
+    config: MixLoRAConfig, hidden_size: int, intermediate_size: int, *, path: str = "grouped"
+) -> Counts:
+    """Multiply-adds per token of this library's MixLoRA block, beyond the frozen FFN (which runs once per token).
+
+    ``path="grouped"`` (inputs of ``GROUPED_MIN_TOKENS`` tokens or more, i.e. training and prefill): each of the
+    token's ``k`` slots runs its own expert's LoRA only, ``k r (d + d_ff)`` per projection. ``path="masked"``
+    (shorter inputs, e.g. decoding): gate/up: every expert's A on the token (``d E r``), then the stacked B once per
+    selected slot (``k E r d_ff``, the other experts' blocks masked to zero); down: every expert's A once per slot
+    (``k d_ff E r``), then the stacked B once on the weighted sum (``E r d``). Router ``d E`` either way.
+    """
+    config = check_config(config, MixLoRAConfig)
+    check_features(hidden_size, intermediate_size)
+    if path not in ("grouped", "masked"):
+        raise ValueError(f"path={path!r} must be 'grouped' or 'masked'.")
+    stacked, k, r = config.num_experts * config.rank, config.top_k, config.rank
+    if path == "grouped":
+        per_projection = dict.fromkeys(("gate_proj", "up_proj", "down_proj"), k * r * (hidden_size + intermediate_size))
+    else:
+        per_projection = {
+            "gate_proj": hidden_size * stacked + k * stacked * intermediate_size,
+            "up_proj": hidden_size * stacked + k * stacked * intermediate_size,
+            "down_proj": k * intermediate_size * stacked + stacked * hidden_size,
+        }
+    counts = {name: per_projection[name] for name in config.expert_modules}
+    counts["router"] = hidden_size * config.num_experts
+    return with_total(counts)
+
+
+def _layer_config(config: MixLoRAConfig, module: nn.Module) -> AdapterConfig:
+    """The config that sizes one target: the mixture for an MLP block, the plain LoRA for an attention projection."""
+    return attention_lora_config(config) if linear_features(module) is not None else config
+
+
+METHOD = Method(
+    name="mixlora",
+    config_class=MixLoRAConfig,
+    wrap=wrap_mixlora,
+    find=find_mixlora_targets,
+    layer_config=_layer_config,
+    block_level=True,
+    costs=CostModel(mixlora_parameter_counts, mixlora_active_parameters, mixlora_flops_per_token),
+    search=SearchSpace(
+        default=lambda: MixLoRAConfig(num_experts=8, top_k=2),
+        resize=lambda c, r: dataclasses.replace(c, rank=r),
+        describe=lambda c: f"E={c.num_experts} k={c.top_k} r={c.rank}",
+        gamma=lambda c: math.comb(c.num_experts, c.top_k),  # expert sets a token can use
+        variants=expert_variants(2, 16, top_k=True),
+    ),
+)

@@ -12,14 +12,54 @@ stacked B (d_out, E·r) sums the experts. The cost is that of a LoRA of rank E·
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from smore.adapters.lora import check_lora_arguments
+from smore.adapters.lora import LoRAConfig, check_lora_arguments
+from smore.adapters.method import (
+    CostModel,
+    Counts,
+    Method,
+    SearchSpace,
+    check_config,
+    check_features,
+    expert_variants,
+    with_total,
+)
+from smore.checks import check_int, check_number
 from smore.routing.gates import SwitchGate
 from smore.routing.stats import RoutingCounter
+
+
+@dataclass
+class MoLoRAConfig(LoRAConfig):
+    """MoLoRA: a mixture of ``num_experts`` LoRA experts per layer, top-k of ``softmax(W_g x)`` renormalised."""
+
+    method: ClassVar[str] = "molora"
+    alpha_optional: ClassVar[bool] = True
+
+    alpha: float | None = None
+    """Scaling numerator (updates times alpha / rank); null: no scaling, SPEC §2's ``Σ p_i B_i A_i x``."""
+
+    num_experts: int = 4
+    """E: LoRA experts per adapted layer."""
+    top_k: int = 2
+    """Experts used per token."""
+    balance_weight: float = 0.0
+    """Weight of the Switch-style load-balancing loss (0 turns it off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("num_experts", self.num_experts)
+        check_int("top_k", self.top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
+        check_number("balance_weight", self.balance_weight, low=0)
 
 
 class MoLoRADelta(RoutingCounter, nn.Module):
@@ -73,7 +113,7 @@ class MoLoRADelta(RoutingCounter, nn.Module):
 
 
 def build_molora(config, in_features: int, out_features: int) -> MoLoRADelta:
-    """Builder: a :class:`~smore.config.MoLoRAConfig` to the keyword arguments of :class:`MoLoRADelta`."""
+    """Builder: a :class:`MoLoRAConfig` to the keyword arguments of :class:`MoLoRADelta`."""
     return MoLoRADelta(
         in_features=in_features,
         out_features=out_features,
@@ -84,3 +124,47 @@ def build_molora(config, in_features: int, out_features: int) -> MoLoRADelta:
         balance_weight=config.balance_weight,
         dropout=config.dropout,
     )
+
+
+def molora_parameter_counts(config: MoLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """MoLoRA: ``{"A": E r d_in, "B": E r d_out, "router": d_in E, "total": E r (d_in + d_out) + d_in E}``."""
+    config = check_config(config, MoLoRAConfig)
+    check_features(in_features, out_features)
+    experts, rank = config.num_experts, config.rank
+    return with_total(
+        {"A": experts * rank * in_features, "B": experts * rank * out_features, "router": in_features * experts}
+    )
+
+
+def molora_active_parameters(config: MoLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """Parameters one token uses: the top-k experts' A and B and the whole router, ``k r (d_in + d_out) + d_in E``."""
+    config = check_config(config, MoLoRAConfig)
+    check_features(in_features, out_features)
+    k, rank = config.top_k, config.rank
+    return with_total(
+        {"A": k * rank * in_features, "B": k * rank * out_features, "router": in_features * config.num_experts}
+    )
+
+
+def molora_flops_per_token(config: MoLoRAConfig, in_features: int, out_features: int) -> Counts:
+    """Multiply-adds per token of this library's MoLoRA forward: it computes **every** expert, routed or not.
+
+    ``router``: ``d_in E``;  ``A``: all experts' A in one matmul, ``d_in E r``;  ``B``: the stacked B on the
+    gate-weighted (mostly zero) hidden, ``E r d_out``. The gate and the weighting are element-wise, left out.
+    """
+    return molora_parameter_counts(config, in_features, out_features)
+
+
+METHOD = Method(
+    name="molora",
+    config_class=MoLoRAConfig,
+    build=build_molora,
+    costs=CostModel(molora_parameter_counts, molora_active_parameters, molora_flops_per_token),
+    search=SearchSpace(
+        default=lambda: MoLoRAConfig(num_experts=4, top_k=2),
+        resize=lambda c, r: dataclasses.replace(c, rank=r),
+        describe=lambda c: f"E={c.num_experts} k={c.top_k} r={c.rank}",
+        gamma=lambda c: math.comb(c.num_experts, c.top_k),  # expert sets a token can use
+        variants=expert_variants(2, 8, top_k=True),
+    ),
+)

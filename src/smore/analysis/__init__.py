@@ -4,6 +4,14 @@ Every function is a pure function of a config and layer shapes (or, for :func:`e
 one token); :mod:`smore.analysis.cli` exposes them as ``smore analyze``.
 """
 
+from smore.adapters.method import CostModel
+from smore.adapters.smore import (
+    PaperOverhead,
+    paper_overhead,
+    smore_active_parameters,
+    smore_flops_per_token,
+    smore_parameter_counts,
+)
 from smore.analysis.flexibility import (
     empirical_gamma,
     enumerate_routing_trees,
@@ -11,19 +19,7 @@ from smore.analysis.flexibility import (
     gamma_moe,
     gamma_smore,
 )
-from smore.analysis.params import (
-    COST_MODELS,
-    CostModel,
-    LayerReport,
-    ModelReport,
-    PaperOverhead,
-    layer_costs,
-    model_report,
-    paper_overhead,
-    smore_active_parameters,
-    smore_flops_per_token,
-    smore_parameter_counts,
-)
+from smore.analysis.params import COST_MODELS, LayerReport, ModelReport, layer_costs, model_report
 
 __all__ = [
     "COST_MODELS",

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from smore.analysis.flexibility import gamma_moe, gamma_smore
+from smore.adapters.method import SearchSpace
 from smore.analysis.params import COST_MODELS, LayerReport, ModelReport, layer_costs, model_report
-from smore.config import (
-    AdapterConfig,
-    HydraLoRAConfig,
-    LoRAConfig,
-    MixLoRAConfig,
-    MoLoRAConfig,
-    SMoREConfig,
-    TREXConfig,
-)
-from smore.registry import get_method
+from smore.config import AdapterConfig
+from smore.registry import METHODS, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -142,139 +134,9 @@ class TargetShapes:
 
 # -- search spaces --------------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """How :func:`propose_configs` sizes one method.
-
-    ``resize(config, value)`` returns ``config`` with its knob (a rank) set to ``value``; the trainable count must
-    grow with it. ``variants(config)`` lists the structures tried, each with its best knob value, when no value of
-    the starting structure meets the tolerance: tiers, nearest the starting structure first; the search stops at the
-    first tier with a config in tolerance and takes the closest of that tier. ``gamma(config)`` is the structural
-    flexibility Γ reported.
-    """
-
-    default: Callable[[], AdapterConfig]
-    resize: Callable[[Any, int], AdapterConfig]
-    describe: Callable[[Any], str]
-    gamma: Callable[[Any], int]
-    variants: Callable[[Any], list[list[AdapterConfig]]] = field(default=lambda config: [])
-    knob: str = "rank"
-    max_value: int = 4096
-
-
-def _replace_all(config: AdapterConfig, changes: Iterable[dict[str, Any]]) -> list[AdapterConfig]:
-    """Valid configs ``config`` becomes under each change (invalid combinations are skipped)."""
-    out = []
-    for change in changes:
-        try:
-            out.append(dataclasses.replace(config, **change))
-        except ValueError:
-            continue
-    return out
-
-
-def _expert_variants(low: int, high: int, *, top_k: bool) -> Callable[[Any], list[list[AdapterConfig]]]:
-    """``num_experts`` in ``[low, high]``, nearest the starting number first (E ± 1, then E ± 2, …); top-k is kept
-    (capped at E)."""
-
-    def variants(config: Any) -> list[list[AdapterConfig]]:
-        tiers = []
-        for step in range(1, high - low + 1):
-            numbers = [e for e in (config.num_experts - step, config.num_experts + step) if low <= e <= high]
-            changes = [
-                {"num_experts": e, "top_k": min(config.top_k, e)} if top_k else {"num_experts": e} for e in numbers
-            ]
-            if changes:
-                tiers.append(_replace_all(config, changes))
-        return tiers
-
-    return variants
-
-
-def _smore_variants(config: SMoREConfig) -> list[list[AdapterConfig]]:
-    """The router's size, never the tree: first the token down-projection ``d_down`` in steps of 4 (it moves the
-    count most, ``d·d_down`` per adapter), nearest the starting one first; then the same with the level routers'
-    width ``d_g`` at 16 or 64."""
-    downs = range(4, 129, 4)
-    start = config.down_proj_dim or 32  # a layer-width down-projection (None) is searched from the usual 32
-
-    def tiers(router_dims: list[int]) -> list[list[AdapterConfig]]:
-        out = []
-        for distance in sorted({abs(d - start) for d in downs}):
-            changes = [
-                {"down_proj_dim": d, "router_dims": router_dims}
-                for d in downs
-                if abs(d - start) == distance and (d, router_dims) != (start, config.router_dims)
-            ]
-            if changes:
-                out.append(_replace_all(config, changes))
-        return out
-
-    levels = config.num_levels
-    result = tiers(list(config.router_dims))
-    for width in (16, 64):
-        if [width] * levels != config.router_dims:
-            result += tiers([width] * levels)
-    return result
-
-
-def _describe_smore(config: SMoREConfig) -> str:
-    def joined(values: list[int]) -> str:
-        return ",".join(str(v) for v in values)
-
-    text = f"s={joined(config.num_experts)} f={joined(config.top_k)} r={joined(config.ranks)}"
-    down = "d" if config.down_proj_dim is None else config.down_proj_dim
-    text += f" d_g={joined(config.router_dims)} d_down={down} {config.gate}"
-    return text + (" shared" if config.shared_pool else "")
-
-
-SEARCH_SPACES: dict[str, SearchSpace] = {
-    "smore": SearchSpace(
-        default=SMoREConfig,
-        resize=lambda c, r: dataclasses.replace(c, ranks=[r] * c.num_levels),
-        describe=_describe_smore,
-        gamma=lambda c: gamma_smore(c.num_experts, c.fanouts),
-        variants=_smore_variants,
-    ),
-    "lora": SearchSpace(
-        default=LoRAConfig,
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
-        describe=lambda c: f"r={c.rank}",
-        gamma=lambda c: 1,
-    ),
-    "molora": SearchSpace(
-        default=lambda: MoLoRAConfig(num_experts=4, top_k=2),
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
-        describe=lambda c: f"E={c.num_experts} k={c.top_k} r={c.rank}",
-        gamma=lambda c: gamma_moe(c.num_experts, c.top_k),
-        variants=_expert_variants(2, 8, top_k=True),
-    ),
-    "hydralora": SearchSpace(
-        default=lambda: HydraLoRAConfig(num_experts=4),
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
-        describe=lambda c: f"E={c.num_experts} r={c.rank}",
-        gamma=lambda c: 1,  # dense softmax over all heads: one structure (see the module docstring)
-        variants=_expert_variants(2, 8, top_k=False),
-    ),
-    "mixlora": SearchSpace(
-        default=lambda: MixLoRAConfig(num_experts=8, top_k=2),
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
-        describe=lambda c: f"E={c.num_experts} k={c.top_k} r={c.rank}",
-        gamma=lambda c: gamma_moe(c.num_experts, c.top_k),
-        variants=_expert_variants(2, 16, top_k=True),
-    ),
-    "trex": SearchSpace(
-        # T-REX adapts every linear layer by default; here it goes where the others go, the FFN projections.
-        default=lambda: TREXConfig(target_modules=["gate_proj", "up_proj", "down_proj"]),
-        resize=lambda c, r: dataclasses.replace(c, rank_out=r),
-        describe=lambda c: f"r1={c.rank_in} r2={c.rank_out}",
-        gamma=lambda c: 1,  # a dense mixture of every rank-one expert: one structure, as HydraLoRA
-        variants=lambda c: [[dataclasses.replace(c, rank_in=r)] for r in (2, 8, 1, 16) if r != c.rank_in],
-    ),
-}
-"""Method name → how the budget tool sizes it. A method with a cost model in
-:data:`~smore.analysis.params.COST_MODELS` joins the comparison with one line here."""
+SEARCH_SPACES: dict[str, SearchSpace] = {name: m.search for name, m in METHODS.items() if m.search is not None}
+"""Method name → how the budget tool sizes it, read from the method records (``METHOD.search`` in each method's
+file); a method with a search space joins the comparison."""
 
 
 def budget_methods() -> list[str]:
@@ -291,8 +153,8 @@ Target = nn.Module | TargetShapes | Sequence[tuple[int, int]]
 
 
 def _is_block_level(method: str) -> bool:
-    """MixLoRA-style methods adapt whole modules found by their own ``find``, not linear layers."""
-    return get_method(method).find is not None
+    """MixLoRA-style methods adapt whole MLP blocks, not linear layers."""
+    return get_method(method).block_level
 
 
 def _shapes_report(shapes: TargetShapes, config: AdapterConfig) -> ModelReport:

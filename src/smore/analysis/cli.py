@@ -20,11 +20,10 @@ from typing import Any
 import torch
 import yaml
 
-from smore.adapters.smore import build_smore
+from smore.adapters.smore import SMoREConfig, build_smore
 from smore.analysis.budget import meta_model, propose_configs
 from smore.analysis.flexibility import empirical_gamma, gamma_flat_bound, gamma_moe, gamma_smore
 from smore.analysis.params import layer_costs, model_report, paper_overhead
-from smore.config import SMoREConfig
 from smore.registry import config_from_dict
 
 logger = logging.getLogger(__name__)

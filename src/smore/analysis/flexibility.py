@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from smore.adapters.smore import SMoREDelta
+from smore.adapters.smore import SMoREDelta, slot_counts, structures
 from smore.routing.types import TreeRouting
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,6 @@ def _check_levels(num_experts: Sequence[int], top_k: Sequence[int]) -> tuple[lis
     return num_experts, top_k
 
 
-def _slots(top_k: Sequence[int]) -> list[int]:
-    """F_0 … F_L with F_L = 1 (the virtual root)."""
-    slots = [1]
-    for f in reversed(top_k):
-        slots.insert(0, slots[0] * f)
-    return slots
-
-
 def gamma_smore(num_experts: Sequence[int], top_k: Sequence[int]) -> int:
     """Theorem 3.4: ``Γ = ∏_ℓ C(s_ℓ, f_ℓ)^{F_{ℓ+1}}`` for S'MoRE with a non-linear σ.
 
@@ -60,8 +52,7 @@ def gamma_smore(num_experts: Sequence[int], top_k: Sequence[int]) -> int:
     is also the number of routing trees. Example: s = [4, 4], f = [2, 2] gives 6 · 6² = 216.
     """
     num_experts, top_k = _check_levels(num_experts, top_k)
-    slots = _slots(top_k)
-    return math.prod(math.comb(s, f) ** slots[level + 1] for level, (s, f) in enumerate(zip(num_experts, top_k)))
+    return structures(num_experts, top_k)
 
 
 def gamma_flat_bound(num_experts: Sequence[int], top_k: Sequence[int]) -> int:
@@ -71,7 +62,7 @@ def gamma_flat_bound(num_experts: Sequence[int], top_k: Sequence[int]) -> int:
     ``min(F_ℓ, s_ℓ)`` of them), not which parent picked them. Example: s = [4, 4], f = [2, 2] gives 6 · 11 = 66.
     """
     num_experts, top_k = _check_levels(num_experts, top_k)
-    slots = _slots(top_k)
+    slots = slot_counts(top_k)
     top = len(num_experts) - 1
     bound = math.comb(num_experts[top], top_k[top])
     for level in range(top):
@@ -86,11 +77,6 @@ def gamma_moe(num_experts: int, top_k: int) -> int:
     return math.comb(num_experts, top_k)
 
 
-def num_routing_trees(num_experts: Sequence[int], top_k: Sequence[int]) -> int:
-    """How many routing trees ``empirical_gamma`` enumerates (the same number as Theorem 3.4's Γ)."""
-    return gamma_smore(num_experts, top_k)
-
-
 def enumerate_routing_trees(num_experts: Sequence[int], top_k: Sequence[int]) -> list[torch.Tensor]:
     """Every routing tree as forced selections: one (N, F_ℓ) long tensor per level, bottom first.
 
@@ -99,7 +85,7 @@ def enumerate_routing_trees(num_experts: Sequence[int], top_k: Sequence[int]) ->
     duplicate trees). Slots are parent-major, as :class:`~smore.routing.types.TreeRouting` lays them out.
     """
     num_experts, top_k = _check_levels(num_experts, top_k)
-    slots = _slots(top_k)
+    slots = slot_counts(top_k)
     levels = len(num_experts)
     combos = [
         torch.combinations(torch.arange(s), r=f) if f > 1 else torch.arange(s).unsqueeze(1)

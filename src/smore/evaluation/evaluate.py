@@ -358,7 +358,7 @@ def generate(
 
 def adapter_hash(adapter: str | os.PathLike) -> str:
     """SHA-256 of an adapter's weights file (``adapter_model.safetensors`` in an adapter folder, or the file)."""
-    from smore.inject import WEIGHTS_NAME
+    from smore.adapter_io import WEIGHTS_NAME
 
     path = Path(adapter)
     file = path / WEIGHTS_NAME if path.is_dir() else path
@@ -385,7 +385,7 @@ def write_report(
     weights and its saved config; ``null`` for the base model), ``config`` (the evaluation settings),
     ``num_examples`` per task and ``metrics``."""
     from smore import __version__
-    from smore.inject import CONFIG_NAME
+    from smore.adapter_io import CONFIG_NAME
 
     adapter_info = None
     if adapter is not None:

@@ -31,9 +31,10 @@ import yaml
 from tqdm.auto import tqdm
 
 import smore
+from smore.adapter_io import restore_adapter
 from smore.analysis.plots import plot_expert_load, plot_losses
 from smore.compat import enable_checkpointing
-from smore.inject import restore_adapter
+from smore.registry import get_method
 from smore.resources import check_training_memory
 from smore.routing.stats import routing_health, track_routing
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
@@ -297,9 +298,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             steps_per_epoch,
         )
 
-    if getattr(model.smore_state.context, "prior_source", None) is not None and resume_from is None:
-        # T-REX: cluster the training prompts once, before the first step (a resumed run restores the centroids).
-        smore.fit_prior(model, _batches(dataset, list(range(len(dataset))), opt.micro_batch_size, pad), seed=opt.seed)
+    state = get_method(model.smore_state.config.method).state
+    if state is not None and state.prepare is not None and resume_from is None:
+        # e.g. T-REX clusters the training prompts once, before the first step (a resumed run restores the state).
+        state.prepare(model, _batches(dataset, list(range(len(dataset))), opt.micro_batch_size, pad), opt.seed)
     if opt.gradient_checkpointing:
         enable_checkpointing(model)
 

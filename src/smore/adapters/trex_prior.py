@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smore.adapters.base import disable_adapters
 from smore.compat import CACHE_ARGUMENTS
+from smore.constants import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 Encoder = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -97,8 +97,10 @@ def prompt_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> to
 
 
 class SemanticPrior:
-    """Centroids and encoder of one model's T-REX prior; the model's :class:`ForwardContext` asks it for the prior
-    of every call."""
+    """Centroids and encoder of one model's T-REX prior, and the prior of the model call in flight (``prior``, one
+    row per sequence). It is T-REX's model-level state: the model's forward pre-hook hands it every call
+    (:meth:`on_call`), and each T-REX adapter takes its tokens' rows (:meth:`prior_for`). The prior stays until the
+    next model call, so a gradient-checkpointing recomputation during backward sees what the forward saw."""
 
     def __init__(self, num_clusters: int, encoder: Encoder | None = None) -> None:
         self.num_clusters = num_clusters
@@ -106,13 +108,31 @@ class SemanticPrior:
         self.centroids: torch.Tensor | None = None
         self.busy = False  # True during the embedding pass, which runs through the same model
         self.given: torch.Tensor | None = None  # (B, K) held for every call: by the caller, or by generate()
+        self.prior: torch.Tensor | None = None  # (B, K) of the call in flight
+
+    def on_call(self, model: nn.Module, arguments: dict) -> None:
+        """The forward pre-hook's hand-off: set the prior of this call (its arguments by name)."""
+        self.prior = self.prior_for_call(model, arguments, self.prior)
+
+    def prior_for(self, leading_shape: torch.Size) -> torch.Tensor:
+        """(N, K) prior of every token: its sequence's row, for an input whose leading dims are (batch, time)."""
+        prior = self.prior
+        if prior is None:
+            raise ValueError(
+                "this adapter routes with a semantic prior, but none is set: call smore.fit_prior(model, batches) "
+                "on training prompts before training, or load an adapter saved with its prior."
+            )
+        if len(leading_shape) != 2 or leading_shape[0] != prior.shape[0]:
+            raise ValueError(
+                f"the semantic prior holds {prior.shape[0]} sequences but the adapter sees inputs of shape "
+                f"{tuple(leading_shape)}; T-REX needs (batch, time, features) inputs of the model call."
+            )
+        return prior.repeat_interleave(leading_shape[1], dim=0)
 
     def embed(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels=None
     ) -> torch.Tensor:
         """L2-normalised prompt embeddings (B, d_e), computed with every adapter off and no gradient."""
-        from smore.inject import disable_adapters  # inject builds on this module's users; import when used
-
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pool = prompt_mask(attention_mask, labels)
@@ -127,7 +147,7 @@ class SemanticPrior:
             model.train(was_training)
         return F.normalize(embedding.float(), dim=-1)
 
-    def prior(self, embedding: torch.Tensor) -> torch.Tensor:
+    def from_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
         """``c = centroids · emb`` for each sequence: (B, d_e) → (B, K)."""
         if self.centroids is None:
             raise ValueError(
@@ -143,7 +163,7 @@ class SemanticPrior:
 
     def compute(self, model: nn.Module, input_ids: torch.Tensor, attention_mask=None, labels=None) -> torch.Tensor:
         """The prior (B, K) of each sequence of a batch, as a model call on it would compute it."""
-        return self.prior(self.embed(model, input_ids, attention_mask, labels))
+        return self.from_embedding(self.embed(model, input_ids, attention_mask, labels))
 
     def prior_for_call(self, model: nn.Module, arguments: dict, previous: torch.Tensor | None):
         """The prior of a model call: the one given or held by ``generate``, the one of the call that began a cached

@@ -1,0 +1,192 @@
+"""Adapter files: ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter weights only, as PEFT writes
+them), saved atomically and checked on load: every module must exist with its shape, every tensor must match, and the
+weights file records the digest of the config it was saved with, so an edited or damaged config is refused. A
+method's model-level state (T-REX's prior) travels in the same weights file through its record's ``state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smore.config import AdapterConfig
+from smore.errors import UserError
+from smore.files import (
+    document_digest,
+    read_json_object,
+    read_safetensors,
+    safetensors_metadata,
+    write_json,
+    write_safetensors,
+)
+from smore.inject import adapt, adapter_state_dict, module_shape, remove_adapter, state_of
+from smore.registry import config_from_dict, method_of
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_DIGEST_KEY = "smore_config_sha256"
+"""Metadata of the weights file: the digest of the config and module shapes they were saved with, so that a damaged
+or edited ``adapter_config.json`` that still parses (a changed rank or alpha) is refused instead of loaded silently."""
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter weights only) into ``path``.
+
+    Each file is written under a temporary name and renamed, so an interrupted save never leaves a torn file.
+    """
+    from smore import __version__
+
+    state = state_of(model)
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    method = method_of(state.config)
+    if method.state is not None:  # e.g. T-REX's centroids, checked before anything is written
+        tensors.update(method.state.tensors(state.context))
+    path.mkdir(parents=True, exist_ok=True)
+    base_name = getattr(getattr(model, "config", None), "name_or_path", None)
+    document = {
+        **state.config.to_dict(),
+        "smore_version": __version__,
+        "base_model": base_name or None,
+        "modules": {name: list(shape) for name, shape in state.modules.items()},
+    }
+    metadata = {CONFIG_DIGEST_KEY: _config_digest(state.config, state.modules)}
+    write_safetensors(path / WEIGHTS_NAME, tensors, metadata)  # with the digest of its tensors (smore.files)
+    write_json(path / CONFIG_NAME, document)
+    logger.info("saved %s adapter (%d tensors) to %s", state.config.method, len(tensors), path)
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
+    """The config saved in an adapter folder and the raw JSON document."""
+    file = Path(path) / CONFIG_NAME
+    document = read_json_object(file, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    fields = {k: v for k, v in document.items() if k not in ("smore_version", "base_model", "modules")}
+    try:
+        return config_from_dict(fields), document
+    except (TypeError, ValueError) as error:  # a damaged file: name it, whatever the config's own error says
+        raise ValueError(f"{file} does not hold a valid adapter config: {error}") from error
+
+
+def _config_digest(config: AdapterConfig, modules: dict[str, tuple[int, int]]) -> str:
+    return document_digest({"config": config.to_dict(), "modules": {k: list(v) for k, v in modules.items()}})
+
+
+def _check_config_digest(path: Path, config: AdapterConfig, modules: dict[str, tuple[int, int]]) -> None:
+    """The weights file records the config it was saved with (when smore wrote it); the config file must match."""
+    expected = safetensors_metadata(path / WEIGHTS_NAME).get(CONFIG_DIGEST_KEY)
+    if expected is not None and _config_digest(config, modules) != expected:
+        raise ValueError(
+            f"{path / CONFIG_NAME} does not match the config {path / WEIGHTS_NAME} was saved with: the config file "
+            "is corrupted or was edited after saving; restore it from a good copy."
+        )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Adapt a base ``model`` with the adapter saved in ``path`` and load its weights.
+
+    Checks before touching the model that every saved module exists with the same shape, and afterwards that the
+    weights match exactly; any difference is listed in the ``ValueError``.
+    """
+    path = Path(path)
+    config, document = read_adapter_config(path)
+    saved_modules = _saved_modules(document, path)
+    _check_config_digest(path, config, saved_modules)  # a damaged config file is named before any other check
+    problems = []
+    present = dict(model.named_modules())
+    for name, shape in saved_modules.items():
+        module = present.get(name)
+        features = None if module is None else module_shape(module)
+        if module is None:
+            problems.append(f"module {name!r} is missing from the model")
+        elif features is None:
+            problems.append(f"module {name!r} is a {type(module).__name__}, not a linear layer or gated MLP")
+        elif features != shape:
+            problems.append(
+                f"module {name!r} is {features[0]} -> {features[1]}, the adapter expects {shape[0]} -> {shape[1]}"
+            )
+    if problems:
+        raise ValueError(f"the adapter in {path} does not fit this {type(model).__name__}: " + "; ".join(problems[:20]))
+    if getattr(model, "smore_state", None) is None:  # otherwise adapt() below says so
+        method = method_of(config)
+        selected = set(method.find(model, config))
+        if saved_modules and selected != set(saved_modules):
+            extra, missing = sorted(selected - set(saved_modules)), sorted(set(saved_modules) - selected)
+            raise ValueError(
+                f"the adapter in {path} was saved for other modules: on this model its config also matches "
+                f"{extra[:10]} and misses {missing[:10]}."
+            )
+    weights_file = path / WEIGHTS_NAME
+    tensors = read_safetensors(weights_file)
+    adapt(model, config)
+    try:
+        _restore_state(model, tensors, weights_file)
+        load_adapter_weights(model, tensors, source=str(weights_file))
+    except Exception:
+        remove_adapter(model)  # leave the base model as it came
+        raise
+    return model
+
+
+def _saved_modules(document: dict, path: Path) -> dict[str, tuple[int, int]]:
+    modules = document.get("modules", {})
+    shapes_ok = isinstance(modules, dict) and all(
+        isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) for v in shape)
+        for shape in modules.values()
+    )
+    if not shapes_ok:
+        raise ValueError(
+            f"'modules' in {path / CONFIG_NAME} must map module names to [in, out] shapes; the file is damaged."
+        )
+    return {name: tuple(shape) for name, shape in modules.items()}
+
+
+def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights (and the method's model-level state) saved in ``path`` into a model already adapted with the
+    same config, e.g. to resume training."""
+    path = Path(path)
+    config, document = read_adapter_config(path)
+    if config != state_of(model).config:
+        raise ValueError(f"the adapter in {path} has another config than the model's adapter; it cannot be restored.")
+    tensors = read_safetensors(path / WEIGHTS_NAME)
+    _check_config_digest(path, config, _saved_modules(document, path))
+    _restore_state(model, tensors, path / WEIGHTS_NAME)
+    load_adapter_weights(model, tensors, source=str(path / WEIGHTS_NAME))
+    return model
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy adapter weights into an adapted model; every key and shape must match exactly."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"adapter weights from {source} do not match the adapted model: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}, shape mismatches (file vs model) {wrong[:10]}."
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def _restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Hand the method's model-level tensors (T-REX's centroids) back to its state; they leave ``tensors``."""
+    state = state_of(model)
+    method = method_of(state.config)
+    if method.state is not None:
+        try:
+            method.state.restore(state.context, tensors)
+        except UserError as error:
+            raise UserError(f"{source}: {error}") from error

@@ -1,0 +1,147 @@
+"""The record of one adapter method: everything the library needs to know about it, in one place.
+
+Each method's file under ``adapters/`` ends with its ``METHOD = Method(...)``: the config class, how to build its
+adapters, which modules it adapts, its cost model (parameters, active parameters, FLOPs), how the budget tool sizes
+it, and any state it keeps for the whole model (T-REX's semantic prior). ``smore.registry`` lists the records;
+injection, adapter files, the trainer, the cost reports and the budget search read them and never ask which method
+they hold. Adding a method is one new file and one line in the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from smore.config import AdapterConfig
+from smore.errors import UserError
+from smore.targets import find_targets
+
+Counts = dict[str, int]
+"""A cost breakdown, e.g. ``{"A": ..., "B": ..., "router": ..., "total": ...}``."""
+
+
+def with_total(counts: Counts) -> Counts:
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def check_features(in_features: Any, out_features: Any) -> None:
+    """Layer widths given to a cost function: positive integers."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name}={value!r} must be a positive integer (a layer width).")
+
+
+def check_config(config: Any, config_class: type[AdapterConfig]) -> Any:
+    """The config a method's cost function was given must be that method's."""
+    if type(config) is not config_class:
+        raise UserError(
+            f"config must be a {config_class.__name__} for the {config_class.method!r} cost functions, got "
+            f"{type(config).__name__}; use the cost model of its own method (get_method(config.method).costs)."
+        )
+    return config
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Cost functions, each ``(config, in_features, out_features) -> Counts`` (for a block-level method the shape is
+    ``(hidden_size, intermediate_size)``); ``active`` and ``flops`` may be ``None`` where no formula is written."""
+
+    parameters: Callable[[Any, int, int], Counts]
+    active: Callable[[Any, int, int], Counts] | None = None
+    flops: Callable[[Any, int, int], Counts] | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """How the budget tool (``smore.analysis.budget``) sizes one method.
+
+    ``resize(config, value)`` sets the knob (a rank) to ``value``; the trainable count must grow with it.
+    ``variants(config)`` lists the structures tried, each with its best knob value, when no value of the starting
+    structure meets the tolerance: tiers, nearest the starting structure first. ``gamma(config)`` is the structural
+    flexibility Γ reported (SPEC §1.6).
+    """
+
+    default: Callable[[], AdapterConfig]
+    resize: Callable[[Any, int], AdapterConfig]
+    describe: Callable[[Any], str]
+    gamma: Callable[[Any], int]
+    variants: Callable[[Any], list[list[AdapterConfig]]] = field(default=lambda config: [])
+    knob: str = "rank"
+    max_value: int = 4096
+
+
+def replace_all(config: AdapterConfig, changes: Iterable[dict[str, Any]]) -> list[AdapterConfig]:
+    """Valid configs ``config`` becomes under each change (invalid combinations are skipped)."""
+    out = []
+    for change in changes:
+        try:
+            out.append(dataclasses.replace(config, **change))
+        except ValueError:
+            continue
+    return out
+
+
+def expert_variants(low: int, high: int, *, top_k: bool) -> Callable[[Any], list[list[AdapterConfig]]]:
+    """Search variants: ``num_experts`` in ``[low, high]``, nearest the starting number first (E ± 1, then E ± 2, …);
+    top-k is kept (capped at E)."""
+
+    def variants(config: Any) -> list[list[AdapterConfig]]:
+        tiers = []
+        for step in range(1, high - low + 1):
+            numbers = [e for e in (config.num_experts - step, config.num_experts + step) if low <= e <= high]
+            changes = [
+                {"num_experts": e, "top_k": min(config.top_k, e)} if top_k else {"num_experts": e} for e in numbers
+            ]
+            if changes:
+                tiers.append(replace_all(config, changes))
+        return tiers
+
+    return variants
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """State a method keeps for the whole model, beyond its adapters' weights (T-REX's semantic prior).
+
+    ``attach(model, config, context)`` creates it when the model is adapted and returns what undoes it (or ``None``);
+    ``tensors(context)`` are saved with the adapter weights, ``restore(context, tensors)`` takes them back (removing
+    its keys from ``tensors``, raising ``UserError`` if they are missing); ``prepare(model, batches, seed)`` runs once
+    before training starts (not on resume, where ``restore`` brings the state back).
+    """
+
+    attach: Callable[[nn.Module, Any, Any], Callable[[], None] | None]
+    tensors: Callable[[Any], dict[str, torch.Tensor]]
+    restore: Callable[[Any, dict[str, torch.Tensor]], None]
+    prepare: Callable[[nn.Module, Iterable[dict], int], None] | None = None
+
+
+def _same_config(config: AdapterConfig, module: nn.Module) -> AdapterConfig:
+    return config
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter method (see the module docstring).
+
+    Linear-layer methods give ``build(config, d_in, d_out) -> delta``, wrapped in ``AdaptedLinear``. Methods that adapt
+    other modules (MixLoRA's MLP blocks) give ``wrap(config, name, module, context) -> AdapterWrapper``, set
+    ``block_level`` and their own ``find``; ``layer_config(config, module)`` names the config that sizes one target
+    (MixLoRA's attention projections carry a plain LoRA).
+    """
+
+    name: str
+    config_class: type[AdapterConfig]
+    costs: CostModel
+    search: SearchSpace | None = None
+    build: Callable[[Any, int, int], nn.Module] | None = None
+    wrap: Callable[..., nn.Module] | None = None
+    find: Callable[[nn.Module, Any], dict[str, nn.Module]] = find_targets
+    layer_config: Callable[[Any, nn.Module], AdapterConfig] = _same_config
+    block_level: bool = False
+    state: ModelState | None = None
