@@ -26,7 +26,6 @@ patterns, a LoRA bias, LoRA on embeddings or convolutions, ``modules_to_save``, 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 import re
@@ -40,6 +39,7 @@ from torch import nn
 
 from smore.adapters.base import linear_features
 from smore.adapters.lora import LoRADelta
+from smore.checks import is_int, is_number
 from smore.config import LoRAConfig
 from smore.files import atomic_write, read_json_object, read_safetensors, write_json
 from smore.inject import adapt, adapted_modules, find_targets, load_adapter_weights
@@ -371,10 +371,10 @@ def load_peft_lora(model: nn.Module, path: str | os.PathLike, *, allow_pickle: b
     document = read_json_object(file, f"a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     _check_supported(document)
     rank = document.get("r")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"r={rank!r} in {file} must be a positive integer.")
     alpha = document.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         raise ValueError(f"lora_alpha={alpha!r} in {file} must be a positive number.")
     tensors, source = _read_weights(path, allow_pickle)
     modules = _split_weights(tensors, source)
