@@ -310,7 +310,7 @@ class _Payload:
 def test_pickles_are_never_unpickled(tmp_path):
     """An adapter folder holding a code-running pickle, under the safetensors name or the legacy .bin name: refused
     with a ValueError naming it, and the payload never runs (not even with allow_pickle, which loads weights only)."""
-    from smore.peft_interop import load_peft_lora, save_peft_lora
+    from smore.interop.peft import load_peft_lora, save_peft_lora
 
     marker = tmp_path / "code-ran"
     payload = pickle.dumps({"weight": _Payload(marker)})

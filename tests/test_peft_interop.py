@@ -9,7 +9,7 @@ import torch
 
 import smore
 from conftest import tiny_batch, tiny_llama
-from smore.peft_interop import load_peft_lora, lora_config_from_peft, peft_lora_state_dict, save_peft_lora
+from smore.interop.peft import load_peft_lora, lora_config_from_peft, peft_lora_state_dict, save_peft_lora
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -223,7 +223,7 @@ def test_pickled_peft_weights_need_an_explicit_flag(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from conftest import tiny_batch, tiny_llama
-    from smore.peft_interop import load_peft_lora
+    from smore.interop.peft import load_peft_lora
 
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     for name, param in peft_model.named_parameters():

@@ -79,7 +79,9 @@ def test_prior_is_per_sample_and_differs_between_clusters():
     x = torch.randn(1, 32).expand(2, -1)  # the same token in two samples
     routing = delta.routing(x, prior[:2])
     assert not torch.allclose(routing[0], routing[1])
-    assert torch.equal(context.state.prior_for(torch.Size([4, 8]))[:8], prior[0].expand(8, -1))  # one row for all tokens
+    assert torch.equal(
+        context.state.prior_for(torch.Size([4, 8]))[:8], prior[0].expand(8, -1)
+    )  # one row for all tokens
 
 
 def test_prior_reads_the_prompt_only():
@@ -101,9 +103,7 @@ def test_save_load_reproduces_outputs_and_prior(tmp_path):
     model, batch = fitted_model(), tiny_batch()
     smore.save_adapter(model, tmp_path)
     reloaded = smore.load_adapter(tiny_llama(), tmp_path)
-    assert torch.equal(
-        reloaded.smore_state.context.state.centroids, model.smore_state.context.state.centroids
-    )
+    assert torch.equal(reloaded.smore_state.context.state.centroids, model.smore_state.context.state.centroids)
     assert torch.equal(logits(reloaded, batch), logits(model, batch))
     assert torch.equal(reloaded.smore_state.context.state.prior, model.smore_state.context.state.prior)
 
@@ -118,7 +118,9 @@ def test_generation_keeps_the_prompt_prior_while_decoding():
         expected = smore.compute_prior(model, **batch)
         cached = model.generate(**batch, use_cache=True, **kwargs)
         model(**batch)
-        assert torch.allclose(expected, model.smore_state.context.state.prior)  # a plain forward computes the same prior
+        assert torch.allclose(
+            expected, model.smore_state.context.state.prior
+        )  # a plain forward computes the same prior
         uncached = model.generate(**batch, use_cache=False, **kwargs)
     assert torch.equal(cached[:, :5], batch["input_ids"]) and cached.shape == (2, 10)
     # The prior is the prompt's in both: with or without a cache, decoding routes alike and gives the same tokens.

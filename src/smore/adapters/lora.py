@@ -6,7 +6,7 @@
 
 Parameter names and initialisation follow HF PEFT's ``lora.Linear`` (``lora_A``/``lora_B`` as bias-free
 ``nn.Linear``), so the same weights give the same outputs as PEFT and adapters convert key for key
-(:mod:`smore.peft_interop`).
+(:mod:`smore.interop.peft`).
 """
 
 from __future__ import annotations

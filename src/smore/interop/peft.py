@@ -26,7 +26,6 @@ patterns, a LoRA bias, LoRA on embeddings or convolutions, ``modules_to_save``, 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 import re
@@ -38,11 +37,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from smore.adapter_io import load_adapter_weights
-from smore.adapters.base import linear_features
+from smore.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights  # PEFT's file names are ours
+from smore.adapters.base import adapted_modules, linear_features
 from smore.adapters.lora import LoRAConfig, LoRADelta
+from smore.checks import is_int, is_number
 from smore.files import atomic_write, read_json_object, read_safetensors, write_json
-from smore.inject import adapt, adapted_modules
+from smore.inject import adapt
 from smore.targets import find_targets
 
 try:  # GPT-2 style projections: PEFT marks them with fan_in_fan_out=True
@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["load_peft_lora", "lora_config_from_peft", "peft_lora_state_dict", "save_peft_lora"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 """PEFT's prefix of every saved key: ``PeftModel.base_model`` (the LoRA tuner), then its wrapped ``model``."""
@@ -372,10 +370,10 @@ def load_peft_lora(model: nn.Module, path: str | os.PathLike, *, allow_pickle: b
     document = read_json_object(file, f"a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     _check_supported(document)
     rank = document.get("r")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"r={rank!r} in {file} must be a positive integer.")
     alpha = document.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         raise ValueError(f"lora_alpha={alpha!r} in {file} must be a positive number.")
     tensors, source = _read_weights(path, allow_pickle)
     modules = _split_weights(tensors, source)
