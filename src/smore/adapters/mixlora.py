@@ -33,7 +33,7 @@ from smore.adapters.base import AdaptedFFN, AdaptedLinear, AdapterWrapper, Forwa
 from smore.adapters.lora import build_lora
 from smore.config import LoRAConfig
 from smore.routing.gates import SwitchGate
-from smore.routing.stats import RoutingCounter
+from smore.routing.stats import ExpertSelection
 from smore.targets import find_targets, matches
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -42,7 +42,7 @@ GROUPED_MIN_TOKENS = 64
 per expert, which the masked path's E-fold multiply-adds outweigh only beyond a few dozen tokens on a CPU."""
 
 
-class MixLoRAFFN(RoutingCounter, nn.Module):
+class MixLoRAFFN(nn.Module):
     """The MixLoRA block for one gated MLP ``hidden → intermediate → hidden``; call with the frozen base MLP."""
 
     def __init__(
@@ -87,6 +87,7 @@ class MixLoRAFFN(RoutingCounter, nn.Module):
                 for expert in range(num_experts):  # each expert's A as nn.Linear's default init
                     nn.init.kaiming_uniform_(self.lora_A[name][expert * rank : (expert + 1) * rank], a=math.sqrt(5))
         self.aux_loss: torch.Tensor | None = None
+        self.last_selection: ExpertSelection | None = None  # what the last forward routed (RoutedDelta)
         self.expert_path = "auto"
 
     def _expert_hidden(self, name: str, x: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ class MixLoRAFFN(RoutingCounter, nn.Module):
     def forward(self, x: torch.Tensor, base: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
         routing = self.gate(self.router(x), valid=valid)
         self.aux_loss = routing.aux_loss
-        self.count_routing([routing.indices], [self.num_experts], valid)
+        self.last_selection = ExpertSelection((routing.indices,), (self.num_experts,), valid)  # for RoutingTracker
         path = self.expert_path
         if path == "auto":
             path = "grouped" if x.shape[0] >= GROUPED_MIN_TOKENS else "masked"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smore.routing.stats import RoutingCounter
+from smore.routing.stats import ExpertSelection
 from smore.routing.tree import TreeRouter
 from smore.routing.types import TreeRouting
 
@@ -52,7 +52,7 @@ POSITIONS = ("all", "child", "child_v2")
 INITS = ("normal", "b_zero", "bw_zero", "w_final_zero", "eq_1_layer")
 
 
-class SMoREDelta(RoutingCounter, nn.Module):
+class SMoREDelta(nn.Module):
     """The S'MoRE contribution ``Δy`` for one adapted linear layer ``in_features → out_features``.
 
     Parameters (level ℓ, bottom first; R = Σ_ℓ s_ℓ r_ℓ, or s·r for the shared pool):
@@ -134,6 +134,7 @@ class SMoREDelta(RoutingCounter, nn.Module):
         self.proj = nn.Linear(self.widths[-1], out_features)
         self.prelu_slopes = nn.Parameter(torch.full((levels,), float(prelu_init))) if activation == "prelu" else None
         self.aux_loss: torch.Tensor | None = None
+        self.last_selection: ExpertSelection | None = None  # what the last forward routed (RoutedDelta)
         # The grouped path pays when a token's slots need at most a quarter of the A rows the dense path computes
         # (bench/sparsity.py: at half, e.g. s = [8, 8], f = [2, 2], gathering the tokens costs what it saves on CPU).
         active_rows = sum(slots * r for slots, r in zip(self.slots, ranks))
@@ -279,7 +280,7 @@ class SMoREDelta(RoutingCounter, nn.Module):
         if routing is None:
             routing = self.router(x, valid)
         self.aux_loss = routing.aux_loss
-        self.count_routing(list(routing.indices), self.num_experts, valid)
+        self.last_selection = ExpertSelection(routing.indices, tuple(self.num_experts), valid)  # for RoutingTracker
         if self.expert_path == "grouped":
             slot_outputs = self._grouped_slot_outputs(x, routing)
         else:
