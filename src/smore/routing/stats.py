@@ -87,16 +87,18 @@ class RoutingTracker:
         selection = delta.last_selection
         if selection is None:
             return
+        device, valid = selection.indices[0].device, selection.valid
         counts = self.counts.get(name)
-        if counts is None or counts[0].device != selection.indices[0].device:
-            device = selection.indices[0].device
-            counts = self.counts[name] = [torch.zeros(size, dtype=torch.long, device=device) for size in selection.sizes]
+        if counts is None or counts[0].device != device:
+            counts = self.counts[name] = [
+                torch.zeros(size, dtype=torch.long, device=device) for size in selection.sizes
+            ]
         with torch.no_grad():
             for level, index in enumerate(selection.indices):
-                # index_add_ with the valid mask as the added ones, rather than index[valid] and bincount: both of
-                # those ask the GPU for a size (a host sync per layer and forward); this stays asynchronous.
-                ones = torch.ones_like(index) if selection.valid is None else selection.valid.unsqueeze(-1).expand_as(index)
-                counts[level].index_add_(0, index.reshape(-1), ones.reshape(-1).long())
+                # Add 1 per real token's slot and 0 per padding slot, rather than bincount(index[valid]): the boolean
+                # selection and CUDA's bincount both ask the GPU for a size, a host sync per layer and forward.
+                ones = torch.ones_like(index) if valid is None else valid.unsqueeze(-1).expand_as(index).long()
+                counts[level].index_add_(0, index.reshape(-1), ones.reshape(-1))
 
     def reset(self) -> None:
         """Start the counts again from zero (a new log window)."""
@@ -117,9 +119,7 @@ class RoutingTracker:
     def health(self) -> list[LevelHealth]:
         """Health of every level that routed at least one real token since the last reset."""
         levels = [
-            (name, level, counts)
-            for name in self._order
-            for level, counts in enumerate(self.counts.get(name, []))
+            (name, level, counts) for name in self._order for level, counts in enumerate(self.counts.get(name, []))
         ]
         if not levels:
             return []
