@@ -79,7 +79,9 @@ def imports(module: str) -> list[tuple[str, int, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # a relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             # ``from smore.x import y`` imports the submodule smore.x.y when there is one
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
         for name in names:
@@ -95,7 +97,7 @@ def test_every_module_has_a_layer():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_go_down_only(module):
     for target, line, _ in imports(module):
-        if target == module or module.startswith(target + ".") and target != "smore":
+        if target == module or (module.startswith(target + ".") and target != "smore"):
             continue  # a package importing its own parts
         assert level_of(target) <= level_of(module), (
             f"{module} (layer {level_of(module)}) imports {target} (layer {level_of(target)}) at line {line}"

@@ -416,7 +416,7 @@ def test_padding_mask_reaches_every_adapter(gate):
 
 def test_routing_health_counts_real_tokens_and_flags_collapse():
     from conftest import small_smore, tiny_batch, tiny_llama
-    from smore.routing.stats import routing_health, tracking
+    from smore.routing.stats import routing_counts, routing_health, tracking
 
     model = smore.adapt(tiny_llama(), small_smore(init="normal"))
     batch = tiny_batch()
@@ -425,12 +425,49 @@ def test_routing_health_counts_real_tokens_and_flags_collapse():
     health = routing_health(model)
     real = int(batch["attention_mask"].sum())
     top = next(h for h in health if h.module == "model.layers.0.mlp.up_proj" and h.level == 1)
-    delta = model.model.layers[0].mlp.up_proj.delta
-    assert int(delta.routing_counts[1].sum()) == real * 2  # top level: f = 2 slots per real token
-    assert int(delta.routing_counts[0].sum()) == real * 4  # bottom: 2 × 2
+    counts = routing_counts(model)["model.layers.0.mlp.up_proj"]  # kept by the tracker, not by the delta
+    assert int(counts[1].sum()) == real * 2  # top level: f = 2 slots per real token
+    assert int(counts[0].sum()) == real * 4  # bottom: 2 × 2
     assert abs(sum(top.load) - 1) < 1e-9 and 0 <= top.entropy <= 1
     model(**batch)  # outside the block nothing is counted
-    assert int(delta.routing_counts[1].sum()) == real * 2
-    delta.routing_counts[1] = torch.tensor([100, 0, 0, 0])
+    assert int(counts[1].sum()) == real * 2
+    counts[1] = torch.tensor([100, 0, 0, 0])
     collapsed = next(h for h in routing_health(model) if h.module == "model.layers.0.mlp.up_proj" and h.level == 1)
     assert collapsed.collapsed and collapsed.entropy == 0 and collapsed.dead_share == 0.75
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        smore.SMoREConfig(num_experts=[4, 3], top_k=[2, 2], ranks=[2, 2], router_dims=[8, 8], down_proj_dim=8),
+        smore.MoLoRAConfig(num_experts=3, top_k=2, rank=2),
+        smore.MixLoRAConfig(num_experts=4, top_k=2, rank=2),
+    ],
+    ids=["smore", "molora", "mixlora"],
+)
+def test_tracker_counts_what_the_layers_selected_and_stops_when_closed(config):
+    """The layers expose their last selection; the tracker's device-side counts equal a bincount of its real
+    tokens, summed over forwards, and nothing is counted once it is closed."""
+    from smore.routing.stats import RoutingTracker, routed_deltas
+
+    model = smore.adapt(tiny_llama(), config)
+    deltas = routed_deltas(model)
+    assert deltas
+    expected = {}
+    with RoutingTracker(model) as tracker:
+        for seed in (1, 2):
+            model(**tiny_batch(seed=seed))
+            for name, delta in deltas.items():
+                selection = delta.last_selection
+                assert selection.valid is not None and not selection.valid.all()  # the batch has padding
+                for level, (index, size) in enumerate(zip(selection.indices, selection.sizes)):
+                    counts = torch.bincount(index[selection.valid].reshape(-1), minlength=size)
+                    previous = expected.setdefault(name, {}).get(level, torch.zeros(size, dtype=torch.long))
+                    expected[name][level] = previous + counts
+    assert tracker.counts.keys() == expected.keys()
+    for name, levels in expected.items():
+        assert [c.tolist() for c in tracker.counts[name]] == [levels[i].tolist() for i in range(len(levels))]
+    model(**tiny_batch(seed=3))
+    for name, levels in expected.items():
+        assert [c.tolist() for c in tracker.counts[name]] == [levels[i].tolist() for i in range(len(levels))]
+    assert [h.module for h in tracker.health()] == [name for name in deltas for _ in expected[name]]

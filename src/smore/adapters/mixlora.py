@@ -47,7 +47,7 @@ from smore.adapters.method import (
 from smore.checks import check_int, check_number
 from smore.config import AdapterConfig, as_list, check_patterns
 from smore.routing.gates import SwitchGate
-from smore.routing.stats import RoutingCounter
+from smore.routing.stats import ExpertSelection
 from smore.targets import find_targets, matches
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -104,7 +104,7 @@ class MixLoRAConfig(AdapterConfig):
             self.attention_modules = check_patterns("attention_modules", self.attention_modules)
 
 
-class MixLoRAFFN(RoutingCounter, nn.Module):
+class MixLoRAFFN(nn.Module):
     """The MixLoRA block for one gated MLP ``hidden → intermediate → hidden``; call with the frozen base MLP."""
 
     def __init__(
@@ -149,6 +149,7 @@ class MixLoRAFFN(RoutingCounter, nn.Module):
                 for expert in range(num_experts):  # each expert's A as nn.Linear's default init
                     nn.init.kaiming_uniform_(self.lora_A[name][expert * rank : (expert + 1) * rank], a=math.sqrt(5))
         self.aux_loss: torch.Tensor | None = None
+        self.last_selection: ExpertSelection | None = None  # what the last forward routed (RoutedDelta)
         self.expert_path = "auto"
 
     def _expert_hidden(self, name: str, x: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ class MixLoRAFFN(RoutingCounter, nn.Module):
     def forward(self, x: torch.Tensor, base: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
         routing = self.gate(self.router(x), valid=valid)
         self.aux_loss = routing.aux_loss
-        self.count_routing([routing.indices], [self.num_experts], valid)
+        self.last_selection = ExpertSelection((routing.indices,), (self.num_experts,), valid)  # for RoutingTracker
         path = self.expert_path
         if path == "auto":
             path = "grouped" if x.shape[0] >= GROUPED_MIN_TOKENS else "masked"

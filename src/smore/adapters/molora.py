@@ -33,7 +33,7 @@ from smore.adapters.method import (
 )
 from smore.checks import check_int, check_number
 from smore.routing.gates import SwitchGate
-from smore.routing.stats import RoutingCounter
+from smore.routing.stats import ExpertSelection
 
 
 @dataclass
@@ -62,7 +62,7 @@ class MoLoRAConfig(LoRAConfig):
         check_number("balance_weight", self.balance_weight, low=0)
 
 
-class MoLoRADelta(RoutingCounter, nn.Module):
+class MoLoRADelta(nn.Module):
     """E LoRA experts and a bias-free router ``W_g`` on one ``in_features → out_features`` layer.
 
     Parameters: ``router.weight`` (E, d_in); ``lora_A`` (E·r, d_in), expert i in rows ``[i r, (i+1) r)``;
@@ -96,12 +96,13 @@ class MoLoRADelta(RoutingCounter, nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # experts stacked by columns
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in d_in: U(±1/√d_in), as each expert alone
         self.aux_loss: torch.Tensor | None = None
+        self.last_selection: ExpertSelection | None = None  # what the last forward routed (RoutedDelta)
 
     def expert_weights(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Dense (N, E) gate weights: p_i for the selected experts, 0 elsewhere; stores the aux loss."""
         out = self.gate(self.router(x), valid=valid)
         self.aux_loss = out.aux_loss
-        self.count_routing([out.indices], [self.num_experts], valid)
+        self.last_selection = ExpertSelection((out.indices,), (self.num_experts,), valid)  # for RoutingTracker
         return torch.zeros_like(out.probs).scatter(-1, out.indices, out.weights)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

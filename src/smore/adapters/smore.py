@@ -69,7 +69,7 @@ from smore.adapters.method import (
 )
 from smore.checks import check_int, check_number
 from smore.config import AdapterConfig, check_literal, check_positive_ints
-from smore.routing.stats import RoutingCounter
+from smore.routing.stats import ExpertSelection
 from smore.routing.tree import TreeRouter
 from smore.routing.types import TreeRouting
 
@@ -262,7 +262,7 @@ POSITIONS = get_args(ActivationPosition)
 INITS = get_args(InitMethod)
 
 
-class SMoREDelta(RoutingCounter, nn.Module):
+class SMoREDelta(nn.Module):
     """The S'MoRE contribution ``Δy`` for one adapted linear layer ``in_features → out_features``.
 
     Parameters (level ℓ, bottom first; R = Σ_ℓ s_ℓ r_ℓ, or s·r for the shared pool):
@@ -337,6 +337,7 @@ class SMoREDelta(RoutingCounter, nn.Module):
         self.proj = nn.Linear(self.widths[-1], out_features)
         self.prelu_slopes = nn.Parameter(torch.full((levels,), float(prelu_init))) if activation == "prelu" else None
         self.aux_loss: torch.Tensor | None = None
+        self.last_selection: ExpertSelection | None = None  # what the last forward routed (RoutedDelta)
         self.expert_path = "grouped" if uses_grouped_path(self.slots, ranks, total_rank) else "dense"
         self.reset_parameters()
 
@@ -471,7 +472,7 @@ class SMoREDelta(RoutingCounter, nn.Module):
         if routing is None:
             routing = self.router(x, valid)
         self.aux_loss = routing.aux_loss
-        self.count_routing(list(routing.indices), self.num_experts, valid)
+        self.last_selection = ExpertSelection(routing.indices, tuple(self.num_experts), valid)  # for RoutingTracker
         if self.expert_path == "grouped":
             slot_outputs = self._grouped_slot_outputs(x, routing)
         else:

@@ -1,64 +1,56 @@
 """Routing health: how often each expert of each level is picked, while training runs.
 
-Routed deltas inherit :class:`RoutingCounter`; while ``track_routing`` is on (see :func:`tracking`), each forward adds
-the number of times every expert was selected, padding excluded. :func:`routing_health` turns the counts into the
-load per expert, the entropy of that load (1 = perfectly balanced, 0 = one expert takes everything) and the share of
-dead experts (never picked), and flags a collapse.
+A routed delta only records what it selected in its last forward, as an :class:`ExpertSelection` in
+``last_selection`` (references to tensors it computed anyway: no copy, no host sync). A :class:`RoutingTracker`
+hooks the routed deltas of a model and adds each forward's selections, padding excluded, to per-level counts kept on
+the model's device; they reach the host only when :meth:`RoutingTracker.health` is read (once per log window in
+training). The health is the load per expert, the entropy of that load (1 = perfectly balanced, 0 = one expert takes
+everything) and the share of dead experts (never picked), with a collapse flag.
+
+:func:`track_routing`, :func:`tracking` and :func:`routing_health` are the same tracker keyed by the model, for code
+that holds only the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 
-class RoutingCounter:
-    """Mixin for routed deltas: per-level selection counts accumulated while tracking is on."""
+@dataclass(frozen=True)
+class ExpertSelection:
+    """What a routed delta selected in one forward over N tokens."""
 
-    track_routing: bool = False
-    routing_counts: list[torch.Tensor] | None = None
-
-    def count_routing(self, indices: list[torch.Tensor], sizes: list[int], valid: torch.Tensor | None) -> None:
-        """Add the selections of one forward: ``indices[ℓ]`` (N, slots) of level ℓ with ``sizes[ℓ]`` experts."""
-        if not self.track_routing:
-            return
-        if self.routing_counts is None:
-            self.routing_counts = [torch.zeros(size, dtype=torch.long) for size in sizes]
-        with torch.no_grad():
-            for level, (index, size) in enumerate(zip(indices, sizes)):
-                chosen = index if valid is None else index[valid]
-                self.routing_counts[level] += torch.bincount(chosen.reshape(-1).cpu(), minlength=size)
+    indices: tuple[torch.Tensor, ...]
+    """Per level, (N, slots) long: the expert picked in each slot (S'MoRE: bottom level first)."""
+    sizes: tuple[int, ...]
+    """Per level, the number of experts to pick from."""
+    valid: torch.Tensor | None
+    """(N,) bool: the real (non-padding) tokens; ``None`` when every token is real."""
 
 
-def _counters(model: nn.Module) -> dict[str, RoutingCounter]:
+@runtime_checkable
+class RoutedDelta(Protocol):
+    """A delta that routes tokens to experts: it sets ``last_selection`` in every forward."""
+
+    last_selection: ExpertSelection | None
+
+
+def routed_deltas(model: nn.Module) -> dict[str, nn.Module]:
+    """The routed deltas of ``model``, by the name of the adapted module that holds them."""
     return {
         name: module.delta
         for name, module in model.named_modules()
-        if isinstance(getattr(module, "delta", None), RoutingCounter)
+        if isinstance(getattr(module, "delta", None), RoutedDelta)
     }
-
-
-def track_routing(model: nn.Module, enabled: bool = True) -> None:
-    """Start (from zero) or stop counting the routing decisions of every routed adapter of ``model``."""
-    for counter in _counters(model).values():
-        counter.track_routing = enabled
-        if enabled:
-            counter.routing_counts = None
-
-
-@contextlib.contextmanager
-def tracking(model: nn.Module) -> Iterator[None]:
-    """Count routing decisions inside the block (counts start from zero); read them with :func:`routing_health`."""
-    track_routing(model)
-    try:
-        yield
-    finally:
-        track_routing(model, enabled=False)
 
 
 @dataclass(frozen=True)
@@ -78,11 +70,63 @@ class LevelHealth:
         return len(self.load) > 1 and (max(self.load) > 0.9 or self.dead_share >= 0.5)
 
 
-def routing_health(model: nn.Module) -> list[LevelHealth]:
-    """Health of every level of every routed adapter from the counts gathered under :func:`tracking`."""
-    report = []
-    for name, counter in _counters(model).items():
-        for level, counts in enumerate(counter.routing_counts or []):
+class RoutingTracker:
+    """Counts, on the device, how often every expert of every level of ``model``'s routed deltas is selected.
+
+    Counting starts at construction (forward hooks on the routed deltas) and ends with :meth:`close`, or at the end
+    of a ``with`` block; the counts stay readable after that. ``counts[module][level]`` is a (sizes[level],) long
+    tensor, made at the first forward that routes through the level."""
+
+    def __init__(self, model: nn.Module) -> None:
+        deltas = routed_deltas(model)
+        self.counts: dict[str, list[torch.Tensor]] = {}
+        self._order = list(deltas)  # the report follows the model's module order, not the order of first use
+        self._hooks = [delta.register_forward_hook(partial(self._count, name)) for name, delta in deltas.items()]
+
+    def _count(self, name: str, delta: nn.Module, args, output) -> None:
+        selection = delta.last_selection
+        if selection is None:
+            return
+        device, valid = selection.indices[0].device, selection.valid
+        counts = self.counts.get(name)
+        if counts is None or counts[0].device != device:
+            counts = self.counts[name] = [
+                torch.zeros(size, dtype=torch.long, device=device) for size in selection.sizes
+            ]
+        with torch.no_grad():
+            for level, index in enumerate(selection.indices):
+                # Add 1 per real token's slot and 0 per padding slot, rather than bincount(index[valid]): the boolean
+                # selection and CUDA's bincount both ask the GPU for a size, a host sync per layer and forward.
+                ones = torch.ones_like(index) if valid is None else valid.unsqueeze(-1).expand_as(index).long()
+                counts[level].index_add_(0, index.reshape(-1), ones.reshape(-1))
+
+    def reset(self) -> None:
+        """Start the counts again from zero (a new log window)."""
+        self.counts.clear()
+
+    def close(self) -> None:
+        """Stop counting; the counts gathered so far stay readable."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __enter__(self) -> RoutingTracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def health(self) -> list[LevelHealth]:
+        """Health of every level that routed at least one real token since the last reset."""
+        levels = [
+            (name, level, counts) for name in self._order for level, counts in enumerate(self.counts.get(name, []))
+        ]
+        if not levels:
+            return []
+        # one transfer to the host for every level of every module
+        host = torch.cat([counts for _, _, counts in levels]).cpu().split([len(c) for _, _, c in levels])
+        report = []
+        for (name, level, _), counts in zip(levels, host):
             total = int(counts.sum())
             if total == 0:
                 continue
@@ -91,4 +135,39 @@ def routing_health(model: nn.Module) -> list[LevelHealth]:
             normalised = entropy / math.log(len(load)) if len(load) > 1 else 1.0
             dead = sum(1 for c in counts.tolist() if c == 0) / len(load)
             report.append(LevelHealth(name, level, load, normalised, dead))
-    return report
+        return report
+
+
+_TRACKERS: weakref.WeakKeyDictionary[nn.Module, RoutingTracker] = weakref.WeakKeyDictionary()
+"""The tracker :func:`track_routing` started for each model (weakly keyed: it never keeps a model alive)."""
+
+
+def track_routing(model: nn.Module, enabled: bool = True) -> None:
+    """Start (from zero) or stop counting the routing decisions of every routed adapter of ``model``."""
+    tracker = _TRACKERS.get(model)
+    if tracker is not None:
+        tracker.close()
+    if enabled:
+        _TRACKERS[model] = RoutingTracker(model)
+
+
+@contextlib.contextmanager
+def tracking(model: nn.Module) -> Iterator[None]:
+    """Count routing decisions inside the block (counts start from zero); read them with :func:`routing_health`."""
+    track_routing(model)
+    try:
+        yield
+    finally:
+        track_routing(model, enabled=False)
+
+
+def routing_counts(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The per-level selection counts gathered by :func:`track_routing` on ``model`` (empty if it never ran)."""
+    tracker = _TRACKERS.get(model)
+    return {} if tracker is None else tracker.counts
+
+
+def routing_health(model: nn.Module) -> list[LevelHealth]:
+    """Health of every level of every routed adapter from the counts gathered under :func:`tracking`."""
+    tracker = _TRACKERS.get(model)
+    return [] if tracker is None else tracker.health()

@@ -1,7 +1,14 @@
 """``smore train``: one explicit loop from a :class:`RunConfig` to a saved adapter, on one CPU or many GPUs.
 
-setup (model, adapter, data, optimizer) → for each optimizer step: the step's global batch in a seeded order, split
-into micro-batches per process, forward, ``CE + aux``, backward, clip, step → log, evaluate, checkpoint → save.
+The run is a few named phases over one :class:`_Run` state, and :func:`train` reads as the loop:
+
+- :func:`_setup`: accelerator, data, output folder, model and adapter, optimizer, a resumed checkpoint;
+- :func:`_optimizer_step`: the step's global batch in a seeded order, split into micro-batches per process,
+  forward, ``CE + aux``, backward, the non-finite policy, clip, step;
+- :func:`_log`: metrics of the steps since the last line, routing health (counted on the device by a
+  :class:`~smore.routing.stats.RoutingTracker`) and collapse warnings;
+- :func:`_save`: a checkpoint, and pruning of the old ones;
+- :func:`_finish`: the final held-out loss, the last checkpoint, the adapter and the plots.
 
 Distribution is Accelerate's (``accelerate launch`` / ``torchrun``: DDP; FSDP and DeepSpeed through Accelerate's
 own configs). The loss is normalised by the number of response tokens of the whole global batch (all processes and
@@ -22,24 +29,27 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
 import smore
 from smore.adapter_io import restore_adapter
 from smore.analysis.plots import plot_expert_load, plot_losses
 from smore.compat import enable_checkpointing
+from smore.constants import IGNORE_INDEX
+from smore.files import atomic_write
 from smore.registry import get_method
 from smore.resources import check_training_memory
-from smore.routing.stats import routing_health, track_routing
+from smore.routing.stats import LevelHealth, RoutingTracker
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
-from smore.training.config import RunConfig
-from smore.training.data import IGNORE_INDEX, SFTDataset, collate, load_training_records
+from smore.training.config import OptimConfig, RunConfig
+from smore.training.data import SFTDataset, collate, load_training_records
 from smore.training.loss import response_loss
 
 logger = logging.getLogger(__name__)
@@ -193,10 +203,8 @@ class _Logger:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a kill leaves the old or the new file, never half."""
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(text)
-    os.replace(partial, path)
+    """Rewrite a log file so that a kill leaves the old file or the new one, never half of it."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _batches(dataset, indices: list[int], size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
@@ -230,11 +238,163 @@ def _evaluate_loss(model, dataset, micro_batch_size: int, pad_token_id: int, acc
     return float(total / max(count, 1))
 
 
+@dataclass
+class _Run:
+    """One run's state, shared by its phases: what :func:`_setup` built, then the progress the steps update."""
+
+    config: RunConfig
+    accelerator: Any
+    output: Path
+    dataset: SFTDataset
+    eval_set: SFTDataset | None
+    pad: int
+    steps_per_epoch: int
+    total_steps: int
+    model: nn.Module
+    """As Accelerate prepared it (wrapped for DDP when distributed): forward and backward go through it."""
+    unwrapped: nn.Module
+    """The model itself: adapters, aux losses, routing and saving are read from it."""
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    start_step: int
+    history: list[dict[str, Any]]
+    log: _Logger
+    tracker: RoutingTracker
+    """Counts expert selections per log window, for routing health."""
+    bar: Any
+    started: float = field(default_factory=time.perf_counter)
+    tokens_seen: int = 0
+    window: list[tuple[float, float]] = field(default_factory=list)
+    """(loss, aux) of the steps since the last log line."""
+    grad_norm: float | None = None
+    last_eval: float | None = None
+    skipped: int = 0
+    health: list[LevelHealth] = field(default_factory=list)
+    collapsed_before: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def opt(self) -> OptimConfig:
+        return self.config.train
+
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Fine-tune ``config.model`` with ``config.adapter`` on ``config.data``; returns where the adapter went."""
-    from accelerate import Accelerator
+    run = _setup(config, resume=resume, overwrite=overwrite)
+    opt = run.opt
+    with run.tracker, run.bar:  # however the loop ends: stop counting routing, close the progress bar
+        for step in range(run.start_step, run.total_steps):
+            if not _optimizer_step(run, step):  # non-finite: skipped (train.on_nonfinite=skip)
+                continue
+            done = step + 1
+            if run.eval_set is not None and opt.eval_every and done % opt.eval_every == 0:
+                run.last_eval = _evaluate_loss(run.model, run.eval_set, opt.micro_batch_size, run.pad, run.accelerator)
+            if run.window and (done % opt.log_every == 0 or done == run.total_steps):
+                _log(run, done)
+            if opt.save_every and done % opt.save_every == 0 and done < run.total_steps:
+                _save(run, done)
+    return _finish(run)
+
+
+# -- setup -------------------------------------------------------------------------------------------------------
+def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
+    """Everything before the first step. What can be refused is checked before the output folder is touched and
+    before the model loads; the model, optimizer and scheduler are restored from the checkpoint when resuming."""
+    opt = config.train
+    accelerator = _accelerator(config)
+    main = accelerator.is_main_process
+    dataset, eval_set, pad = _datasets(config)
+    steps_per_epoch = len(dataset) // opt.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
+            f"{opt.global_batch_size}; lower the batch size or add data."
+        )
+    check_training_memory(config.model, opt.micro_batch_size, config.data.max_length)  # refuse now, not an hour in
+    resume_from = _claim_output(config, accelerator, resume=resume, overwrite=overwrite)
+    output = Path(config.output_dir)
+
+    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
+    if main:
+        logger.info(
+            "processes=%d, micro-batches per process and step=%d, steps=%d (%d per epoch)",
+            accelerator.num_processes,
+            opt.global_batch_size // accelerator.num_processes // opt.micro_batch_size,
+            total_steps,
+            steps_per_epoch,
+        )
+    model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
+
+    trainable, optimizer, scheduler = _optimization(model, opt, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    start_step, history = 0, []
+    if resume_from is not None:
+        progress = load_checkpoint(
+            resume_from,
+            load_adapter_weights=lambda path: restore_adapter(unwrapped, path),
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        start_step, history = progress["step"], progress["history"]
+        logger.info("resuming %s from step %d of %d", output, start_step, total_steps)
+
+    log = _Logger(output, main, resumed_at=start_step)
+    model.train()
+    tracker = RoutingTracker(unwrapped)
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.adapter.method}", disable=not main)
+    return _Run(
+        config=config,
+        accelerator=accelerator,
+        output=output,
+        dataset=dataset,
+        eval_set=eval_set,
+        pad=pad,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        model=model,
+        unwrapped=unwrapped,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        start_step=start_step,
+        history=history,
+        log=log,
+        tracker=tracker,
+        bar=bar,
+    )
+
+
+def _adapted_model(config: RunConfig, dataset: SFTDataset, pad: int, *, main: bool, fresh: bool) -> nn.Module:
+    """The base model, seeded, with the adapter injected; model-level adapter state is fitted on a fresh start."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
+
+    opt = config.train
+    set_seed(opt.seed)
+    model = _load_model(config)
+    smore.adapt(model, config.adapter)
+    if main:
+        logger.info("%s", smore.summary(model))
+    state = get_method(config.adapter.method).state
+    if state is not None and state.prepare is not None and fresh:
+        # e.g. T-REX clusters the training prompts once, before the first step (a resumed run restores the state).
+        state.prepare(model, _batches(dataset, list(range(len(dataset))), opt.micro_batch_size, pad), opt.seed)
+    if opt.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def _accelerator(config: RunConfig):
+    """Accelerate's process group for this launch, with the batch split checked against it."""
+    from accelerate import Accelerator
 
     opt = config.train
     if opt.precision == "fp16" and not torch.cuda.is_available():
@@ -250,60 +410,44 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate formed a group of "
             f"{accelerator.num_processes}; check the launcher and the backend."
         )
-    main = accelerator.is_main_process
     processes = accelerator.num_processes
     if opt.global_batch_size % (opt.micro_batch_size * processes):
         raise ValueError(
             f"train.global_batch_size={opt.global_batch_size} must be a multiple of micro_batch_size × processes = "
             f"{opt.micro_batch_size} × {processes}."
         )
-    # Everything that can be refused is checked before the output folder is touched and before the model loads.
+    return accelerator
+
+
+def _datasets(config: RunConfig) -> tuple[SFTDataset, SFTDataset | None, int]:
+    """The training set, the held-out set (if any) and the tokenizer's padding id."""
     data = config.data
     records = load_training_records(data.train_file)
     eval_records = load_training_records(data.eval_file) if data.eval_file else None
     tokenizer = _load_tokenizer(config)
     dataset = SFTDataset(records, tokenizer, data.max_length, data.format)
     eval_set = None if eval_records is None else SFTDataset(eval_records, tokenizer, data.max_length, data.format)
-    steps_per_epoch = len(dataset) // opt.global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
-            f"{opt.global_batch_size}; lower the batch size or add data."
-        )
-    check_training_memory(config.model, opt.micro_batch_size, data.max_length)  # refuse now, not an hour in
+    return dataset, eval_set, tokenizer.pad_token_id
+
+
+def _claim_output(config: RunConfig, accelerator, *, resume: bool, overwrite: bool) -> Path | None:
+    """The main process prepares ``output_dir`` and records the run config there; every process learns the
+    checkpoint to resume from (``None``: a fresh start)."""
+    main = accelerator.is_main_process
     resume_from = _prepare_output(config, resume=resume, overwrite=overwrite) if main else None
     accelerator.wait_for_everyone()
-    if not main and resume:
-        found = checkpoints(Path(config.output_dir))
-        resume_from = found[-1] if found else None
     output = Path(config.output_dir)
+    if not main and resume:
+        found = checkpoints(output)
+        resume_from = found[-1] if found else None
     if main:
         (output / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return resume_from
 
-    set_seed(opt.seed)
-    model = _load_model(config)
-    smore.adapt(model, config.adapter)
-    if main:
-        logger.info("%s", smore.summary(model))
-    pad = tokenizer.pad_token_id
 
-    per_process = opt.global_batch_size // processes
-    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
-    if main:
-        logger.info(
-            "processes=%d, micro-batches per process and step=%d, steps=%d (%d per epoch)",
-            processes,
-            per_process // opt.micro_batch_size,
-            total_steps,
-            steps_per_epoch,
-        )
-
-    state = get_method(model.smore_state.config.method).state
-    if state is not None and state.prepare is not None and resume_from is None:
-        # e.g. T-REX clusters the training prompts once, before the first step (a resumed run restores the state).
-        state.prepare(model, _batches(dataset, list(range(len(dataset))), opt.micro_batch_size, pad), opt.seed)
-    if opt.gradient_checkpointing:
-        enable_checkpointing(model)
+def _optimization(model: nn.Module, opt: OptimConfig, total_steps: int):
+    """The trainable parameters, AdamW over them and the learning-rate schedule."""
+    from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opt.learning_rate, weight_decay=opt.weight_decay)
@@ -313,156 +457,169 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         num_warmup_steps=int(opt.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    start_step, history = 0, []
-    if resume_from is not None:
-        progress = load_checkpoint(
-            resume_from,
-            load_adapter_weights=lambda path: restore_adapter(unwrapped, path),
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
-        start_step, history = progress["step"], progress["history"]
-        logger.info("resuming %s from step %d of %d", output, start_step, total_steps)
-
-    log = _Logger(output, main, resumed_at=start_step)
-    model.train()
-    track_routing(unwrapped)  # counts expert selections per log window, for routing health
-    health, collapsed_before = [], set()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.adapter.method}", disable=not main)
-    started, tokens_seen, last_eval = time.perf_counter(), 0, None
-    window: list[tuple[float, float]] = []  # (loss, aux) of the steps since the last log line
-    skipped = 0
-    rank = accelerator.process_index
-    for step in range(start_step, total_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.seed * 100003 + epoch))
-        global_batch = order[position * opt.global_batch_size : (position + 1) * opt.global_batch_size]
-        mine = global_batch[rank * per_process : (rank + 1) * per_process].tolist()
-        micro = _batches(dataset, mine, opt.micro_batch_size, pad)
-        local_tokens = torch.tensor(sum(_response_tokens(b) for b in micro), device=accelerator.device)
-        step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
-        if step_tokens == 0:
-            raise ValueError(f"step {step}: no token of the global batch carries loss; check the data's responses.")
-        step_loss, step_aux = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-        for index, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
-            sync = index == len(micro) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss = response_loss(model, batch)
-                aux = smore.aux_loss(unwrapped, reduction=opt.aux_reduction)
-                accelerator.backward((loss + aux) * weight)
-            step_loss += loss.detach() * weight / processes
-            step_aux += aux.detach() * weight / processes
-        # A non-finite loss or gradient on any process: skip the update (or stop), never let it reach the weights.
-        finite = (
-            torch.isfinite(step_loss + step_aux)
-            & torch.stack(
-                [torch.isfinite(p.grad).all() for p in trainable if p.grad is not None] or [torch.tensor(True)]
-            ).all()
-        )
-        if not bool(accelerator.reduce(finite.float().to(accelerator.device), reduction="min")):
-            optimizer.zero_grad(set_to_none=True)
-            if opt.on_nonfinite == "stop":
-                raise ValueError(
-                    f"step {step + 1}: the loss or a gradient is not finite; stopped (train.on_nonfinite=stop). "
-                    "The last checkpoint is intact; lower the learning rate or use fp32, then --resume."
-                )
-            skipped += 1
-            logger.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step + 1, skipped)
-            bar.update(1)
-            continue
-        grad_norm = None
-        if opt.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, opt.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        reduced = accelerator.reduce(torch.stack([step_loss, step_aux]), reduction="sum")
-        window.append((float(reduced[0]), float(reduced[1])))
-        tokens_seen += int(sum(int(b["attention_mask"].sum()) for b in micro)) * processes
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{window[-1][0]:.4f}", tokens_per_s=f"{tokens_seen / (time.perf_counter() - started):.0f}"
-        )
-        if eval_set is not None and opt.eval_every and done % opt.eval_every == 0:
-            last_eval = _evaluate_loss(model, eval_set, opt.micro_batch_size, pad, accelerator)
-        if window and (done % opt.log_every == 0 or done == total_steps):
-            elapsed = time.perf_counter() - started
-            record = {
-                "step": done,
-                "epoch": round(done / steps_per_epoch, 4),
-                "loss": sum(loss for loss, _ in window) / len(window),
-                "aux_loss": sum(aux for _, aux in window) / len(window),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
-                "elapsed": elapsed,
-                "eval_loss": last_eval,
-            }
-            history.append(record)
-            log.write(record)
-            window.clear()
-            health = routing_health(unwrapped) or health
-            if main and health:
-                log.write_routing(done, health)
-                # One line per log window, not one per adapter: a model has hundreds of routed levels.
-                new = [h for h in health if h.collapsed and (h.module, h.level) not in collapsed_before]
-                collapsed_before.update((h.module, h.level) for h in new)
-                if new:
-                    worst = max(new, key=lambda h: max(h.load))
-                    logger.warning(
-                        "routing collapse at step %d in %d of %d routed levels (worst: %s level %d, max expert load "
-                        "%.2f, %.0f%% experts unused); consider a larger balance_weight. Details: logs/routing.jsonl",
-                        done,
-                        len(new),
-                        len(health),
-                        worst.module,
-                        worst.level,
-                        max(worst.load),
-                        100 * worst.dead_share,
-                    )
-            track_routing(unwrapped)
-        if opt.save_every and done % opt.save_every == 0 and done < total_steps:
-            _save(accelerator, unwrapped, optimizer, scheduler, config, output, done, history)
-    bar.close()
-    if eval_set is not None:
-        last_eval = _evaluate_loss(model, eval_set, opt.micro_batch_size, pad, accelerator)
-        if history:
-            history[-1]["eval_loss"] = last_eval
-    _save(accelerator, unwrapped, optimizer, scheduler, config, output, total_steps, history)
-    adapter_dir = output / "adapter"
-    track_routing(unwrapped, enabled=False)
-    if main:
-        smore.save_adapter(unwrapped, adapter_dir)
-        if history:
-            plot_losses(history, output / "logs" / "loss.png")
-        if health:
-            plot_expert_load(health, output / "logs" / "expert_load.png")
-        logger.info(
-            "adapter saved to %s; load it with smore.load_adapter(base_model, %r)", adapter_dir, str(adapter_dir)
-        )
-    accelerator.wait_for_everyone()
-    final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(output, adapter_dir, total_steps, final_loss, last_eval, history)
+    return trainable, optimizer, scheduler
 
 
-def _save(accelerator, model, optimizer, scheduler, config, output, step, history) -> None:
+# -- one optimizer step ------------------------------------------------------------------------------------------
+def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of the step's global batch. The order depends only on the seed and the epoch,
+    so a resumed run sees the same batches as an uninterrupted one."""
+    opt = run.opt
+    epoch, position = divmod(step, run.steps_per_epoch)
+    order = torch.randperm(len(run.dataset), generator=torch.Generator().manual_seed(opt.seed * 100003 + epoch))
+    global_batch = order[position * opt.global_batch_size : (position + 1) * opt.global_batch_size]
+    per_process = opt.global_batch_size // run.processes
+    rank = run.accelerator.process_index
+    mine = global_batch[rank * per_process : (rank + 1) * per_process].tolist()
+    return _batches(run.dataset, mine, opt.micro_batch_size, run.pad)
+
+
+def _accumulate(run: _Run, step: int, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over the micro-batches, gradients synchronised once at the last one; returns this
+    process's share of the step's cross-entropy and aux loss."""
+    accelerator, processes, device = run.accelerator, run.processes, run.accelerator.device
+    local_tokens = torch.tensor(sum(_response_tokens(b) for b in micro), device=device)
+    step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
+    if step_tokens == 0:
+        raise ValueError(f"step {step}: no token of the global batch carries loss; check the data's responses.")
+    step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
+    for index, batch in enumerate(micro):
+        weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync = index == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model), accelerator.autocast():
+            loss = response_loss(run.model, batch)
+            aux = smore.aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
+            accelerator.backward((loss + aux) * weight)
+        step_loss += loss.detach() * weight / processes
+        step_aux += aux.detach() * weight / processes
+    return step_loss, step_aux
+
+
+def _finite_everywhere(run: _Run, loss: torch.Tensor) -> bool:
+    """The loss and every gradient are finite on every process."""
+    grads = [torch.isfinite(p.grad).all() for p in run.trainable if p.grad is not None]
+    finite = torch.isfinite(loss) & torch.stack(grads or [torch.tensor(True)]).all()
+    return bool(run.accelerator.reduce(finite.float().to(run.accelerator.device), reduction="min"))
+
+
+def _optimizer_step(run: _Run, step: int) -> bool:
+    """Step ``step`` (0-based): accumulate, clip, update. A non-finite loss or gradient on any process never reaches
+    the weights: the update is skipped (False) or the run stops (``train.on_nonfinite``)."""
+    opt, accelerator = run.opt, run.accelerator
+    micro = _micro_batches(run, step)
+    step_loss, step_aux = _accumulate(run, step, micro)
+    if not _finite_everywhere(run, step_loss + step_aux):
+        run.optimizer.zero_grad(set_to_none=True)
+        if opt.on_nonfinite == "stop":
+            raise ValueError(
+                f"step {step + 1}: the loss or a gradient is not finite; stopped (train.on_nonfinite=stop). "
+                "The last checkpoint is intact; lower the learning rate or use fp32, then --resume."
+            )
+        run.skipped += 1
+        logger.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step + 1, run.skipped)
+        run.bar.update(1)
+        return False
+    run.grad_norm = None
+    if opt.max_grad_norm is not None:
+        run.grad_norm = float(accelerator.clip_grad_norm_(run.trainable, opt.max_grad_norm))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    reduced = accelerator.reduce(torch.stack([step_loss, step_aux]), reduction="sum")
+    run.window.append((float(reduced[0]), float(reduced[1])))
+    run.tokens_seen += int(sum(int(b["attention_mask"].sum()) for b in micro)) * run.processes
+    run.bar.update(1)
+    speed = run.tokens_seen / (time.perf_counter() - run.started)
+    run.bar.set_postfix(loss=f"{run.window[-1][0]:.4f}", tokens_per_s=f"{speed:.0f}")
+    return True
+
+
+# -- log ---------------------------------------------------------------------------------------------------------
+def _log(run: _Run, done: int) -> None:
+    """One metrics line for the steps since the last one (their mean losses), then the window's routing health."""
+    elapsed = time.perf_counter() - run.started
+    record = {
+        "step": done,
+        "epoch": round(done / run.steps_per_epoch, 4),
+        "loss": sum(loss for loss, _ in run.window) / len(run.window),
+        "aux_loss": sum(aux for _, aux in run.window) / len(run.window),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": run.grad_norm,
+        "tokens_per_second": run.tokens_seen / max(elapsed, 1e-9),
+        "elapsed": elapsed,
+        "eval_loss": run.last_eval,
+    }
+    run.history.append(record)
+    run.log.write(record)
+    run.window.clear()
+    run.health = run.tracker.health() or run.health  # the counts reach the host here, once per log line
+    if run.main and run.health:
+        run.log.write_routing(done, run.health)
+        _warn_collapse(run, done)
+    run.tracker.reset()
+
+
+def _warn_collapse(run: _Run, done: int) -> None:
+    """One line per log window for the levels that collapsed since the last warning, not one per adapter: a model
+    has hundreds of routed levels."""
+    health = run.health
+    new = [h for h in health if h.collapsed and (h.module, h.level) not in run.collapsed_before]
+    run.collapsed_before.update((h.module, h.level) for h in new)
+    if not new:
+        return
+    worst = max(new, key=lambda h: max(h.load))
+    logger.warning(
+        "routing collapse at step %d in %d of %d routed levels (worst: %s level %d, max expert load "
+        "%.2f, %.0f%% experts unused); consider a larger balance_weight. Details: logs/routing.jsonl",
+        done,
+        len(new),
+        len(health),
+        worst.module,
+        worst.level,
+        max(worst.load),
+        100 * worst.dead_share,
+    )
+
+
+# -- checkpoint --------------------------------------------------------------------------------------------------
+def _save(run: _Run, step: int) -> None:
+    """Checkpoint ``step`` (main process), then prune the old ones; every process waits for it."""
+    model = run.unwrapped
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:  # never write a checkpoint that cannot be resumed from
         raise ValueError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
-    if accelerator.is_main_process:
+    if run.main:
         save_checkpoint(
-            output / f"checkpoint-{step}",
+            run.output / f"checkpoint-{step}",
             save_adapter=lambda path: smore.save_adapter(model, path),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            progress={"step": step, "history": history},
-            run_config=config.to_dict(),
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            progress={"step": step, "history": run.history},
+            run_config=run.config.to_dict(),
         )
-        prune_checkpoints(output, config.train.keep_checkpoints)
-    accelerator.wait_for_everyone()
+        prune_checkpoints(run.output, run.opt.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+# -- finish ------------------------------------------------------------------------------------------------------
+def _finish(run: _Run) -> TrainResult:
+    """The final held-out loss, the last checkpoint, the adapter and the plots."""
+    if run.eval_set is not None:
+        run.last_eval = _evaluate_loss(run.model, run.eval_set, run.opt.micro_batch_size, run.pad, run.accelerator)
+        if run.history:
+            run.history[-1]["eval_loss"] = run.last_eval
+    _save(run, run.total_steps)
+    adapter_dir = run.output / "adapter"
+    if run.main:
+        smore.save_adapter(run.unwrapped, adapter_dir)
+        if run.history:
+            plot_losses(run.history, run.output / "logs" / "loss.png")
+        if run.health:
+            plot_expert_load(run.health, run.output / "logs" / "expert_load.png")
+        logger.info(
+            "adapter saved to %s; load it with smore.load_adapter(base_model, %r)", adapter_dir, str(adapter_dir)
+        )
+    run.accelerator.wait_for_everyone()
+    final_loss = run.history[-1]["loss"] if run.history else float("nan")
+    return TrainResult(run.output, adapter_dir, run.total_steps, final_loss, run.last_eval, run.history)
