@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import smore
-from conftest import small_smore, tiny_llama
+from helpers import small_smore, tiny_llama
 from smore.adapters.smore import build_smore
 from smore.analysis import (
     COST_MODELS,

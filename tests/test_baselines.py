@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import smore
-from conftest import small_smore, tiny_batch, tiny_llama
+from helpers import small_smore, tiny_batch, tiny_llama
 from smore.adapters.hydralora import HydraLoRADelta
 from smore.adapters.lora import LoRADelta
 from smore.adapters.molora import MoLoRADelta

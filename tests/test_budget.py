@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import smore
-from conftest import tiny_llama
+from helpers import tiny_llama
 from smore.analysis import budget as budget_module
 from smore.analysis import cli as analysis_cli
 from smore.analysis.budget import (

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import smore
-from conftest import JUNK
+from helpers import JUNK
 from smore.adapters.smore import SMoREConfig, build_smore
 from smore.registry import config_from_dict
 

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 import smore
-from conftest import small_smore, tiny_llama
+from helpers import small_smore, tiny_llama
 from smore.evaluation import (
     TASKS,
     CodeExample,

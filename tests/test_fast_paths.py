@@ -9,14 +9,23 @@ import pytest
 import torch
 
 import smore
-from conftest import tiny_llama
+from helpers import (
+    D_IN,
+    GATES,
+    POSITIONS,
+    assert_close,
+    count_torch_calls,
+    make_delta,
+    randomise,
+    randomize_biases_,
+    readable_mixlora,
+    tiny_llama,
+)
 from smore.adapters.base import AdaptedLinear
 from smore.adapters.lora import LoRADelta
 from smore.adapters.smore import build_smore
 from smore.adapters.smore_reference import reference_forward
 from smore.routing.gates import SwitchGate
-from test_mixlora import randomise, readable_mixlora
-from test_smore_layer import D_IN, GATES, POSITIONS, assert_close, count_torch_calls, make_delta, randomize_biases_
 
 F64 = torch.float64
 

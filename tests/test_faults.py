@@ -19,9 +19,10 @@ import torch
 import yaml
 
 import smore
-from conftest import counting_records, counting_workspace, tiny_batch, tiny_llama
+from helpers import counting_records, counting_workspace, tiny_batch, tiny_llama
 from smore.cli import main
 from smore.files import read_safetensors
+from smore.training import trainer as trainer_module
 from smore.training.checkpoint import FAULT_ENV, checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 from smore.training.config import run_config_from_dict
 from smore.training.trainer import _prepare_output, train
@@ -439,7 +440,7 @@ def poison_gradients_of_step(monkeypatch, step: int) -> None:
         first.register_hook(hook)
         return model
 
-    monkeypatch.setattr(smore, "adapt", adapt)
+    monkeypatch.setattr(trainer_module, "adapt", adapt)  # the trainer adapts its model through this name
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import smore
-from conftest import JUNK, tiny_llama
+from helpers import JUNK, tiny_llama
 from smore.registry import METHODS, config_from_dict
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 import smore
-from conftest import small_smore, tiny_batch, tiny_llama
+from helpers import small_smore, tiny_batch, tiny_llama
 from smore.adapters.base import AdaptedLinear
 from smore.compat import enable_checkpointing
 

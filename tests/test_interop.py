@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import smore
-from conftest import tiny_batch, tiny_llama
+from helpers import tiny_batch, tiny_llama
 from smore.analysis.params import model_report
 from smore.interop import (
     adapt_from_reference,

@@ -9,19 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PhiConfig, PhiForCausalLM
 
 import smore
-from conftest import tiny_batch, tiny_llama
+from helpers import randomise, readable_mixlora, tiny_batch, tiny_llama
 from smore.adapters.base import AdaptedFFN
 from smore.adapters.mixlora import GROUPED_MIN_TOKENS, mixlora_flops_per_token, mixlora_parameter_counts
 from smore.analysis.params import model_report
-
-
-def randomise(model, seed: int = 3) -> None:
-    """Non-zero B so the experts differ (B is zero at init)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
 def logits(model, batch):
@@ -89,30 +80,6 @@ def test_equals_the_mixlora_package_given_the_same_weights(overrides):
                 expert.eval()
     batch = tiny_batch()
     assert torch.allclose(logits(ours, batch), logits(theirs, batch), atol=1e-5)
-
-
-def readable_mixlora(module: AdaptedFFN, x: torch.Tensor) -> torch.Tensor:
-    """Token by token, selected expert by selected expert, the MixLoRA formula written out."""
-    delta, base, r = module.delta, module.base_layer, module.delta.rank
-    probs = delta.router(x).softmax(-1)
-    outputs = []
-    for token in range(x.shape[0]):
-        top = probs[token].topk(delta.gate.top_k)
-        weights = top.values / top.values.sum()
-        total = 0
-        for weight, expert in zip(weights, top.indices.tolist()):
-            rows = slice(expert * r, (expert + 1) * r)
-
-            def project(name, inp, rows=rows):
-                out = getattr(base, name)(inp)
-                if name in delta.lora_A:
-                    out = out + delta.scaling * delta.lora_B[name][:, rows] @ (delta.lora_A[name][rows] @ inp)
-                return out
-
-            hidden = base.act_fn(project("gate_proj", x[token])) * project("up_proj", x[token])
-            total = total + weight * project("down_proj", hidden)
-        outputs.append(total)
-    return torch.stack(outputs)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])

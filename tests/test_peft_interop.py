@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import smore
-from conftest import tiny_batch, tiny_llama
+from helpers import tiny_batch, tiny_llama
 from smore.interop.peft import load_peft_lora, lora_config_from_peft, peft_lora_state_dict, save_peft_lora
 
 peft = pytest.importorskip("peft")
@@ -222,7 +222,7 @@ def test_conv1d_lora_round_trips_through_peft(tmp_path):
 def test_pickled_peft_weights_need_an_explicit_flag(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from conftest import tiny_batch, tiny_llama
+    from helpers import tiny_batch, tiny_llama
     from smore.interop.peft import load_peft_lora
 
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import smore
-from conftest import small_smore, tiny_batch, tiny_llama
+from helpers import small_smore, tiny_batch, tiny_llama
 from smore.adapters.smore import SMoREConfig
 from smore.routing import DenseGate, NoisyTopKGate, SwitchGate, TreeRouter
 from smore.routing.gates import cv_squared
@@ -415,7 +415,7 @@ def test_padding_mask_reaches_every_adapter(gate):
 
 
 def test_routing_health_counts_real_tokens_and_flags_collapse():
-    from conftest import small_smore, tiny_batch, tiny_llama
+    from helpers import small_smore, tiny_batch, tiny_llama
     from smore.routing.stats import routing_counts, routing_health, tracking
 
     model = smore.adapt(tiny_llama(), small_smore(init="normal"))

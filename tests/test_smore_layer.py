@@ -13,60 +13,25 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import smore
+from helpers import (
+    D_IN,
+    D_OUT,
+    F64,
+    GATES,
+    POSITIONS,
+    assert_close,
+    count_torch_calls,
+    make_config,
+    make_delta,
+    randomize_biases_,
+)
 from smore.adapters.smore import SMoREConfig, SMoREDelta, build_smore
 from smore.adapters.smore_reference import reference_forward, reference_route
 from smore.routing.types import TreeRouting
 
-D_IN, D_OUT = 6, 5
-GATES = ("dense", "switch", "noisy_topk")
 ACTIVATIONS = ("identity", "tanh", "relu", "prelu")
-POSITIONS = ("all", "child", "child_v2")
-F64 = torch.float64
-
-
-def make_config(levels: int = 2, *, shared_pool: bool = False, **overrides) -> SMoREConfig:
-    """A small config; without the shared pool the levels differ in size so that every offset matters."""
-    if shared_pool:
-        num_experts, ranks = [3] * levels, [2] * levels
-    else:
-        num_experts, ranks = [3, 4, 3][:levels], [2, 3, 1][:levels]
-    values = dict(
-        num_experts=num_experts,
-        top_k=[2, 2, 2][:levels],
-        ranks=ranks,
-        router_dims=[4, 5, 3][:levels],
-        down_proj_dim=4,
-        shared_pool=shared_pool,
-        init="normal",
-    )
-    values.update(overrides)
-    return SMoREConfig(**values)
-
-
-def make_delta(levels: int = 2, *, seed: int = 0, d_in: int = D_IN, d_out: int = D_OUT, **overrides) -> SMoREDelta:
-    config = make_config(levels, **overrides)
-    torch.manual_seed(seed)
-    return build_smore(config, d_in, d_out).to(F64)
-
-
-def randomize_biases_(delta: SMoREDelta, seed: int = 5) -> None:
-    """All biases are 0 at init; give them values so that the bias paths are tested too, and distinct prelu slopes."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in delta.named_parameters():
-            if name.endswith("bias") or name == "A_bias" or name.startswith("B_bias"):
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
-        if delta.prelu_slopes is not None:
-            delta.prelu_slopes.copy_(torch.linspace(0.1, 0.6, delta.num_levels, dtype=F64))
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, **kwargs) -> None:
-    kwargs.setdefault("atol", 1e-12)
-    kwargs.setdefault("rtol", 1e-10)
-    torch.testing.assert_close(actual, expected, **kwargs)
 
 
 # -- fast path against the reference ------------------------------------------------------------------------------
@@ -512,22 +477,6 @@ def test_every_parameter_receives_a_gradient(gate, position, shared_pool):
 
 
 # -- vectorisation guard ------------------------------------------------------------------------------------------
-class _CountTorchCalls(TorchFunctionMode):
-    """Counts every torch function and tensor method called (nested calls are not counted twice)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_torch_calls(fn) -> int:
-    with torch.no_grad(), _CountTorchCalls() as counter:
-        fn()
-    return counter.calls
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -14,8 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import counting_workspace
+from helpers import counting_workspace
 from smore.cli import main
+from smore.training import trainer as trainer_module
 from smore.training.config import apply_overrides, load_run_config, run_config_from_dict
 from smore.training.trainer import train
 
@@ -286,7 +287,7 @@ def test_non_finite_steps_are_skipped_or_stop_without_touching_the_weights(works
         value = real(model, reduction=reduction)
         return value * float("nan") if len(calls) in (3, 4) else value
 
-    monkeypatch.setattr(smore, "aux_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "aux_loss", poisoned)  # the trainer adds the aux loss through this name
     document = run_document(workspace, tmp_path / "run", "molora", max_steps=4, save_every=1, on_nonfinite=policy)
     if policy == "stop":
         with pytest.raises(ValueError, match="step 2: the loss or a gradient is not finite"):
@@ -303,7 +304,7 @@ def test_non_finite_steps_are_skipped_or_stop_without_touching_the_weights(works
 def test_response_loss_equals_the_models_own_loss_and_gradients(method):
     """The LM head runs only where a next token carries loss; the loss and every gradient stay the model's."""
     import smore
-    from conftest import tiny_llama
+    from helpers import tiny_llama
     from smore.training.loss import response_loss
 
     config = {"smore": smore.SMoREConfig(num_experts=[2, 3], top_k=[1, 2], ranks=[2, 2], router_dims=[8, 8],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import smore
-from conftest import tiny_batch, tiny_llama
+from helpers import tiny_batch, tiny_llama
 from smore.adapters.trex import trex_parameter_counts
 from smore.adapters.trex_prior import kmeans, prompt_mask
 from smore.analysis.params import model_report

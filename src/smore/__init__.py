@@ -9,6 +9,7 @@ Entry points::
     smore.save_adapter(model, "run/adapter"); smore.load_adapter(base_model, "run/adapter")
 """
 
+from smore._version import __version__
 from smore.adapter_io import load_adapter, read_adapter_config, restore_adapter, save_adapter
 from smore.adapters.base import adapted_modules, disable_adapters
 from smore.adapters.hydralora import HydraLoRAConfig
@@ -21,8 +22,6 @@ from smore.config import AdapterConfig
 from smore.errors import UserError
 from smore.inject import adapt, aux_loss, remove_adapter, summary
 from smore.registry import METHODS, config_from_dict, get_method
-
-__version__ = "0.1.0"
 
 __all__ = [
     "METHODS",

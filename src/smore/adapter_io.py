@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from smore._version import __version__
 from smore.config import AdapterConfig
 from smore.errors import UserError
 from smore.files import (
@@ -40,8 +41,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
     Each file is written under a temporary name and renamed, so an interrupted save never leaves a torn file.
     """
-    from smore import __version__
-
     state = state_of(model)
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}

@@ -38,12 +38,12 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-import smore
-from smore.adapter_io import restore_adapter
+from smore.adapter_io import restore_adapter, save_adapter
 from smore.analysis.plots import plot_expert_load, plot_losses
 from smore.compat import enable_checkpointing
 from smore.constants import IGNORE_INDEX
 from smore.files import atomic_write
+from smore.inject import adapt, aux_loss, summary
 from smore.registry import get_method
 from smore.resources import check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
@@ -380,9 +380,9 @@ def _adapted_model(config: RunConfig, dataset: SFTDataset, pad: int, *, main: bo
     opt = config.train
     set_seed(opt.seed)
     model = _load_model(config)
-    smore.adapt(model, config.adapter)
+    adapt(model, config.adapter)
     if main:
-        logger.info("%s", smore.summary(model))
+        logger.info("%s", summary(model))
     state = get_method(config.adapter.method).state
     if state is not None and state.prepare is not None and fresh:
         # e.g. T-REX clusters the training prompts once, before the first step (a resumed run restores the state).
@@ -489,7 +489,7 @@ def _accumulate(run: _Run, step: int, micro: list[dict[str, torch.Tensor]]) -> t
         sync = index == len(micro) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.model), accelerator.autocast():
             loss = response_loss(run.model, batch)
-            aux = smore.aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
+            aux = aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
             accelerator.backward((loss + aux) * weight)
         step_loss += loss.detach() * weight / processes
         step_aux += aux.detach() * weight / processes
@@ -592,7 +592,7 @@ def _save(run: _Run, step: int) -> None:
     if run.main:
         save_checkpoint(
             run.output / f"checkpoint-{step}",
-            save_adapter=lambda path: smore.save_adapter(model, path),
+            save_adapter=lambda path: save_adapter(model, path),
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             progress={"step": step, "history": run.history},
@@ -612,7 +612,7 @@ def _finish(run: _Run) -> TrainResult:
     _save(run, run.total_steps)
     adapter_dir = run.output / "adapter"
     if run.main:
-        smore.save_adapter(run.unwrapped, adapter_dir)
+        save_adapter(run.unwrapped, adapter_dir)
         if run.history:
             plot_losses(run.history, run.output / "logs" / "loss.png")
         if run.health:
