@@ -31,14 +31,15 @@ import yaml
 from tqdm.auto import tqdm
 
 import smore
-from smore.analysis.plots import plot_expert_load, plot_losses
 from smore.compat import enable_checkpointing
+from smore.constants import IGNORE_INDEX
+from smore.data import SFTDataset, collate, load_training_records
 from smore.inject import restore_adapter
+from smore.plots import plot_expert_load, plot_losses
 from smore.resources import check_training_memory
 from smore.routing.stats import routing_health, track_routing
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import RunConfig
-from smore.training.data import IGNORE_INDEX, SFTDataset, collate, load_training_records
 from smore.training.loss import response_loss
 
 logger = logging.getLogger(__name__)
