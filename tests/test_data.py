@@ -16,9 +16,9 @@ from tokenizers.models import WordLevel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from smore.training import (
+from smore.constants import IGNORE_INDEX
+from smore.data import (
     FORMATS,
-    IGNORE_INDEX,
     Example,
     SFTDataset,
     collate,

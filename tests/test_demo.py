@@ -20,9 +20,9 @@ import smore
 import smore.embedded as embedded
 from gguf_stand_in import make_package
 from smore.cli import main
+from smore.data import load_task
 from smore.demo import DemoConfig, format_table, run_demo
 from smore.embedded import MANIFEST, EmbeddedModel, prepare_model
-from smore.evaluation.tasks import load_task
 
 STAND_IN = EmbeddedModel("tiny-stand-in", "tiny-stand-in", "tiny_stand_in_pkg", "tiny.gguf", "Apache-2.0")
 
@@ -212,7 +212,7 @@ def test_letter_format_and_overlap_check(package, tmp_path):
 
 def test_options_format_lists_the_choices_in_training_and_in_scoring(package, tmp_path):
     """``--format options``: the choices listed under the question, the answer in words, in training and scoring."""
-    from smore.demo import FORMATS
+    from smore.demo import QUESTION_FORMATS
 
     result = run_demo(_small(output_dir=str(tmp_path / "options"), format="options", limit=2))
     assert result.metric == "acc" and 0.0 <= result.methods[0].accuracy <= 1.0
@@ -224,13 +224,13 @@ def test_options_format_lists_the_choices_in_training_and_in_scoring(package, tm
         f"- {choice}\n" in records[0]["instruction"] for choice in first.choices
     )
     tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
-    (scored,) = FORMATS["options"].scored([first], tokenizer)
+    (scored,) = QUESTION_FORMATS["options"].scored([first], tokenizer)
     assert scored.continuations == first.choices and len(set(scored.contexts)) == 1
     opened = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
                                            tokenize=False).rsplit("x", 1)[1]  # fmt: skip
     # the question as the user's turn, then the assistant's turn opened, as in training
     assert records[0]["instruction"] in scored.contexts[0] and scored.contexts[0].endswith(opened)
-    assert FORMATS["options"].generative == "answer" and FORMATS["letter"].generative == "generate"
+    assert QUESTION_FORMATS["options"].generative == "answer" and QUESTION_FORMATS["letter"].generative == "generate"
 
 
 def test_demo_options_are_checked():
@@ -300,7 +300,7 @@ def test_paper_comparison_trains_without_held_out_questions(monkeypatch, caplog)
     """A question asked in training and held out (whatever its choices or spacing) leaves training, with a warning."""
     from pathlib import Path
 
-    from smore.evaluation.tasks import MCExample
+    from smore.data import MCExample
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import paper_comparison

@@ -23,6 +23,8 @@ from transformers import PreTrainedTokenizerFast
 
 import smore
 from helpers import small_smore, tiny_llama
+from smore.data import encode_prompt, multiple_choice_prompt, to_example
+from smore.data import tasks as tasks_module
 from smore.evaluation import (
     TASKS,
     CodeExample,
@@ -46,8 +48,6 @@ from smore.evaluation import (
     loglikelihoods,
     write_report,
 )
-from smore.evaluation import tasks as tasks_module
-from smore.training import encode_prompt, multiple_choice_prompt, to_example
 
 SPECIAL = ["<s>", "</s>", "<pad>"]
 MERGES = [("Ġ", "y"), ("Ġy", "e"), ("Ġye", "s")]  # " yes" is one token

@@ -108,8 +108,10 @@ def test_imports_go_down_only(module):
         )
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if level_of(m) < 7))
 def test_smore_imports_sit_at_module_level(module):
+    # The apps (layer 7) may import a subcommand when it runs, so `smore --help` does not load torch and
+    # transformers; nothing imports an app, so that hides no circle.
     late = [(target, line) for target, line, top in imports(module) if not top]
     assert not late, f"{module} imports smore modules inside functions (a hidden circle?): {late}"
 

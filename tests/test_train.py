@@ -232,7 +232,7 @@ def test_aux_loss_is_weighted_like_the_cross_entropy_under_accumulation(workspac
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import smore
-    from smore.training.data import SFTDataset, collate, load_training_records
+    from smore.data import SFTDataset, collate, load_training_records
 
     document = run_document(workspace, tmp_path / "run", "molora", max_steps=1, micro_batch_size=2)
     config = run_config_from_dict(document)
@@ -260,8 +260,7 @@ def test_aux_loss_is_weighted_like_the_cross_entropy_under_accumulation(workspac
 
 def test_benchmark_splits_are_training_sources():
     pytest.importorskip("pyarrow")
-    from smore.evaluation.tasks import load_task
-    from smore.training.data import load_training_records
+    from smore.data import load_task, load_training_records
 
     try:
         records = load_training_records("task:arc_easy[2:5]")

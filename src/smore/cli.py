@@ -56,7 +56,7 @@ def _add_train(subparsers) -> None:
 
 
 def _add_eval(subparsers) -> None:
-    from smore.evaluation.evaluate import add_parser
+    from smore.evaluation.cli import add_parser
 
     add_parser(subparsers)
 

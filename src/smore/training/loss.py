@@ -1,34 +1,19 @@
 """The training loss: mean cross-entropy over response tokens, with the LM head run only where it is needed.
 
 Supervised fine-tuning puts loss on the response only, often a few tokens of a long prompt (one letter for a
-multiple-choice question). A causal LM's head (hidden → vocabulary: 576 × 49,152 in SmolLM2, a fifth of its FLOPs
-per token) would still project every position. Transformers' ``logits_to_keep`` takes a 1-D tensor of positions, so
-the head projects only the positions whose next token carries loss in some row of the batch; the loss is the same
-mean over response tokens that the model's own ``loss`` computes (``tests/test_train.py`` checks loss and gradients).
+multiple-choice question), so the head projects only the positions whose next token carries loss in some row of the
+batch (see :mod:`smore.lm`); the loss is the same mean over response tokens that the model's own ``loss`` computes
+(``tests/test_train.py`` checks loss and gradients).
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from smore.training.data import IGNORE_INDEX
-
-
-@functools.cache
-def accepts_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """DDP and similar wrappers keep the model in ``.module``; the signature to inspect is the model's."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+from smore.constants import IGNORE_INDEX
+from smore.lm import accepts_logits_to_keep, unwrapped
 
 
 def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -36,7 +21,7 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     labels = batch["labels"]
     targets = labels[:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    if positions.numel() == 0 or not accepts_logits_to_keep(type(_unwrapped(model))):
+    if positions.numel() == 0 or not accepts_logits_to_keep(type(unwrapped(model))):
         return model(**batch).loss  # nothing to select, or a model without the option: the model's own loss
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     logits = model(**inputs, logits_to_keep=positions).logits  # (batch, kept, vocab)

@@ -39,17 +39,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smore.adapter_io import restore_adapter, save_adapter
-from smore.analysis.plots import plot_expert_load, plot_losses
 from smore.compat import enable_checkpointing
 from smore.constants import IGNORE_INDEX
+from smore.data import SFTDataset, collate, load_training_records
 from smore.files import atomic_write
 from smore.inject import adapt, aux_loss, summary
+from smore.plots import plot_expert_load, plot_losses
 from smore.registry import get_method
 from smore.resources import check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import OptimConfig, RunConfig
-from smore.training.data import SFTDataset, collate, load_training_records
 from smore.training.loss import response_loss
 
 logger = logging.getLogger(__name__)

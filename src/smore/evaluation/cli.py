@@ -1,0 +1,137 @@
+"""``smore eval``: load a model (and an adapter) from paths, evaluate, write the report; and its argument parser."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smore.adapter_io import load_adapter
+from smore.data import PAPER_TASKS, load_task
+from smore.evaluation.evaluate import DEFAULT_SCORINGS, SCORINGS, evaluate
+from smore.evaluation.evaluate import __doc__ as METRICS_HELP
+from smore.evaluation.report import format_metrics, write_report
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _task_list(tasks: str | Sequence[str]) -> list[str]:
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [t.strip() for t in tasks]
+    names = [t for t in names if t]
+    if not names:
+        raise ValueError("no tasks given; name at least one, e.g. --tasks arc_easy,gsm8k.")
+    return names
+
+
+def eval_command(
+    model_path: str,
+    adapter_path: str | None = None,
+    tasks: str | Sequence[str] = PAPER_TASKS,
+    limit: int | None = None,
+    batch_size: int = 8,
+    output: str | os.PathLike = "eval_results.json",
+    *,
+    max_new_tokens: int | None = None,
+    methods: str | Sequence[str] = DEFAULT_SCORINGS,
+    device: str | None = None,
+    dtype: str = "auto",
+    tokenizer_path: str | None = None,
+    code_timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Load a model (``AutoModelForCausalLM.from_pretrained(model_path)``, a hub name or a folder) and, when given,
+    the adapter saved in ``adapter_path``; evaluate; write the report to ``output`` and return it.
+
+    The tokenizer comes from ``tokenizer_path``, else from the adapter folder when it holds one (training may have
+    set a chat template), else from ``model_path``. Every task's data load before the model does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = _task_list(tasks)
+    methods = _task_list(methods) if isinstance(methods, str) else list(methods)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {list(DTYPES)}.")
+    examples = {name: load_task(name, limit) for name in names}
+    if tokenizer_path is None:
+        has_tokenizer = adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file()
+        tokenizer_path = adapter_path if has_tokenizer else model_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    metrics = evaluate(
+        model,
+        tokenizer,
+        examples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        methods=methods,
+        code_timeout=code_timeout,
+    )
+    config = {
+        "tasks": names,
+        "limit": limit,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "methods": list(methods),
+        "dtype": dtype,
+        "device": device,
+        "tokenizer": str(tokenizer_path),
+        "code_timeout": code_timeout,
+    }
+    return write_report(output, metrics, model=model_path, adapter=adapter_path, config=config)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``smore eval``: :func:`eval_command` with the parsed flags; prints the table and returns 0."""
+    document = eval_command(
+        args.model,
+        args.adapter,
+        args.tasks,
+        args.limit,
+        args.batch_size,
+        args.output,
+        max_new_tokens=args.max_new_tokens,
+        methods=args.methods,
+        device=args.device,
+        dtype=args.dtype,
+        tokenizer_path=args.tokenizer,
+        code_timeout=args.code_timeout,
+    )
+    sys.stdout.write(format_metrics(document["metrics"]) + f"\nwritten to {args.output}\n")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``smore eval`` on the main CLI's subparsers; its ``func`` is :func:`run_eval`."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model (and adapter) on multiple-choice, GSM8K and HumanEval benchmarks",
+        description=METRICS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="base model: a hub name or a local folder")
+    parser.add_argument("--adapter", help="adapter folder saved by smore (omit to evaluate the base model)")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(PAPER_TASKS),
+        help="comma-separated task names or file:path.jsonl (default: the paper's benchmarks)",
+    )
+    parser.add_argument("--limit", type=int, help="score only the first N examples of each task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, help="generation length for every task (default by kind)")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_SCORINGS), help=f"multiple-choice scoring, some of {','.join(SCORINGS)}"
+    )
+    parser.add_argument("--output", default="eval_results.json", help="JSON report (default eval_results.json)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    parser.add_argument("--tokenizer", help="tokenizer to use (default: the adapter folder's, else the model's)")
+    parser.add_argument("--code-timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    parser.set_defaults(func=run_eval)
+    return parser
