@@ -70,7 +70,7 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
     try:
         return config_from_dict(fields), document
     except (TypeError, ValueError) as error:  # a damaged file: name it, whatever the config's own error says
-        raise ValueError(f"{file} does not hold a valid adapter config: {error}") from error
+        raise UserError(f"{file} does not hold a valid adapter config: {error}") from error
 
 
 def _config_digest(config: AdapterConfig, modules: dict[str, tuple[int, int]]) -> str:
@@ -81,7 +81,7 @@ def _check_config_digest(path: Path, config: AdapterConfig, modules: dict[str, t
     """The weights file records the config it was saved with (when smore wrote it); the config file must match."""
     expected = safetensors_metadata(path / WEIGHTS_NAME).get(CONFIG_DIGEST_KEY)
     if expected is not None and _config_digest(config, modules) != expected:
-        raise ValueError(
+        raise UserError(
             f"{path / CONFIG_NAME} does not match the config {path / WEIGHTS_NAME} was saved with: the config file "
             "is corrupted or was edited after saving; restore it from a good copy."
         )
@@ -111,13 +111,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"module {name!r} is {features[0]} -> {features[1]}, the adapter expects {shape[0]} -> {shape[1]}"
             )
     if problems:
-        raise ValueError(f"the adapter in {path} does not fit this {type(model).__name__}: " + "; ".join(problems[:20]))
+        raise UserError(f"the adapter in {path} does not fit this {type(model).__name__}: " + "; ".join(problems[:20]))
     if getattr(model, "smore_state", None) is None:  # otherwise adapt() below says so
         method = method_of(config)
         selected = set(method.find(model, config))
         if saved_modules and selected != set(saved_modules):
             extra, missing = sorted(selected - set(saved_modules)), sorted(set(saved_modules) - selected)
-            raise ValueError(
+            raise UserError(
                 f"the adapter in {path} was saved for other modules: on this model its config also matches "
                 f"{extra[:10]} and misses {missing[:10]}."
             )
@@ -140,7 +140,7 @@ def _saved_modules(document: dict, path: Path) -> dict[str, tuple[int, int]]:
         for shape in modules.values()
     )
     if not shapes_ok:
-        raise ValueError(
+        raise UserError(
             f"'modules' in {path / CONFIG_NAME} must map module names to [in, out] shapes; the file is damaged."
         )
     return {name: tuple(shape) for name, shape in modules.items()}
@@ -152,7 +152,7 @@ def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     config, document = read_adapter_config(path)
     if config != state_of(model).config:
-        raise ValueError(f"the adapter in {path} has another config than the model's adapter; it cannot be restored.")
+        raise UserError(f"the adapter in {path} has another config than the model's adapter; it cannot be restored.")
     tensors = read_safetensors(path / WEIGHTS_NAME)
     _check_config_digest(path, config, _saved_modules(document, path))
     _restore_state(model, tensors, path / WEIGHTS_NAME)
@@ -171,7 +171,7 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         if k in tensors and tensors[k].shape != v.shape
     ]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise UserError(
             f"adapter weights from {source} do not match the adapted model: missing {missing[:10]}, "
             f"unexpected {unexpected[:10]}, shape mismatches (file vs model) {wrong[:10]}."
         )

@@ -12,6 +12,8 @@ import argparse
 import logging
 import sys
 
+from smore.errors import UserError
+
 logger = logging.getLogger("smore")
 
 
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except ValueError as error:  # user errors: one clear line, no traceback
+    except (
+        UserError
+    ) as error:  # the user's mistake: one clear line; any other exception is a bug and shows its traceback
         logger.error("%s", error)
         return 2
 

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
-from smore.checks import check_choice, check_int
+from smore.checks import check_choice, check_int, is_int
+from smore.errors import UserError
 
 AuxReduction = Literal["sum", "mean"]
 
@@ -33,7 +34,7 @@ def as_list(name: str, value: Any) -> list:
     if isinstance(value, tuple):
         return list(value)
     if not isinstance(value, list):
-        raise ValueError(f"{name}={value!r} must be a list with one entry per level (bottom level first).")
+        raise UserError(f"{name}={value!r} must be a list with one entry per level (bottom level first).")
     return value
 
 
@@ -45,10 +46,10 @@ def check_patterns(name: str, value: Any) -> list[str] | str:
         try:
             re.compile(value)
         except re.error as error:
-            raise ValueError(f"{name}={value!r} is not a valid regular expression ({error}).") from error
+            raise UserError(f"{name}={value!r} is not a valid regular expression ({error}).") from error
         return value
     if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
-        raise ValueError(
+        raise UserError(
             f"{name}={value!r} must be a non-empty list of module-name suffixes (non-empty strings) or a regular "
             "expression, e.g. ['gate_proj', 'up_proj', 'down_proj']."
         )
@@ -74,7 +75,7 @@ class AdapterConfig:
         if self.exclude_modules is not None:
             self.exclude_modules = check_patterns("exclude_modules", self.exclude_modules)
         if self.layers_to_transform is not None:
-            if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            if is_int(self.layers_to_transform):
                 self.layers_to_transform = [self.layers_to_transform]
             self.layers_to_transform = as_list("layers_to_transform", self.layers_to_transform)
             check_positive_ints("layers_to_transform", self.layers_to_transform, allow_zero=True)
@@ -90,5 +91,5 @@ class AdapterConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}.")
+            raise UserError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}.")
         return cls(**values)

@@ -37,6 +37,7 @@ from smore.analysis.budget import meta_model, propose_configs
 from smore.checks import is_int
 from smore.config import AdapterConfig
 from smore.data import TASKS, MCExample, load_task
+from smore.errors import UserError
 from smore.evaluation import evaluate
 from smore.resources import check_training_memory
 from smore.training import DataConfig, OptimConfig, RunConfig, train
@@ -155,14 +156,14 @@ class DemoConfig:
         for name in ("steps", "limit", "batch_size", "max_length"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
+                raise UserError(f"{name}={value!r} must be a positive integer.")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be positive.")
+            raise UserError(f"learning_rate={self.learning_rate!r} must be positive.")
         if self.format not in QUESTION_FORMATS:
-            raise ValueError(f"format={self.format!r}: choose one of {sorted(QUESTION_FORMATS)}.")
+            raise UserError(f"format={self.format!r}: choose one of {sorted(QUESTION_FORMATS)}.")
         unknown = [m for m in self.methods if m not in smore.METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"methods={list(self.methods)}: choose some of {sorted(smore.METHODS)}.")
+            raise UserError(f"methods={list(self.methods)}: choose some of {sorted(smore.METHODS)}.")
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ def resolve_model(model: str | None, cache: str | None = None) -> tuple[Path, st
     if model is not None:
         path = Path(model)
         if not (path / "config.json").is_file():
-            raise ValueError(f"model={model!r} is not a Hugging Face model folder (no config.json there).")
+            raise UserError(f"model={model!r} is not a Hugging Face model folder (no config.json there).")
         return path, path.name
     from smore.embedded import SMOLLM2, prepare_model
 
@@ -246,7 +247,7 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     questions = load_task(config.eval_task, config.limit)
     overlap = {question_key(ex) for ex in training} & {question_key(ex) for ex in questions}
     if overlap:
-        raise ValueError(f"{len(overlap)} scored questions of {config.eval_task} are also training questions of "
+        raise UserError(f"{len(overlap)} scored questions of {config.eval_task} are also training questions of "
                          f"{config.train_task}; score a split the model does not train on.")  # fmt: skip
     model_dir, model_name = resolve_model(config.model, cache)
     check_training_memory(model_dir, config.batch_size, config.max_length)
@@ -258,7 +259,7 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     for run in runs:
         folder = Path(run.output_dir)
         if not config.overwrite and folder.is_dir() and any(folder.iterdir()):
-            raise ValueError(f"{folder} holds an earlier demo run; pass --overwrite to replace it, or choose another "
+            raise UserError(f"{folder} holds an earlier demo run; pass --overwrite to replace it, or choose another "
                              "--output-dir.")  # fmt: skip
 
     train_file.parent.mkdir(parents=True, exist_ok=True)

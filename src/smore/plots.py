@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from smore.errors import UserError
 from smore.routing.stats import LevelHealth
 
 
@@ -39,7 +40,7 @@ def plot_expert_load(health: list[LevelHealth], path: str | Path) -> Path:
     """One row per (adapter, level), one column per expert, colour = share of routed slots."""
     plt = _pyplot()
     if not health:
-        raise ValueError("no routing counts to plot: the adapters are not routed, or tracking was off.")
+        raise UserError("no routing counts to plot: the adapters are not routed, or tracking was off.")
     width = max(len(level.load) for level in health)
     rows = [level.load + [float("nan")] * (width - len(level.load)) for level in health]
     labels = [f"{level.module.removeprefix('model.')} L{level.level}" for level in health]

@@ -15,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+from smore.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ACTIVATION_VALUES = 17
@@ -65,7 +67,7 @@ def check_training_memory(model_dir: str | os.PathLike, micro_batch_size: int, m
         return
     logger.info("memory: about %.1f GiB needed, %.1f GiB available", needed / 2**30, free / 2**30)
     if needed > MARGIN * free:
-        raise ValueError(
+        raise UserError(
             f"training {model_dir} with micro_batch_size={micro_batch_size} and max_length={max_length} needs about "
             f"{needed / 2**30:.1f} GiB of memory, but only {free / 2**30:.1f} GiB are available; lower "
             "micro_batch_size or max_length, set gradient_checkpointing: true, or use a larger machine."

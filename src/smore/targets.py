@@ -8,6 +8,7 @@ from torch import nn
 
 from smore.adapters.base import AdapterWrapper, linear_features
 from smore.config import AdapterConfig
+from smore.errors import UserError
 
 ALL_LINEAR = "all-linear"
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -48,16 +49,16 @@ def find_targets(
         if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
             continue
         if isinstance(module, AdapterWrapper):
-            raise ValueError(f"module {name!r} is already adapted; adapt a fresh model or load onto the base model.")
+            raise UserError(f"module {name!r} is already adapted; adapt a fresh model or load onto the base model.")
         if not accepts(module):
-            raise ValueError(
+            raise UserError(
                 f"target_modules={config.target_modules!r} matched {name!r}, a {type(module).__name__}, which is "
                 f"not a {kind}. Name the modules to adapt more precisely."
             )
         targets[name] = module
     if not targets:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and accepts(m)})
-        raise ValueError(
+        raise UserError(
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}, "
             f"layers_to_transform={config.layers_to_transform!r}) matched no {kind} of this "
             f"{type(model).__name__}. Its modules of that kind are named: {names}."

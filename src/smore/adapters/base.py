@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from smore.errors import UserError
+
 try:  # GPT-2 style models store their projections as Conv1D (weight of shape (in, out)).
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the wrapper works without it
@@ -126,7 +128,7 @@ class AdaptedLinear(AdapterWrapper):
     def __init__(self, base_layer: nn.Module, delta: nn.Module, context: ForwardContext | None = None) -> None:
         features = linear_features(base_layer)
         if features is None:
-            raise ValueError(
+            raise UserError(
                 f"AdaptedLinear wraps nn.Linear or transformers Conv1D layers, not {type(base_layer).__name__}."
             )
         super().__init__(base_layer, delta, context)
@@ -170,7 +172,7 @@ class AdaptedFFN(AdapterWrapper):
     def __init__(self, base_layer: nn.Module, delta: nn.Module, context: ForwardContext | None = None) -> None:
         features = ffn_features(base_layer)
         if features is None:
-            raise ValueError(
+            raise UserError(
                 f"AdaptedFFN wraps gated MLPs with gate_proj, up_proj, down_proj and act_fn, not "
                 f"{type(base_layer).__name__}."
             )

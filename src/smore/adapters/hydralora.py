@@ -26,7 +26,8 @@ from smore.adapters.method import (
     expert_variants,
     with_total,
 )
-from smore.checks import check_int
+from smore.checks import check_int, is_int
+from smore.errors import UserError
 
 
 @dataclass
@@ -55,8 +56,8 @@ class HydraLoRADelta(nn.Module):
     ) -> None:
         super().__init__()
         check_lora_arguments(rank=rank, alpha=alpha, dropout=dropout)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts={num_experts!r} must be a positive integer.")
+        if not is_int(num_experts) or num_experts < 1:
+            raise UserError(f"num_experts={num_experts!r} must be a positive integer.")
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(in_features, num_experts, bias=False)

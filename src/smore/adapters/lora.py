@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from smore.adapters.method import CostModel, Counts, Method, SearchSpace, check_config, check_features, with_total
-from smore.checks import check_int, check_number
+from smore.checks import check_int, check_number, is_int, is_number
 from smore.config import AdapterConfig
+from smore.errors import UserError
 
 
 @dataclass
@@ -54,12 +55,12 @@ class LoRAConfig(AdapterConfig):
 
 def check_lora_arguments(*, rank: int, alpha: float, dropout: float) -> None:
     """The checks every LoRA-style delta shares; ``ValueError`` naming the argument."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be a positive integer.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha={alpha!r} must be a positive number (the update is scaled by alpha / rank).")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout={dropout!r} must be a number in [0, 1).")
+    if not is_int(rank) or rank < 1:
+        raise UserError(f"rank={rank!r} must be a positive integer.")
+    if not is_number(alpha) or alpha <= 0:
+        raise UserError(f"alpha={alpha!r} must be a positive number (the update is scaled by alpha / rank).")
+    if not is_number(dropout) or not 0 <= dropout < 1:
+        raise UserError(f"dropout={dropout!r} must be a number in [0, 1).")
 
 
 class LoRADelta(nn.Module):

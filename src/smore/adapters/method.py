@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from smore.checks import is_int
 from smore.config import AdapterConfig
 from smore.errors import UserError
 from smore.targets import find_targets
@@ -33,7 +34,7 @@ def with_total(counts: Counts) -> Counts:
 def check_features(in_features: Any, out_features: Any) -> None:
     """Layer widths given to a cost function: positive integers."""
     for name, value in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise UserError(f"{name}={value!r} must be a positive integer (a layer width).")
 
 

@@ -46,6 +46,7 @@ from smore.adapters.method import (
 )
 from smore.checks import check_int, check_number
 from smore.config import AdapterConfig, as_list, check_patterns
+from smore.errors import UserError
 from smore.routing.gates import SwitchGate
 from smore.routing.stats import ExpertSelection
 from smore.targets import find_targets, matches
@@ -89,7 +90,7 @@ class MixLoRAConfig(AdapterConfig):
         for name in ("num_experts", "top_k", "rank"):
             check_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
+            raise UserError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
         check_number("alpha", self.alpha, low=0, open_low=True)
         check_number("dropout", self.dropout, low=0, high=1)
         check_number("balance_weight", self.balance_weight, low=0)
@@ -97,7 +98,7 @@ class MixLoRAConfig(AdapterConfig):
         projections = ("gate_proj", "up_proj", "down_proj")
         self.expert_modules = as_list("expert_modules", self.expert_modules)
         if not self.expert_modules or any(m not in projections for m in self.expert_modules):
-            raise ValueError(
+            raise UserError(
                 f"expert_modules={self.expert_modules!r} must be a non-empty subset of {list(projections)}."
             )
         if self.attention_modules is not None:
@@ -124,7 +125,7 @@ class MixLoRAFFN(nn.Module):
         super().__init__()
         unknown = sorted(set(expert_modules) - set(EXPERT_PROJECTIONS))
         if unknown or not expert_modules:
-            raise ValueError(f"expert_modules={expert_modules!r} must be a non-empty subset of {EXPERT_PROJECTIONS}.")
+            raise UserError(f"expert_modules={expert_modules!r} must be a non-empty subset of {EXPERT_PROJECTIONS}.")
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
@@ -245,7 +246,7 @@ def find_mixlora_targets(model: nn.Module, config) -> dict[str, nn.Module]:
     attention = find_targets(model, attention_lora_config(config))
     inside = [name for name in attention if any(name.startswith(block + ".") for block in blocks)]
     if inside:
-        raise ValueError(
+        raise UserError(
             f"attention_modules={config.attention_modules!r} matched {inside[:3]}, inside the MLP blocks MixLoRA "
             "replaces; name attention projections only (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'])."
         )
@@ -309,7 +310,7 @@ def mixlora_flops_per_token(
     config = check_config(config, MixLoRAConfig)
     check_features(hidden_size, intermediate_size)
     if path not in ("grouped", "masked"):
-        raise ValueError(f"path={path!r} must be 'grouped' or 'masked'.")
+        raise UserError(f"path={path!r} must be 'grouped' or 'masked'.")
     stacked, k, r = config.num_experts * config.rank, config.top_k, config.rank
     if path == "grouped":
         per_projection = dict.fromkeys(("gate_proj", "up_proj", "down_proj"), k * r * (hidden_size + intermediate_size))

@@ -31,7 +31,8 @@ from smore.adapters.method import (
     expert_variants,
     with_total,
 )
-from smore.checks import check_int, check_number
+from smore.checks import check_int, check_number, is_int
+from smore.errors import UserError
 from smore.routing.gates import SwitchGate
 from smore.routing.stats import ExpertSelection
 
@@ -58,7 +59,7 @@ class MoLoRAConfig(LoRAConfig):
         check_int("num_experts", self.num_experts)
         check_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
+            raise UserError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use at most num_experts.")
         check_number("balance_weight", self.balance_weight, low=0)
 
 
@@ -84,10 +85,10 @@ class MoLoRADelta(nn.Module):
     ) -> None:
         super().__init__()
         check_lora_arguments(rank=rank, alpha=alpha, dropout=dropout)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts={num_experts!r} must be a positive integer.")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}].")
+        if not is_int(num_experts) or num_experts < 1:
+            raise UserError(f"num_experts={num_experts!r} must be a positive integer.")
+        if not is_int(top_k) or not 1 <= top_k <= num_experts:
+            raise UserError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}].")
         self.num_experts, self.top_k, self.rank, self.scaling = num_experts, top_k, rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(in_features, num_experts, bias=False)

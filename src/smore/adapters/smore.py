@@ -69,6 +69,7 @@ from smore.adapters.method import (
 )
 from smore.checks import check_int, check_number
 from smore.config import AdapterConfig, check_literal, check_positive_ints
+from smore.errors import UserError
 from smore.routing.stats import ExpertSelection
 from smore.routing.tree import TreeRouter
 from smore.routing.types import TreeRouting
@@ -130,7 +131,7 @@ class SMoREConfig(AdapterConfig):
             if isinstance(value, tuple):
                 given[name] = value = list(value)
             if not isinstance(value, (list, int, float)) or isinstance(value, bool):
-                raise ValueError(
+                raise UserError(
                     f"{name}={value!r} must be a list with one entry per level (bottom level first), or one number "
                     "for every level."
                 )
@@ -138,13 +139,13 @@ class SMoREConfig(AdapterConfig):
         if len(set(lengths.values())) > 1:
             first = next(iter(lengths))
             other = next(name for name in lengths if lengths[name] != lengths[first])
-            raise ValueError(
+            raise UserError(
                 f"{other} has {lengths[other]} entries but {first} has {lengths[first]} levels; give one {other} "
                 "entry per level (bottom level first), or one number for every level."
             )
         levels = next(iter(lengths.values()), self.DEFAULT_LEVELS)
         if levels == 0:
-            raise ValueError("num_experts must have at least one level, e.g. [4, 4].")
+            raise UserError("num_experts must have at least one level, e.g. [4, 4].")
         for name in per_level:
             value = given.get(name, self.LEVEL_DEFAULTS.get(name))
             setattr(self, name, value if value is None or isinstance(value, list) else [value] * levels)
@@ -160,11 +161,11 @@ class SMoREConfig(AdapterConfig):
         check_literal("router_activation", self.router_activation, RouterActivation)
         for level, (k, s) in enumerate(zip(self.top_k, self.num_experts)):
             if k > s:
-                raise ValueError(
+                raise UserError(
                     f"top_k[{level}]={k} exceeds num_experts[{level}]={s}; pick at most num_experts experts."
                 )
             if self.gate == "noisy_topk" and k == s:
-                raise ValueError(
+                raise UserError(
                     f"gate='noisy_topk' needs top_k[{level}] < num_experts[{level}] (got {k} of {s}): its load "
                     "estimate uses the (k+1)-th logit. Lower top_k, raise num_experts, or use gate='dense'."
                 )
@@ -174,9 +175,9 @@ class SMoREConfig(AdapterConfig):
         check_number("balance_weight", self.balance_weight, low=0)
         check_number("prelu_init", self.prelu_init, low=-math.inf)
         if not isinstance(self.shared_pool, bool):
-            raise ValueError(f"shared_pool={self.shared_pool!r} must be true or false.")
+            raise UserError(f"shared_pool={self.shared_pool!r} must be true or false.")
         if self.shared_pool and (len(set(self.num_experts)) != 1 or len(set(self.ranks)) != 1):
-            raise ValueError(
+            raise UserError(
                 f"shared_pool=True needs the same num_experts and ranks in every level (got num_experts="
                 f"{self.num_experts}, ranks={self.ranks}); make them equal or set shared_pool=False."
             )
@@ -301,7 +302,7 @@ class SMoREDelta(nn.Module):
             ("init", init, INITS),
         ):
             if value not in choices:
-                raise ValueError(f"{name}={value!r} is unknown; choose one of {list(choices)}.")
+                raise UserError(f"{name}={value!r} is unknown; choose one of {list(choices)}.")
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.ranks, self.scalings = list(num_experts), list(ranks), list(scalings)
         self.activation, self.activation_position = activation, activation_position

@@ -94,7 +94,7 @@ class TREXDelta(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, prior: torch.Tensor | None = None):
         if prior is None:
-            raise ValueError("TREXDelta needs each token's semantic prior (N, r1·r2); see smore.fit_prior.")
+            raise UserError("TREXDelta needs each token's semantic prior (N, r1·r2); see smore.fit_prior.")
         routing = self.routing(x, prior)
         hidden = torch.einsum("ni,nij->nj", self.lora_A(x), routing)  # (N, r2): Σ_i R_ij (a_i·x)
         return torch.sigmoid(100 * self.gate_logit) * self.lora_B(hidden)

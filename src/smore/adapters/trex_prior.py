@@ -33,6 +33,7 @@ from torch import nn
 from smore.adapters.base import disable_adapters
 from smore.compat import CACHE_ARGUMENTS
 from smore.constants import IGNORE_INDEX
+from smore.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def kmeans(points: torch.Tensor, k: int, *, iterations: int = 50, seed: int = 0)
     Written here (twenty lines) rather than taken from scikit-learn so that T-REX needs no SciPy stack.
     """
     if points.shape[0] < k:
-        raise ValueError(
+        raise UserError(
             f"the semantic prior needs at least {k} prompts to form {k} clusters (one per T-REX expert), got "
             f"{points.shape[0]}; pass more training prompts to fit_prior."
         )
@@ -118,12 +119,12 @@ class SemanticPrior:
         """(N, K) prior of every token: its sequence's row, for an input whose leading dims are (batch, time)."""
         prior = self.prior
         if prior is None:
-            raise ValueError(
+            raise UserError(
                 "this adapter routes with a semantic prior, but none is set: call smore.fit_prior(model, batches) "
                 "on training prompts before training, or load an adapter saved with its prior."
             )
         if len(leading_shape) != 2 or leading_shape[0] != prior.shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"the semantic prior holds {prior.shape[0]} sequences but the adapter sees inputs of shape "
                 f"{tuple(leading_shape)}; T-REX needs (batch, time, features) inputs of the model call."
             )
@@ -150,12 +151,12 @@ class SemanticPrior:
     def from_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
         """``c = centroids · emb`` for each sequence: (B, d_e) → (B, K)."""
         if self.centroids is None:
-            raise ValueError(
+            raise UserError(
                 "the semantic prior has no centroids yet: call smore.fit_prior(model, batches) on training prompts "
                 "before training, or load an adapter saved with its prior."
             )
         if embedding.shape[-1] != self.centroids.shape[-1]:
-            raise ValueError(
+            raise UserError(
                 f"prompt embeddings have width {embedding.shape[-1]}, the prior's centroids "
                 f"{self.centroids.shape[-1]}: the prior was fitted with another encoder or base model."
             )
@@ -176,7 +177,7 @@ class SemanticPrior:
         if self.centroids is None:
             return None  # the adapter says what to do if it is used
         if input_ids is None:
-            raise ValueError(
+            raise UserError(
                 "T-REX computes its semantic prior from input_ids; call the model with input_ids, or give the prior "
                 "with smore.use_prior(model, prior)."
             )
@@ -187,7 +188,7 @@ class SemanticPrior:
         """Every model call inside the block uses ``prior`` (B, K), one row per sequence."""
         if not isinstance(prior, torch.Tensor) or prior.dim() != 2 or prior.shape[1] != self.num_clusters:
             shape = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
-            raise ValueError(
+            raise UserError(
                 f"the semantic prior must be a (batch, {self.num_clusters}) tensor, one row per sequence; got {shape}. "
                 "smore.compute_prior(model, input_ids, attention_mask) gives one."
             )
@@ -204,7 +205,7 @@ class SemanticPrior:
             return generate(*args, **kwargs)  # the caller's prior, or none to compute (the adapter will say so)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(
+            raise UserError(
                 "T-REX's generate() computes the semantic prior from the prompt's input_ids; pass input_ids, or give "
                 "the prior with smore.use_prior(model, prior)."
             )
@@ -218,14 +219,14 @@ class SemanticPrior:
         embeddings = []
         for number, batch in enumerate(batches):
             if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
-                raise ValueError(
+                raise UserError(
                     f"fit_prior batch {number} must be a dict with an input_ids tensor (B, T), and optionally "
                     f"attention_mask and labels; got {type(batch).__name__}."
                 )
             embedding = self.embed(model, batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
             embeddings.append(embedding.cpu())
         if not embeddings:
-            raise ValueError("fit_prior got no batches; pass the training prompts (dicts with input_ids).")
+            raise UserError("fit_prior got no batches; pass the training prompts (dicts with input_ids).")
         self.centroids = kmeans(torch.cat(embeddings), self.num_clusters, iterations=iterations, seed=seed)
         logger.info(
             "semantic prior: %d centroids from %d prompts", self.num_clusters, sum(e.shape[0] for e in embeddings)
@@ -258,7 +259,7 @@ def _rows_for(prior: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tens
         return prior
     batch = input_ids.shape[0]
     if batch % prior.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"the semantic prior holds {prior.shape[0]} sequences but the model was called with a batch of {batch}; "
             "give one prior row per sequence."
         )

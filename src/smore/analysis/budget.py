@@ -32,104 +32,22 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from smore.adapters.method import SearchSpace
 from smore.analysis.params import COST_MODELS, LayerReport, ModelReport, layer_costs, model_report
+from smore.analysis.shapes import MODEL_SHAPES, TargetShapes, meta_model, model_config  # noqa: F401 (re-exported)
+from smore.checks import is_int, is_number
 from smore.config import AdapterConfig
+from smore.errors import UserError
 from smore.registry import METHODS, get_method
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.05
 """Allowed relative deviation of a proposed config's trainable parameters from the budget (±5 %)."""
-
-
-# -- model shapes ---------------------------------------------------------------------------------------------------
-
-MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    ),
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    ),
-    "llama-3.2-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
-}
-"""Built-in Llama shapes, by name: ``tiny`` (the tests' 2-layer, hidden-32 model), ``smollm2-135m``
-(HuggingFaceTB/SmolLM2-135M) and ``llama-3.2-1b`` (meta-llama/Llama-3.2-1B). Only what the adapters' sizes and the
-base parameter count depend on."""
-
-
-def model_config(spec: str):
-    """A ``transformers`` config from a built-in name (:data:`MODEL_SHAPES`), a ``config.json`` or a model folder.
-
-    Nothing is downloaded: a path must exist locally.
-    """
-    from transformers import AutoConfig, LlamaConfig
-
-    if spec in MODEL_SHAPES:
-        return LlamaConfig(**MODEL_SHAPES[spec])
-    path = Path(spec)
-    if not path.exists():
-        raise ValueError(
-            f"model config {spec!r} is neither a built-in name ({sorted(MODEL_SHAPES)}) nor an existing config.json "
-            "or model folder; download the model's config.json and pass its path."
-        )
-    try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"model config {spec!r}: cannot read a transformers config there ({error}).") from error
-
-
-def meta_model(spec: Any) -> nn.Module:
-    """A causal LM built from ``spec`` (see :func:`model_config`, or a ``transformers`` config) on the meta device:
-    every module and shape, no weights allocated, so a 1B model takes a fraction of a second."""
-    from transformers import AutoModelForCausalLM
-
-    config = model_config(spec) if isinstance(spec, str) else spec
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-@dataclass(frozen=True)
-class TargetShapes:
-    """The layers to size adapters for, when there is no model at hand."""
-
-    linear: tuple[tuple[int, int], ...] = ()
-    """``(in_features, out_features)`` of every linear layer a linear-level method adapts (one adapter each)."""
-    blocks: tuple[tuple[int, int], ...] = ()
-    """``(hidden_size, intermediate_size)`` of every gated MLP block a block-level method (MixLoRA) adapts."""
-
-    @classmethod
-    def ffn(cls, hidden_size: int, intermediate_size: int, num_layers: int) -> TargetShapes:
-        """The paper's placement (SPEC §1.8): gate/up/down projections of every layer, and the MLP blocks."""
-        d, d_ff = hidden_size, intermediate_size
-        return cls(linear=((d, d_ff), (d, d_ff), (d_ff, d)) * num_layers, blocks=((d, d_ff),) * num_layers)
 
 
 # -- search spaces --------------------------------------------------------------------------------------------------
@@ -162,7 +80,7 @@ def _shapes_report(shapes: TargetShapes, config: AdapterConfig) -> ModelReport:
     layers = shapes.blocks if block_level else shapes.linear
     if not layers:
         kind = "gated MLP blocks (TargetShapes.blocks)" if block_level else "linear layers (TargetShapes.linear)"
-        raise ValueError(
+        raise UserError(
             f"{config.method} adapts {kind}, and none were given; pass TargetShapes(linear=..., blocks=...) "
             "(e.g. TargetShapes.ffn(hidden, intermediate, layers)) or a model."
         )
@@ -195,7 +113,7 @@ class _Counter:
             try:
                 linear = tuple((int(i), int(o)) for i, o in target)
             except (TypeError, ValueError) as error:
-                raise ValueError(
+                raise UserError(
                     "model must be a transformers model, a TargetShapes or a list of (in_features, out_features) "
                     f"pairs, got {type(target).__name__}."
                 ) from error
@@ -219,8 +137,8 @@ def resolve_budget(model: Target, budget: int | AdapterConfig) -> int:
     """The budget in trainable parameters: ``budget`` itself, or the trainable count of a config on ``model``."""
     if isinstance(budget, AdapterConfig):
         return _Counter(model).trainable(budget)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(
+    if not is_int(budget) or budget < 1:
+        raise UserError(
             f"budget={budget!r} must be a positive number of trainable parameters, or an adapter config to match."
         )
     return budget
@@ -378,7 +296,7 @@ def _starting_configs(
     configs = list(configs or ())
     for config in configs:
         if not isinstance(config, AdapterConfig):
-            raise ValueError(f"configs must hold adapter configs (e.g. SMoREConfig), got {type(config).__name__}.")
+            raise UserError(f"configs must hold adapter configs (e.g. SMoREConfig), got {type(config).__name__}.")
     if methods is None:
         names = budget_methods()
         names += [c.method for c in configs if c.method not in names]
@@ -386,15 +304,15 @@ def _starting_configs(
         names = list(dict.fromkeys(methods))
         extra = sorted({c.method for c in configs} - set(names))
         if extra:
-            raise ValueError(f"configs name method(s) {extra} that methods={list(methods)} leaves out; add them.")
+            raise UserError(f"configs name method(s) {extra} that methods={list(methods)} leaves out; add them.")
     for name in names:
         if name not in SEARCH_SPACES:
-            raise ValueError(
+            raise UserError(
                 f"method {name!r} has no budget search space; choose from {sorted(SEARCH_SPACES)} or add one line "
                 "to smore.analysis.budget.SEARCH_SPACES."
             )
         if name not in COST_MODELS:
-            raise ValueError(f"method {name!r} has no cost model in smore.analysis.params.COST_MODELS; add one.")
+            raise UserError(f"method {name!r} has no cost model in smore.analysis.params.COST_MODELS; add one.")
     if match is not None and match.method in names and not any(c.method == match.method for c in configs):
         configs.append(match)
     starts = []
@@ -437,13 +355,13 @@ def propose_configs(
     Returns:
         one :class:`BudgetRow` per starting config, in ``methods`` order.
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
-        raise ValueError(f"tolerance={tolerance!r} must be a fraction in (0, 1), e.g. 0.05 for ±5 %.")
+    if not is_number(tolerance) or not 0 < tolerance < 1:
+        raise UserError(f"tolerance={tolerance!r} must be a fraction in (0, 1), e.g. 0.05 for ±5 %.")
     counter = _Counter(model)
     match = budget if isinstance(budget, AdapterConfig) else None
     budget = resolve_budget(model, budget)
     if target_modules is not None and counter.model is None:
-        raise ValueError("target_modules selects modules of a model; with layer shapes, list only the targets' shapes.")
+        raise UserError("target_modules selects modules of a model; with layer shapes, list only the targets' shapes.")
     starts = _starting_configs(methods, configs, match)
     placement: dict[str, Any] = {}
     if target_modules is not None:
@@ -470,6 +388,6 @@ def propose_configs(
             continue
         rows.append(_row(counter, space, config, budget, missing))
     if failures:
-        raise ValueError("\n".join([*failures, "(or pass strict=False, --no-strict, to mark these methods missing)"]))
+        raise UserError("\n".join([*failures, "(or pass strict=False, --no-strict, to mark these methods missing)"]))
     logger.debug("budget %d: %s", budget, [(r.method, r.trainable) for r in rows])
     return rows

@@ -24,6 +24,7 @@ from smore.adapters.smore import SMoREConfig, build_smore
 from smore.analysis.budget import meta_model, propose_configs
 from smore.analysis.flexibility import empirical_gamma, gamma_flat_bound, gamma_moe, gamma_smore
 from smore.analysis.params import layer_costs, model_report, paper_overhead
+from smore.errors import UserError
 from smore.registry import config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -70,13 +71,13 @@ def config_mapping(config_file: str | None, assignments: Sequence[tuple[str, Any
         try:
             document = yaml.safe_load(path.read_text())  # YAML is a superset of JSON: one loader for both
         except OSError as error:
-            raise ValueError(f"--config {config_file}: cannot read the file ({error}).") from error
+            raise UserError(f"--config {config_file}: cannot read the file ({error}).") from error
         except yaml.YAMLError as error:
-            raise ValueError(f"--config {config_file}: not valid YAML/JSON ({error}).") from error
+            raise UserError(f"--config {config_file}: not valid YAML/JSON ({error}).") from error
         if isinstance(document, dict) and isinstance(document.get("adapter"), dict):
             document = document["adapter"]
         if not isinstance(document, dict):
-            raise ValueError(
+            raise UserError(
                 f"--config {config_file} must hold a mapping of adapter fields (e.g. method: smore, num_experts: "
                 f"[4, 4]), not {type(document).__name__}."
             )
@@ -167,7 +168,7 @@ def overhead_command(args: argparse.Namespace) -> dict[str, Any]:
     """``analyze overhead``: S'MoRE's extra compute in the paper's Table 1 convention (SPEC §1.7)."""
     config = _config(args)
     if not isinstance(config, SMoREConfig):
-        raise ValueError(f"analyze overhead follows the S'MoRE paper's Table 1; method={config.method!r} is not smore.")
+        raise UserError(f"analyze overhead follows the S'MoRE paper's Table 1; method={config.method!r} is not smore.")
     overhead = paper_overhead(config, args.in_features)
     return {
         "in_features": args.in_features,
@@ -280,12 +281,12 @@ def _format_budget(result: dict[str, Any]) -> str:
 
 
 def _runner(handler: Handler, formatter: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a handler into ``args.func``: write its result, turn a ``ValueError`` into exit code 2."""
+    """Wrap a handler into ``args.func``: write its result, turn a ``UserError`` into exit code 2."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             result = handler(args)
-        except ValueError as error:
+        except UserError as error:
             sys.stderr.write(f"error: {error}\n")
             return 2
         text = json.dumps(result, indent=2) if args.json else formatter(result)

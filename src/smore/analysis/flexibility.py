@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from smore.adapters.smore import SMoREDelta, slot_counts, structures
+from smore.checks import is_int
+from smore.errors import UserError
 from smore.routing.types import TreeRouting
 
 logger = logging.getLogger(__name__)
@@ -29,19 +31,19 @@ def _check_levels(num_experts: Sequence[int], top_k: Sequence[int]) -> tuple[lis
     """Validate per-level lists; the same rules as :class:`~smore.config.SMoREConfig` so the messages agree."""
     num_experts, top_k = list(num_experts), list(top_k)
     if not num_experts:
-        raise ValueError("num_experts must have at least one level, e.g. [4, 4].")
+        raise UserError("num_experts must have at least one level, e.g. [4, 4].")
     if len(top_k) != len(num_experts):
-        raise ValueError(
+        raise UserError(
             f"top_k has {len(top_k)} entries but num_experts has {len(num_experts)} levels; "
             "give one top_k entry per level (bottom level first)."
         )
     for name, values in (("num_experts", num_experts), ("top_k", top_k)):
         for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}[{i}]={v!r} must be an integer >= 1.")
+            if not is_int(v) or v < 1:
+                raise UserError(f"{name}[{i}]={v!r} must be an integer >= 1.")
     for level, (s, f) in enumerate(zip(num_experts, top_k)):
         if f > s:
-            raise ValueError(f"top_k[{level}]={f} exceeds num_experts[{level}]={s}; pick at most num_experts experts.")
+            raise UserError(f"top_k[{level}]={f} exceeds num_experts[{level}]={s}; pick at most num_experts experts.")
     return num_experts, top_k
 
 
@@ -114,7 +116,7 @@ def count_distinct(rows: torch.Tensor, tol: float = 1e-6, chunk: int = 4096) -> 
     would split two equal outputs that differ in the last bits.
     """
     if tol < 0:
-        raise ValueError(f"tol={tol!r} must be >= 0, e.g. 1e-6.")
+        raise UserError(f"tol={tol!r} must be >= 0, e.g. 1e-6.")
     rows = rows.reshape(rows.shape[0], -1)
     threshold = tol * max(1.0, float(rows.abs().max())) if rows.numel() else tol
     distinct = 0
@@ -155,21 +157,21 @@ def empirical_gamma(
     non-linear σ such as tanh the count reaches Theorem 3.4's Γ.
     """
     if not isinstance(delta, SMoREDelta):
-        raise ValueError(f"delta must be an SMoREDelta, got {type(delta).__name__}; build one with build_smore.")
+        raise UserError(f"delta must be an SMoREDelta, got {type(delta).__name__}; build one with build_smore.")
     gates = {type(level.gate).__name__ for level in delta.router.levels}
     if "DenseGate" in gates:
-        raise ValueError(
+        raise UserError(
             "empirical_gamma cannot enumerate a gate='dense' adapter: the dense gate always uses every expert, so "
             "there is exactly one routing tree. Build the adapter with gate='switch' or 'noisy_topk'."
         )
     if weights not in ("router", "uniform"):
-        raise ValueError(f"weights={weights!r} is unknown; use 'router' (the gates' α) or 'uniform' (α = 1/f).")
+        raise UserError(f"weights={weights!r} is unknown; use 'router' (the gates' α) or 'uniform' (α = 1/f).")
     if x.dim() != 1 or x.shape[0] != delta.in_features:
-        raise ValueError(f"x must be one token of shape ({delta.in_features},), got {tuple(x.shape)}.")
+        raise UserError(f"x must be one token of shape ({delta.in_features},), got {tuple(x.shape)}.")
     num_experts, top_k = delta.num_experts, delta.fanouts
     total = gamma_smore(num_experts, top_k)
     if total > max_trees:
-        raise ValueError(
+        raise UserError(
             f"num_experts={num_experts}, top_k={top_k} has {total} routing trees, more than max_trees={max_trees}; "
             "use fewer experts or levels, or raise max_trees."
         )

@@ -126,7 +126,7 @@ def model_report(model: nn.Module, config: AdapterConfig) -> ModelReport:
     parameter count after ``smore.adapt(model, config)``.
     """
     if not isinstance(config, AdapterConfig):
-        raise ValueError(f"config must be an AdapterConfig (e.g. SMoREConfig), got {type(config).__name__}.")
+        raise UserError(f"config must be an AdapterConfig (e.g. SMoREConfig), got {type(config).__name__}.")
     cost_model(config.method)  # fail before walking the model if the method has no cost model
     report = ModelReport(method=config.method, base_parameters=sum(p.numel() for p in model.parameters()))
     method = get_method(config.method)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smore.checks import is_int
+from smore.errors import UserError
 
 MULTIPLE_CHOICE_INSTRUCTION = "Please choose the correct answer to the question:"
 """The paper's multiple-choice prompt opens with this sentence (SPEC §1.8)."""
@@ -213,21 +214,21 @@ def detect_format(record: Mapping[str, Any], location: str = "record") -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise ValueError(
+        raise UserError(
             f"{location}: cannot tell the format of a record with keys {sorted(record)}; expected one of: "
             f"{_format_list()}."
         )
-    raise ValueError(f"{location}: the record fits several formats {matches}; pass format= to choose one.")
+    raise UserError(f"{location}: the record fits several formats {matches}; pass format= to choose one.")
 
 
 def _checked(record: Mapping[str, Any], format: str | None, location: str) -> tuple[RecordFormat, Fail]:
     """The record's format and the error builder for its fields, once the record is known to be an object."""
     if not isinstance(record, Mapping):
-        raise ValueError(f"{location}: a record must be an object (a dict), not {type(record).__name__}.")
+        raise UserError(f"{location}: a record must be an object (a dict), not {type(record).__name__}.")
     if format is None:
         format = detect_format(record, location)
     elif format not in FORMATS:
-        raise ValueError(f"format={format!r} is not a known record format; choose one of {list(FORMATS)}.")
+        raise UserError(f"format={format!r} is not a known record format; choose one of {list(FORMATS)}.")
     spec = FORMATS[format]
 
     def fail(message: str) -> ValueError:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from smore.errors import UserError
+
 
 class Record(dict):
     """A data record: a plain ``dict`` that also remembers where it was read, e.g. ``"train.jsonl, line 7"``."""
@@ -31,20 +33,20 @@ def load_records(path: str | Path) -> list[Record]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
-        raise ValueError(
+        raise UserError(
             f"{path}: unsupported data file type {path.suffix!r}; use .jsonl (one JSON object per line) or .json "
             '(a list of objects, or {"data": [...]}).'
         )
     if not path.is_file():
-        raise ValueError(f"{path} does not exist or is not a file.")
+        raise UserError(f"{path} does not exist or is not a file.")
     try:
         # utf-8-sig: files saved by some editors start with a byte-order mark, which JSON does not allow.
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} cannot be read as UTF-8 text ({error}).") from error
+        raise UserError(f"{path} cannot be read as UTF-8 text ({error}).") from error
     records = _parse_jsonl(path, text) if suffix == ".jsonl" else _parse_json(path, text)
     if not records:
-        raise ValueError(f"{path} holds no records; the dataset is empty.")
+        raise UserError(f"{path} holds no records; the dataset is empty.")
     return records
 
 
@@ -58,12 +60,12 @@ def _parse_jsonl(path: Path, text: str) -> list[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(
+            raise UserError(
                 f"{location}: not valid JSON ({error.msg} at column {error.colno}); fix or remove that line "
                 "(each line of a .jsonl file is one JSON object)."
             ) from error
         if not isinstance(value, dict):
-            raise ValueError(f"{location}: a record must be a JSON object, not {type(value).__name__}.")
+            raise UserError(f"{location}: a record must be a JSON object, not {type(value).__name__}.")
         records.append(Record(value, location))
     return records
 
@@ -73,7 +75,7 @@ def _parse_json(path: Path, text: str) -> list[Record]:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         hint = " (one object per line? name the file .jsonl)" if error.msg == "Extra data" else ""
-        raise ValueError(
+        raise UserError(
             f"{path}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno}){hint}."
         ) from error
     if isinstance(document, dict) and isinstance(document.get("data"), list):
@@ -82,13 +84,13 @@ def _parse_json(path: Path, text: str) -> list[Record]:
         items = document
     else:
         found = f"an object with keys {sorted(document)}" if isinstance(document, dict) else type(document).__name__
-        raise ValueError(
+        raise UserError(
             f'{path}: a .json data file must hold a list of records or an object {{"data": [...]}}, not {found}.'
         )
     records = []
     for number, value in enumerate(items, start=1):
         location = f"{path}, record {number}"
         if not isinstance(value, dict):
-            raise ValueError(f"{location}: a record must be a JSON object, not {type(value).__name__}.")
+            raise UserError(f"{location}: a record must be a JSON object, not {type(value).__name__}.")
         records.append(Record(value, location))
     return records

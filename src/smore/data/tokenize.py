@@ -24,6 +24,7 @@ from smore.checks import is_int
 from smore.constants import IGNORE_INDEX
 from smore.data.formats import Example, Message, to_example
 from smore.data.records import load_records
+from smore.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -142,7 +143,7 @@ def _segments(messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -
 
 def _check_max_length(max_length: int) -> None:
     if not is_int(max_length) or max_length < 1:
-        raise ValueError(f"max_length={max_length!r} must be a positive integer (tokens per example).")
+        raise UserError(f"max_length={max_length!r} must be a positive integer (tokens per example).")
 
 
 def _encode(example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int) -> _Encoded:
@@ -189,7 +190,7 @@ def encode_prompt(example: Example, tokenizer: PreTrainedTokenizerBase) -> dict[
     gives before that turn's first response token (the turns before it and the generation prompt), not truncated."""
     last = max((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), default=None)
     if last is None:
-        raise ValueError(f"{example.location}: the example has no assistant turn to generate.")
+        raise UserError(f"{example.location}: the example has no assistant turn to generate.")
     segments, _ = _segments(example.messages[: last + 1], tokenizer)
     final = max(k for k, (_, trained) in enumerate(segments) if trained)
     input_ids = [token for ids, _ in segments[:final] for token in ids]
@@ -217,7 +218,7 @@ class SFTDataset(Dataset):
     ) -> None:
         _check_max_length(max_length)
         if len(records) == 0:
-            raise ValueError("no records to train on; the dataset is empty.")
+            raise UserError("no records to train on; the dataset is empty.")
         examples = [
             to_example(record, format, location=getattr(record, "location", f"record {i + 1}"))
             for i, record in enumerate(records)
@@ -253,7 +254,7 @@ class SFTDataset(Dataset):
                 max_length,
             )
         if not self.examples:
-            raise ValueError(
+            raise UserError(
                 f"every one of the {len(examples)} examples was dropped (no response token within max_length="
                 f"{max_length}); raise max_length."
             )
@@ -284,14 +285,14 @@ def collate(
     every row's last position is its last real token.
     """
     if not examples:
-        raise ValueError("collate got no examples; a batch needs at least one.")
+        raise UserError("collate got no examples; a batch needs at least one.")
     if pad_token_id is None:
-        raise ValueError(
+        raise UserError(
             "pad_token_id is None: the tokenizer has no padding token. Set tokenizer.pad_token = "
             "tokenizer.eos_token (padded positions are masked out, so any token works)."
         )
     if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left'.")
+        raise UserError(f"padding_side={padding_side!r} must be 'right' or 'left'.")
     pad_values = {"input_ids": pad_token_id, "attention_mask": 0}
     if all("labels" in example for example in examples):
         pad_values["labels"] = IGNORE_INDEX
@@ -303,6 +304,6 @@ def collate(
         for key in pad_values:
             values = example.get(key, [1] * n) if key == "attention_mask" else example[key]
             if len(values) != n:
-                raise ValueError(f"example {row}: {key} has {len(values)} entries but input_ids has {n}.")
+                raise UserError(f"example {row}: {key} has {len(values)} entries but input_ids has {n}.")
             batch[key][row, columns] = torch.as_tensor(values, dtype=torch.long)
     return batch

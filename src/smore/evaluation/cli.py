@@ -13,6 +13,7 @@ import torch
 
 from smore.adapter_io import load_adapter
 from smore.data import PAPER_TASKS, load_task
+from smore.errors import UserError
 from smore.evaluation.evaluate import DEFAULT_SCORINGS, SCORINGS, evaluate
 from smore.evaluation.evaluate import __doc__ as METRICS_HELP
 from smore.evaluation.report import format_metrics, write_report
@@ -24,7 +25,7 @@ def _task_list(tasks: str | Sequence[str]) -> list[str]:
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [t.strip() for t in tasks]
     names = [t for t in names if t]
     if not names:
-        raise ValueError("no tasks given; name at least one, e.g. --tasks arc_easy,gsm8k.")
+        raise UserError("no tasks given; name at least one, e.g. --tasks arc_easy,gsm8k.")
     return names
 
 
@@ -53,7 +54,7 @@ def eval_command(
     names = _task_list(tasks)
     methods = _task_list(methods) if isinstance(methods, str) else list(methods)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {list(DTYPES)}.")
+        raise UserError(f"dtype={dtype!r} must be one of {list(DTYPES)}.")
     examples = {name: load_task(name, limit) for name in names}
     if tokenizer_path is None:
         has_tokenizer = adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file()

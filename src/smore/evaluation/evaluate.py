@@ -53,6 +53,7 @@ from smore.data import (
     load_task,
     multiple_choice_prompt,
 )
+from smore.errors import UserError
 from smore.evaluation.generation import generate, pad_id
 from smore.evaluation.report import Metrics
 from smore.evaluation.sandbox import run_untrusted
@@ -113,9 +114,9 @@ def evaluate(
     """
     unknown = [m for m in methods if m not in SCORINGS]
     if unknown or not methods:
-        raise ValueError(f"methods={list(methods)} must be a non-empty subset of {list(SCORINGS)}.")
+        raise UserError(f"methods={list(methods)} must be a non-empty subset of {list(SCORINGS)}.")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
+        raise UserError(f"batch_size={batch_size} must be a positive integer.")
     if isinstance(tasks, Mapping):
         loaded = {name: list(examples)[:limit] for name, examples in tasks.items()}
     else:
@@ -124,7 +125,7 @@ def evaluate(
         for examples in loaded.values():
             for ex in examples:
                 if isinstance(ex, MCExample) and len(set(ex.contexts)) != 1:
-                    raise ValueError(f"{ex.location}: method 'answer' continues the question's one context, but "
+                    raise UserError(f"{ex.location}: method 'answer' continues the question's one context, but "
                                      "its choices have different contexts (WinoGrande-style); score it with "
                                      "'loglik'.")  # fmt: skip
     training = model.training
@@ -133,7 +134,7 @@ def evaluate(
     try:
         for name, examples in loaded.items():
             if not examples:
-                raise ValueError(f"task {name!r} has no examples to score.")
+                raise UserError(f"task {name!r} has no examples to score.")
             kind = _kind_of(examples)
             run = _Run(model, tokenizer, name, batch_size, kind, max_new_tokens, progress)
             if kind == "multiple_choice":
@@ -151,7 +152,7 @@ def evaluate(
 def _kind_of(examples: Sequence[TaskExample]) -> Kind:
     kinds = {type(example) for example in examples}
     if len(kinds) != 1:
-        raise ValueError(f"a task mixes example types {sorted(k.__name__ for k in kinds)}; give one kind per task.")
+        raise UserError(f"a task mixes example types {sorted(k.__name__ for k in kinds)}; give one kind per task.")
     kind = kinds.pop()
     return {MCExample: "multiple_choice", MathExample: "math", CodeExample: "code"}[kind]
 
@@ -268,7 +269,7 @@ class _Run:
             labels = encode(Example(messages, f"{self.name} prompt"), self.tokenizer, max_length=1 << 30)["labels"]
             candidates.append(next(token for token in labels if token != IGNORE_INDEX))
         if len(set(candidates)) != len(candidates):
-            raise ValueError(f"{example.location}: the tokenizer gives two letters the same first token.")
+            raise UserError(f"{example.location}: the tokenizer gives two letters the same first token.")
         return prompt, candidates
 
     def _chat_prompt(self, user: str, response: str) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from smore._version import __version__
 from smore.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from smore.errors import UserError
 from smore.files import read_json_object, sha256_file, write_json
 
 Metrics = dict[str, float | int]
@@ -21,7 +22,7 @@ def adapter_hash(adapter: str | os.PathLike) -> str:
     path = Path(adapter)
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"{file} does not exist; an adapter folder holds {WEIGHTS_NAME}.")
+        raise UserError(f"{file} does not exist; an adapter folder holds {WEIGHTS_NAME}.")
     return sha256_file(file)
 
 

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smore.data import LETTERS, canonical_number, collate
+from smore.errors import UserError
 from smore.lm import accepts_logits_to_keep
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def extract_letter(text: str, num_choices: int) -> str | None:
     none. Only capital letters within range count, so "E" in a four-choice answer is skipped. Patterns are tried in
     order (see the module docstring); the first match of the first pattern that matches wins."""
     if not 1 <= num_choices <= len(LETTERS):
-        raise ValueError(f"num_choices={num_choices} must be between 1 and {len(LETTERS)}.")
+        raise UserError(f"num_choices={num_choices} must be between 1 and {len(LETTERS)}.")
     for pattern in _letter_patterns(LETTERS[:num_choices]):
         match = pattern.search(text)
         if match:
@@ -177,7 +178,7 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if prefix is None:
-            raise ValueError("an empty context needs a BOS or EOS token to condition on; the tokenizer has neither.")
+            raise UserError("an empty context needs a BOS or EOS token to condition on; the tokenizer has neither.")
         return [prefix], _encode(tokenizer, continuation, special=False)
     whole = _encode(tokenizer, context + continuation)
     context_ids = _encode(tokenizer, context)
@@ -185,7 +186,7 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
     if whole[: len(context_ids)] != context_ids or not continuation_ids:
         continuation_ids = _encode(tokenizer, continuation, special=False)
     if not continuation_ids:
-        raise ValueError(f"the continuation {continuation!r} has no tokens to score.")
+        raise UserError(f"the continuation {continuation!r} has no tokens to score.")
     return context_ids, continuation_ids
 
 
@@ -207,7 +208,7 @@ def loglikelihoods(
     model's ``max_position_embeddings``) lose tokens from the left of the context.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
+        raise UserError(f"batch_size={batch_size} must be a positive integer.")
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -215,7 +216,7 @@ def loglikelihoods(
     for context, continuation in requests:
         context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
         if len(continuation_ids) > max_length:
-            raise ValueError(f"a continuation of {len(continuation_ids)} tokens exceeds max_length={max_length}.")
+            raise UserError(f"a continuation of {len(continuation_ids)} tokens exceeds max_length={max_length}.")
         # The model reads everything but the last token; the last len(continuation) outputs predict the continuation.
         encoded.append(((context_ids + continuation_ids)[-(max_length + 1) : -1], continuation_ids))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -261,9 +262,9 @@ def next_token_logprobs(
     position is its last real token and padding shifts no position; only that position goes through the LM head.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
+        raise UserError(f"batch_size={batch_size} must be a positive integer.")
     if len(prompts) != len(candidates):
-        raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists; give one per prompt.")
+        raise UserError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists; give one per prompt.")
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     scores: list[list[float]] = [[] for _ in prompts]

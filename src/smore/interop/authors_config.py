@@ -18,6 +18,7 @@ from typing import Any
 
 from smore.adapters.smore import SMoREConfig
 from smore.checks import is_int
+from smore.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +44,20 @@ def _int_list(key: str, value: Any) -> list[int]:
     elif is_int(value):
         items = [value]
     else:
-        raise ValueError(f"{key}={value!r} must be a list of integers, one per level (bottom level first).")
+        raise UserError(f"{key}={value!r} must be a list of integers, one per level (bottom level first).")
     out = []
     for item in items:
         if isinstance(item, bool):
-            raise ValueError(f"{key}={value!r} must hold integers, not booleans.")
+            raise UserError(f"{key}={value!r} must hold integers, not booleans.")
         try:
             number = float(item) if isinstance(item, str) else item
         except ValueError:
-            raise ValueError(f"{key}={value!r}: {item!r} is not an integer.") from None
+            raise UserError(f"{key}={value!r}: {item!r} is not an integer.") from None
         if not isinstance(number, (int, float)) or not float(number).is_integer():
-            raise ValueError(f"{key}={value!r}: {item!r} is not an integer.")
+            raise UserError(f"{key}={value!r}: {item!r} is not an integer.")
         out.append(int(number))
     if not out:
-        raise ValueError(f"{key}={value!r} is empty; give one entry per level (bottom level first).")
+        raise UserError(f"{key}={value!r} is empty; give one entry per level (bottom level first).")
     return out
 
 
@@ -68,7 +69,7 @@ def _float_list(key: str, value: Any) -> list[float]:
     elif is_int(value) or isinstance(value, float):
         items = [value]
     else:
-        raise ValueError(f"{key}={value!r} must be a list of numbers, one per level (bottom level first).")
+        raise UserError(f"{key}={value!r} must be a list of numbers, one per level (bottom level first).")
     out = []
     for item in items:
         try:
@@ -76,9 +77,9 @@ def _float_list(key: str, value: Any) -> list[float]:
                 raise ValueError
             out.append(float(item))
         except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r}: {item!r} is not a number.") from None
+            raise UserError(f"{key}={value!r}: {item!r} is not a number.") from None
     if not out:
-        raise ValueError(f"{key}={value!r} is empty; give one entry per level (bottom level first).")
+        raise UserError(f"{key}={value!r} is empty; give one entry per level (bottom level first).")
     return out
 
 
@@ -89,9 +90,9 @@ def _number(key: str, value: Any) -> float:
             raise ValueError
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} must be a number.") from None
+        raise UserError(f"{key}={value!r} must be a number.") from None
     if not math.isfinite(number):
-        raise ValueError(f"{key}={value!r} must be a finite number.")
+        raise UserError(f"{key}={value!r} must be a finite number.")
     return number
 
 
@@ -100,7 +101,7 @@ def _bool(key: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ValueError(f"{key}={value!r} must be true or false.")
+    raise UserError(f"{key}={value!r} must be true or false.")
 
 
 def _as_given(key: str, value: Any) -> Any:
@@ -113,7 +114,7 @@ def _down_proj_dim(key: str, value: Any) -> int | None:
     input width at adapt time, so layers of different widths work."""
     down = _number(key, value)
     if not down.is_integer():
-        raise ValueError(f"{key}={down!r} must be an integer.")
+        raise UserError(f"{key}={down!r} must be an integer.")
     return int(down) if down > 0 else None
 
 
@@ -121,7 +122,7 @@ def _activation(key: str, value: Any, plain: tuple[str, ...]) -> tuple[str, floa
     """Their activation string, ``<plain name> | prelu|<init slope>`` → (our name, prelu init or None)."""
     choices = ", ".join(plain) + " or prelu|<init slope>"
     if not isinstance(value, str):
-        raise ValueError(f"{key}={value!r} must be a string: {choices}.")
+        raise UserError(f"{key}={value!r} must be a string: {choices}.")
     text = value.strip()
     if text in plain:
         return text, None
@@ -131,11 +132,11 @@ def _activation(key: str, value: Any, plain: tuple[str, ...]) -> tuple[str, floa
         try:
             slope = float(text.split("|", 1)[1])
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"{key}={value!r}: the prelu init slope after '|' must be a number, e.g. 'prelu|0.25'."
             ) from None
         return "prelu", slope
-    raise ValueError(f"{key}={value!r} is not supported; choose {choices} (e.g. 'prelu|0.25').")
+    raise UserError(f"{key}={value!r} is not supported; choose {choices} (e.g. 'prelu|0.25').")
 
 
 def _router_activation(key: str, value: Any) -> tuple[str, float | None]:
@@ -148,13 +149,13 @@ def _expert_activation(key: str, value: Any) -> tuple[str, float | None]:
 
 def _gate_type(key: str, value: Any) -> str:
     if value not in ("dense", "switch", "noisy_topk"):
-        raise ValueError(f"{key}={value!r} is unknown; choose dense, switch or noisy_topk.")
+        raise UserError(f"{key}={value!r} is unknown; choose dense, switch or noisy_topk.")
     return value
 
 
 def _mlp_router(key: str, value: Any) -> None:
     if value != "mlp":
-        raise ValueError(
+        raise UserError(
             f"{key}={value!r} is not supported; only the two-layer MLP router (gate_arch='mlp', "
             "the paper's) can be imported."
         )
@@ -165,7 +166,7 @@ def _module_names(key: str, value: Any) -> list[str] | str:
     if isinstance(value, (list, tuple, set)):
         names = sorted(value) if isinstance(value, set) else list(value)
         if not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"{key}={value!r} must hold module names (non-empty strings).")
+            raise UserError(f"{key}={value!r} must hold module names (non-empty strings).")
         for name in names:
             if re.search(r"[\\*+?\[\]()|^$]", name):
                 logger.warning(
@@ -177,14 +178,14 @@ def _module_names(key: str, value: Any) -> list[str] | str:
         return names
     if isinstance(value, str):
         if value == "all-linear":
-            raise ValueError(
+            raise UserError(
                 f"{key}='all-linear' (peft's wildcard) is not supported; list the module names instead, "
                 "e.g. ['gate_proj', 'up_proj', 'down_proj']."
             )
         if "," in value and _NAME_LIST.match(value.strip()):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value  # one regular expression, matched against the full module name (peft's and our rule)
-    raise ValueError(f"{key}={value!r} must be a list of module names, a comma-separated string or a regex.")
+    raise UserError(f"{key}={value!r} must be a list of module names, a comma-separated string or a regex.")
 
 
 def _layers(key: str, value: Any) -> int | list[int]:
@@ -234,17 +235,17 @@ _KEYS: dict[str, _Key] = {  # their names, without the moe_ prefix of their LLaM
 
 def _only_smore(key: str, value: Any) -> None:
     if value != "smore":
-        raise ValueError(f"{key}={value!r} is not S'MoRE; only moe_arch='smore' can be imported.")
+        raise UserError(f"{key}={value!r} is not S'MoRE; only moe_arch='smore' can be imported.")
 
 
 def _hier_moe(key: str, value: Any) -> None:
     if str(value).split(".")[-1].upper() != "HIER_MOE":
-        raise ValueError(f"{key}={value!r}: only the authors' S'MoRE tuner (peft_type 'HIER_MOE') can be imported.")
+        raise UserError(f"{key}={value!r}: only the authors' S'MoRE tuner (peft_type 'HIER_MOE') can be imported.")
 
 
 def _nothing_to_save(key: str, value: Any) -> None:
     if value:
-        raise ValueError(
+        raise UserError(
             f"{key}={value!r}: the checkpoint also trained whole modules, which this importer does not load; "
             "load those weights into the base model yourself and drop the key."
         )
@@ -311,7 +312,7 @@ def _canonical_key(key: str) -> str | None:
 def _collect(d: Mapping[str, Any], ignore_unknown: bool) -> _Given:
     """Their keys by canonical name; one setting given twice (with and without ``moe_``) must agree."""
     if not isinstance(d, Mapping):
-        raise ValueError(f"config_from_reference needs a mapping of the authors' config keys, got {type(d).__name__}.")
+        raise UserError(f"config_from_reference needs a mapping of the authors' config keys, got {type(d).__name__}.")
     given = _Given({}, {})
     unknown = []
     for raw, value in d.items():
@@ -320,14 +321,14 @@ def _collect(d: Mapping[str, Any], ignore_unknown: bool) -> _Given:
             unknown.append(str(raw))
             continue
         if key in given.values and given.values[key] != value:
-            raise ValueError(
+            raise UserError(
                 f"{given.names[key]}={given.values[key]!r} and {raw}={value!r} name the same setting with different "
                 "values; keep one of them."
             )
         given.values[key], given.names[key] = value, str(raw)
     if unknown:
         if not ignore_unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown key(s) {sorted(unknown)} in the authors' config; known keys are {sorted(_KNOWN)} (also "
                 "with a 'moe_' prefix). Pass ignore_unknown=True to skip the rest of a LLaMA-Factory YAML."
             )
@@ -354,7 +355,7 @@ def _read_keys(given: _Given) -> dict[str, Any]:
         if row.required and given.values.get(k) is None
     ]
     if missing:
-        raise ValueError(f"the authors' config lacks {missing}; give one entry per level (bottom level first).")
+        raise UserError(f"the authors' config lacks {missing}; give one entry per level (bottom level first).")
     read = {}
     for key, row in _KEYS.items():
         value = given.values.get(key)
@@ -375,7 +376,7 @@ def _per_level_lengths(read: dict[str, Any], given: _Given) -> None:
     levels = len(read["num_experts"])
     for key in ("num_active", "expert_dims"):
         if len(read[key]) != levels:
-            raise ValueError(
+            raise UserError(
                 f"{given.name(key)} has {len(read[key])} entries but {given.name('num_experts')} has {levels}; "
                 "give one per level."
             )
@@ -386,7 +387,7 @@ def _per_level_lengths(read: dict[str, Any], given: _Given) -> None:
         if key in broadcast and len(read[key]) == 1:
             read[key] = read[key] * levels
         if len(read[key]) != levels:
-            raise ValueError(
+            raise UserError(
                 f"{given.name(key)} has {len(read[key])} entries for {levels} levels; "
                 f"give one per level{broadcast.get(key, '')}."
             )
@@ -462,4 +463,4 @@ def config_from_reference(d: Mapping[str, Any], *, ignore_unknown: bool = False)
     try:
         return SMoREConfig(**_fields(read))
     except ValueError as error:
-        raise ValueError(f"the authors' config does not translate to a valid SMoREConfig: {error}") from error
+        raise UserError(f"the authors' config does not translate to a valid SMoREConfig: {error}") from error

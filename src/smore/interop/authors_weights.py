@@ -35,6 +35,7 @@ from torch import nn
 
 from smore.adapters.base import adapted_modules
 from smore.adapters.smore import SMoREDelta
+from smore.errors import UserError
 from smore.inject import adapt
 from smore.interop.authors_config import config_from_reference
 
@@ -147,11 +148,11 @@ def _slope_slot(slopes: torch.Tensor, level: int) -> _Slot:
 def _smore_modules(model: nn.Module) -> dict[str, SMoREDelta]:
     modules = adapted_modules(model)
     if not modules:
-        raise ValueError("the model carries no adapted module; call smore.adapt(model, config) first.")
+        raise UserError("the model carries no adapted module; call smore.adapt(model, config) first.")
     deltas = {}
     for name, module in modules.items():
         if not isinstance(module.delta, SMoREDelta):
-            raise ValueError(
+            raise UserError(
                 f"module {name!r} carries a {type(module.delta).__name__}, not an S'MoRE delta; the authors' "
                 "checkpoints hold S'MoRE adapters only."
             )
@@ -277,7 +278,7 @@ def load_reference_state_dict(
     if problems:
         shown = problems[:50]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ValueError(
+        raise UserError(
             f"the state dict does not fit the adapted model ({len(problems)} problem(s); the model's S'MoRE "
             f"config must match the checkpoint's, see config_from_reference):\n  " + "\n  ".join(shown) + more
         )

@@ -41,6 +41,7 @@ from smore.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights  # 
 from smore.adapters.base import adapted_modules, linear_features
 from smore.adapters.lora import LoRAConfig, LoRADelta
 from smore.checks import is_int, is_number
+from smore.errors import UserError
 from smore.files import atomic_write, read_json_object, read_safetensors, write_json
 from smore.inject import adapt
 from smore.targets import find_targets
@@ -107,16 +108,16 @@ def _is_set(key: str, value: Any) -> bool:
 def _lora_modules(model: nn.Module) -> dict[str, LoRADelta]:
     state = getattr(model, "smore_state", None)
     if state is None:
-        raise ValueError("this model carries no smore adapter; call smore.adapt(model, smore.LoRAConfig(...)) first.")
+        raise UserError("this model carries no smore adapter; call smore.adapt(model, smore.LoRAConfig(...)) first.")
     if state.config.method != "lora":
-        raise ValueError(
+        raise UserError(
             f"PEFT's LORA format holds plain LoRA only; this model carries a {state.config.method!r} adapter. "
             "Save it with smore.save_adapter instead."
         )
     modules = {name: m.delta for name, m in adapted_modules(model).items()}
     for name, delta in modules.items():
         if not isinstance(delta, LoRADelta):
-            raise ValueError(f"module {name!r} holds a {type(delta).__name__}, not a LoRADelta.")
+            raise UserError(f"module {name!r} holds a {type(delta).__name__}, not a LoRADelta.")
     return modules
 
 
@@ -214,14 +215,14 @@ def save_peft_lora(
 def _check_supported(document: dict[str, Any]) -> None:
     peft_type = document.get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"peft_type={peft_type!r} is not supported; smore reads PEFT adapters with peft_type 'LORA'.")
+        raise UserError(f"peft_type={peft_type!r} is not supported; smore reads PEFT adapters with peft_type 'LORA'.")
     for key, value in document.items():
         if key in _UNSUPPORTED and _is_set(key, value):
-            raise ValueError(
+            raise UserError(
                 f"the PEFT adapter sets {key}={value!r} ({_UNSUPPORTED[key]}), which smore's LoRA does not support."
             )
         if key not in _UNSUPPORTED and key not in _IGNORED and _is_set(key, value):
-            raise ValueError(
+            raise UserError(
                 f"the PEFT adapter sets {key}={value!r}, an option smore does not know; it may change the LoRA "
                 "computation, so the adapter is not loaded."
             )
@@ -235,14 +236,14 @@ def lora_config_from_peft(document: dict[str, Any]) -> LoRAConfig:
     ``.``-suffix). Unsupported options raise a ``ValueError`` naming them.
     """
     if not isinstance(document, dict):
-        raise ValueError(f"a PEFT adapter config must be a JSON object, not {type(document).__name__}.")
+        raise UserError(f"a PEFT adapter config must be a JSON object, not {type(document).__name__}.")
     _check_supported(document)
     for key in ("r", "lora_alpha"):
         if key not in document:
-            raise ValueError(f"the PEFT adapter config has no {key!r}; it is not a LoRA adapter config.")
+            raise UserError(f"the PEFT adapter config has no {key!r}; it is not a LoRA adapter config.")
     target_modules = document.get("target_modules")
     if target_modules is None:
-        raise ValueError(
+        raise UserError(
             "the PEFT adapter config has target_modules=None (PEFT's per-architecture default); "
             "load it with load_peft_lora, which reads the adapted modules from the weights."
         )
@@ -250,7 +251,7 @@ def lora_config_from_peft(document: dict[str, Any]) -> LoRAConfig:
         target_modules = sorted(target_modules)
     layers = document.get("layers_to_transform")
     if layers is not None and document.get("layers_pattern") not in (None, "layers", "layer", "h", "blocks", "block"):
-        raise ValueError(
+        raise UserError(
             f"layers_pattern={document['layers_pattern']!r} is not one smore recognises for layers_to_transform; "
             "load it with load_peft_lora, which reads the adapted modules from the weights."
         )
@@ -278,11 +279,11 @@ def _read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict[str, tor
                 )
             return torch.load(legacy, map_location="cpu", weights_only=True), str(legacy)
     except PermissionError as error:
-        raise ValueError(str(error)) from None
+        raise UserError(str(error)) from None
     except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
         # (weights_only=True: a pickle that would run code is refused by torch with an UnpicklingError)
-        raise ValueError(f"{legacy} cannot be read ({error}); the file is corrupted or not plain weights.") from error
-    raise ValueError(f"{path} holds neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}; it is not a PEFT adapter folder.")
+        raise UserError(f"{legacy} cannot be read ({error}); the file is corrupted or not plain weights.") from error
+    raise UserError(f"{path} holds neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}; it is not a PEFT adapter folder.")
 
 
 def _split_weights(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -300,18 +301,18 @@ def _split_weights(tensors: dict[str, torch.Tensor], source: str) -> dict[str, d
         else:
             modules.setdefault(match["module"], {})[match["kind"]] = tensor
     if embeddings:
-        raise ValueError(
+        raise UserError(
             f"{source} puts LoRA on the embedding(s) {sorted(embeddings)}; LoRA on embeddings is not supported."
         )
     if magnitudes:
-        raise ValueError(f"{source} holds DoRA magnitudes ({magnitudes[0]!r}); use_dora is not supported.")
+        raise UserError(f"{source} holds DoRA magnitudes ({magnitudes[0]!r}); use_dora is not supported.")
     if unknown:
-        raise ValueError(f"{source} holds {unknown[:5]}, which are not LoRA weights smore's LoRA can load.")
+        raise UserError(f"{source} holds {unknown[:5]}, which are not LoRA weights smore's LoRA can load.")
     for module, parts in modules.items():
         if set(parts) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{source} holds {sorted(parts)} for {module!r}; a LoRA module needs lora_A and lora_B.")
+            raise UserError(f"{source} holds {sorted(parts)} for {module!r}; a LoRA module needs lora_A and lora_B.")
     if not modules:
-        raise ValueError(f"{source} holds no LoRA weights.")
+        raise UserError(f"{source} holds no LoRA weights.")
     return modules
 
 
@@ -324,7 +325,7 @@ def _check_shapes(model: nn.Module, modules: dict[str, dict[str, torch.Tensor]],
             problems.append(f"module {name!r} is missing from the model")
             continue
         if isinstance(module, nn.Embedding):
-            raise ValueError(f"{source} puts LoRA on the embedding {name!r}; LoRA on embeddings is not supported.")
+            raise UserError(f"{source} puts LoRA on the embedding {name!r}; LoRA on embeddings is not supported.")
         features = linear_features(module)
         if features is None:
             problems.append(f"module {name!r} is a {type(module).__name__}; smore's LoRA adapts linear layers only")
@@ -334,7 +335,7 @@ def _check_shapes(model: nn.Module, modules: dict[str, dict[str, torch.Tensor]],
             if tuple(parts[kind].shape) != shape:
                 problems.append(f"{name}.{kind} is {tuple(parts[kind].shape)}, the model needs {shape}")
     if problems:
-        raise ValueError(f"the PEFT adapter {source} does not fit this {type(model).__name__}: " + "; ".join(problems))
+        raise UserError(f"the PEFT adapter {source} does not fit this {type(model).__name__}: " + "; ".join(problems))
 
 
 def _fitting_config(model: nn.Module, document: dict[str, Any], module_names: set[str]) -> LoRAConfig:
@@ -371,10 +372,10 @@ def load_peft_lora(model: nn.Module, path: str | os.PathLike, *, allow_pickle: b
     _check_supported(document)
     rank = document.get("r")
     if not is_int(rank) or rank < 1:
-        raise ValueError(f"r={rank!r} in {file} must be a positive integer.")
+        raise UserError(f"r={rank!r} in {file} must be a positive integer.")
     alpha = document.get("lora_alpha")
     if not is_number(alpha) or alpha <= 0:
-        raise ValueError(f"lora_alpha={alpha!r} in {file} must be a positive number.")
+        raise UserError(f"lora_alpha={alpha!r} in {file} must be a positive number.")
     tensors, source = _read_weights(path, allow_pickle)
     modules = _split_weights(tensors, source)
     _check_shapes(model, modules, rank, source)

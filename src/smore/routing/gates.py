@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smore.errors import UserError
 from smore.routing.types import GateOutput
 
 
@@ -131,7 +132,7 @@ class NoisyTopKGate(Gate):
         noisy, noise_std = logits, None
         if self.training:
             if router_input is None:
-                raise ValueError("NoisyTopKGate needs router_input in training to compute its noise scale.")
+                raise UserError("NoisyTopKGate needs router_input in training to compute its noise scale.")
             noise_std = F.softplus(self.weight_noise(router_input)) + 0.01
             noisy = logits + torch.randn_like(logits) * noise_std
         top = noisy.topk(min(self.top_k + 1, self.num_experts), dim=-1)
@@ -169,7 +170,7 @@ GATES: dict[str, type[Gate]] = {"dense": DenseGate, "switch": SwitchGate, "noisy
 def build_gate(gate: str, *, num_experts: int, top_k: int, balance_weight: float, router_input_dim: int) -> Gate:
     """Gate by name from the registry ``GATES``."""
     if gate not in GATES:
-        raise ValueError(f"gate={gate!r} is unknown; choose one of {sorted(GATES)}.")
+        raise UserError(f"gate={gate!r} is unknown; choose one of {sorted(GATES)}.")
     kwargs = {"num_experts": num_experts, "top_k": top_k, "balance_weight": balance_weight}
     if gate == "noisy_topk":
         kwargs["router_input_dim"] = router_input_dim

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from smore.errors import UserError
 from smore.routing.gates import Gate, build_gate
 from smore.routing.types import TreeRouting
 
@@ -71,7 +72,7 @@ class TreeRouter(nn.Module):
     ) -> None:
         super().__init__()
         if router_activation not in ROUTER_ACTIVATIONS:
-            raise ValueError(
+            raise UserError(
                 f"router_activation={router_activation!r} is unknown; choose one of {sorted(ROUTER_ACTIVATIONS)}."
             )
         self.down_proj = nn.Linear(in_features, down_proj_dim)

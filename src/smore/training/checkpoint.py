@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from smore.errors import UserError
 from smore.files import (
     fsync_path,
     read_json_object,
@@ -88,7 +89,7 @@ def save_checkpoint(
     tensors, optimizer_meta = _optimizer_parts(optimizer)
     bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
-        raise ValueError(f"{directory.name}: optimizer state {bad[:3]} is not finite; no checkpoint written.")
+        raise UserError(f"{directory.name}: optimizer state {bad[:3]} is not finite; no checkpoint written.")
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():  # left by a crash: never complete, never used
         shutil.rmtree(tmp)
@@ -140,18 +141,16 @@ def verify_checkpoint(directory: Path) -> None:
     for relative, expected in manifest.items():
         parts = PurePosixPath(relative).parts
         if not isinstance(expected, str) or not parts or parts[0] == "/" or ".." in parts:
-            raise ValueError(
-                f"{manifest_file} is damaged: entry {relative!r}: {expected!r} is not a file and its hash."
-            )
+            raise UserError(f"{manifest_file} is damaged: entry {relative!r}: {expected!r} is not a file and its hash.")
     missing = [name for name in (*REQUIRED, STATE) if name not in manifest]
     if missing:
-        raise ValueError(f"{manifest_file} is damaged or incomplete: it does not list {missing}.")
+        raise UserError(f"{manifest_file} is damaged or incomplete: it does not list {missing}.")
     for relative, expected in manifest.items():
         file = directory / relative
         if not file.is_file():
-            raise ValueError(f"checkpoint {directory} is incomplete: {file} is missing.")
+            raise UserError(f"checkpoint {directory} is incomplete: {file} is missing.")
         if sha256_file(file) != expected:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint file {file} does not match its hash in {manifest_file}: one of them is corrupted; "
                 f"delete {directory} to resume from the checkpoint before it."
             )
@@ -175,9 +174,9 @@ def load_checkpoint(directory: Path, *, load_adapter_weights, optimizer, schedul
         python_rng = (version, tuple(internal), gauss)
         progress = state["progress"]
         if not isinstance(progress.get("step"), int) or not isinstance(progress.get("history"), list):
-            raise ValueError("progress needs an integer step and a history list")
+            raise UserError("progress needs an integer step and a history list")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {directory} cannot be restored ({type(error).__name__}: {error}): {state_file} or "
             f"{tensors_file} does not fit this run's optimizer."
         ) from error
@@ -231,5 +230,5 @@ def read_run_config(directory: Path) -> dict[str, Any]:
     file = directory / STATE
     config = read_json_object(file, "a checkpoint folder holds trainer_state.json").get("run_config")
     if not isinstance(config, dict):
-        raise ValueError(f"{file} holds no run_config mapping; the file is damaged.")
+        raise UserError(f"{file} holds no run_config mapping; the file is damaged.")
     return config

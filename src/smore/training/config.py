@@ -24,7 +24,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from smore.checks import is_int
 from smore.config import AdapterConfig
+from smore.errors import UserError
 from smore.registry import config_from_dict
 
 
@@ -42,9 +44,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.train_file:
-            raise ValueError("data.train_file is required: a JSON or JSONL file of training records.")
+            raise UserError("data.train_file is required: a JSON or JSONL file of training records.")
         if self.max_length < 8:
-            raise ValueError(f"data.max_length={self.max_length} is too small; use at least 8 tokens.")
+            raise UserError(f"data.max_length={self.max_length} is too small; use at least 8 tokens.")
 
 
 @dataclass
@@ -89,24 +91,24 @@ class OptimConfig:
         positive = {"learning_rate": self.learning_rate, "epochs": self.epochs}
         for name, value in positive.items():
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"train.{name}={value} must be a positive number.")
+                raise UserError(f"train.{name}={value} must be a positive number.")
         for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1.")
+                raise UserError(f"train.{name}={getattr(self, name)} must be at least 1.")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"train.max_steps={self.max_steps} must be at least 1 (or null to use epochs).")
+            raise UserError(f"train.max_steps={self.max_steps} must be at least 1 (or null to use epochs).")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of train.micro_batch_size="
                 f"{self.micro_batch_size}; make it one (accumulation steps are global / micro / processes)."
             )
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+            raise UserError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1).")
         if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
-            raise ValueError("train.weight_decay must be >= 0 and train.max_grad_norm > 0 (or null).")
+            raise UserError("train.weight_decay must be >= 0 and train.max_grad_norm > 0 (or null).")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0.")
+                raise UserError(f"train.{name}={getattr(self, name)} must be >= 0.")
 
 
 @dataclass
@@ -134,7 +136,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     origin = get_origin(annotation)
     if origin is Literal:
         if value not in get_args(annotation):
-            raise ValueError(f"{name}={value!r} must be one of {list(get_args(annotation))}.")
+            raise UserError(f"{name}={value!r} must be one of {list(get_args(annotation))}.")
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -147,8 +149,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
                 return _check_type(name, value, option)
             except ValueError as error:
                 errors.append(str(error))
-        raise ValueError(errors[0] if errors else f"{name}={value!r} has the wrong type.")
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        raise UserError(errors[0] if errors else f"{name}={value!r} has the wrong type.")
+    if annotation is float and is_int(value):
         return float(value)
     if annotation is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
         try:
@@ -158,7 +160,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if annotation in (int, float, str, bool) and (
         not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool))
     ):
-        raise ValueError(f"{name}={value!r} must be of type {annotation.__name__}.")
+        raise UserError(f"{name}={value!r} must be of type {annotation.__name__}.")
     return value
 
 
@@ -166,12 +168,12 @@ def _section(cls: type, values: Any, prefix: str):
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ValueError(f"{prefix} must be a mapping of {sorted(f.name for f in dataclasses.fields(cls))}.")
+        raise UserError(f"{prefix} must be a mapping of {sorted(f.name for f in dataclasses.fields(cls))}.")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; {prefix} takes {sorted(known)}.")
+        raise UserError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; {prefix} takes {sorted(known)}.")
     checked = {k: _check_type(f"{prefix}.{k}", v, hints[k]) for k, v in values.items()}
     return cls(**checked)
 
@@ -179,21 +181,21 @@ def _section(cls: type, values: Any, prefix: str):
 def run_config_from_dict(document: Any) -> RunConfig:
     """Build and check a :class:`RunConfig` from its YAML mapping."""
     if not isinstance(document, dict):
-        raise ValueError("a run config must be a mapping with keys model, output_dir, adapter, data, train.")
+        raise UserError("a run config must be a mapping with keys model, output_dir, adapter, data, train.")
     known = {"model", "output_dir", "adapter", "data", "train"}
     unknown = sorted(set(document) - known)
     if unknown:
-        raise ValueError(f"unknown top-level key(s) {unknown}; a run config takes {sorted(known)}.")
+        raise UserError(f"unknown top-level key(s) {unknown}; a run config takes {sorted(known)}.")
     for key in ("model", "output_dir", "adapter", "data"):
         if document.get(key) in (None, ""):
-            raise ValueError(f"the run config needs {key!r}.")
+            raise UserError(f"the run config needs {key!r}.")
     for key in ("model", "output_dir"):
         if not isinstance(document[key], str):
-            raise ValueError(f"{key}={document[key]!r} must be a string (a path or a hub id).")
+            raise UserError(f"{key}={document[key]!r} must be a string (a path or a hub id).")
     try:
         adapter = config_from_dict(document["adapter"])
     except (TypeError, ValueError) as error:
-        raise ValueError(f"adapter: {error}") from error
+        raise UserError(f"adapter: {error}") from error
     return RunConfig(
         model=document["model"],
         output_dir=document["output_dir"],
@@ -209,7 +211,7 @@ def apply_overrides(document: dict, overrides: list[str]) -> dict:
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {override!r} must look like key=value, e.g. train.learning_rate=3e-4.")
+            raise UserError(f"override {override!r} must look like key=value, e.g. train.learning_rate=3e-4.")
         value = yaml.safe_load(raw) if raw else None
         parts = key.split(".")
         node = document
@@ -218,7 +220,7 @@ def apply_overrides(document: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ValueError(f"override {override!r}: {part!r} is not a section.")
+                raise UserError(f"override {override!r}: {part!r} is not a section.")
             node = child
         node[parts[-1]] = value
     return document
@@ -228,11 +230,11 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     """Read a YAML run config, apply overrides, check everything; a ValueError names what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path} does not exist; pass a YAML run config (see configs/README.md).")
+        raise UserError(f"{path} does not exist; pass a YAML run config (see configs/README.md).")
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from error
+        raise UserError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(document, dict):
-        raise ValueError(f"{path} must hold a mapping (model, output_dir, adapter, data, train).")
+        raise UserError(f"{path} must hold a mapping (model, output_dir, adapter, data, train).")
     return run_config_from_dict(apply_overrides(document, overrides or []))

@@ -42,6 +42,7 @@ from smore.adapter_io import restore_adapter, save_adapter
 from smore.compat import enable_checkpointing
 from smore.constants import IGNORE_INDEX
 from smore.data import SFTDataset, collate, load_training_records
+from smore.errors import UserError
 from smore.files import atomic_write
 from smore.inject import adapt, aux_loss, summary
 from smore.plots import plot_expert_load, plot_losses
@@ -76,10 +77,10 @@ def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool) -> Path
     if resume:
         found = checkpoints(output)
         if not found:
-            raise ValueError(f"--resume: {output} holds no complete checkpoint; start without --resume.")
+            raise UserError(f"--resume: {output} holds no complete checkpoint; start without --resume.")
         saved = read_run_config(found[-1])
         if saved != config.to_dict():
-            raise ValueError(
+            raise UserError(
                 f"--resume: the checkpoint in {output} belongs to a different run config; resume with the same "
                 "config, or pick another output_dir."
             )
@@ -89,7 +90,7 @@ def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool) -> Path
         # home folder) is refused rather than emptied.
         foreign = sorted(p.name for p in output.iterdir() if not _RUN_ENTRY.match(p.name))
         if foreign:
-            raise ValueError(
+            raise UserError(
                 f"--overwrite: {output} holds files no run writes ({foreign[:5]}); it is not a run's output folder, so "
                 "it is left alone; choose another output_dir."
             )
@@ -99,7 +100,7 @@ def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool) -> Path
             else:
                 entry.unlink()
         return None
-    raise ValueError(
+    raise UserError(
         f"output_dir {output} already holds files of another run; pass --resume to continue it, --overwrite to "
         "replace it, or choose another output_dir."
     )
@@ -314,7 +315,7 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
     dataset, eval_set, pad = _datasets(config)
     steps_per_epoch = len(dataset) // opt.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise UserError(
             f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
             f"{opt.global_batch_size}; lower the batch size or add data."
         )
@@ -398,7 +399,7 @@ def _accelerator(config: RunConfig):
 
     opt = config.train
     if opt.precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine.")
+        raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine.")
     # Launched as several processes without a GPU, Accelerate needs cpu=True to form a gloo group (MULTI_CPU);
     # otherwise every process would believe it is alone.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -406,13 +407,13 @@ def _accelerator(config: RunConfig):
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[opt.precision], cpu=multi_cpu
     )
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
-        raise ValueError(
+        raise UserError(
             f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate formed a group of "
             f"{accelerator.num_processes}; check the launcher and the backend."
         )
     processes = accelerator.num_processes
     if opt.global_batch_size % (opt.micro_batch_size * processes):
-        raise ValueError(
+        raise UserError(
             f"train.global_batch_size={opt.global_batch_size} must be a multiple of micro_batch_size × processes = "
             f"{opt.micro_batch_size} × {processes}."
         )
@@ -481,7 +482,7 @@ def _accumulate(run: _Run, step: int, micro: list[dict[str, torch.Tensor]]) -> t
     local_tokens = torch.tensor(sum(_response_tokens(b) for b in micro), device=device)
     step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
     if step_tokens == 0:
-        raise ValueError(f"step {step}: no token of the global batch carries loss; check the data's responses.")
+        raise UserError(f"step {step}: no token of the global batch carries loss; check the data's responses.")
     step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
     for index, batch in enumerate(micro):
         weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
@@ -512,7 +513,7 @@ def _optimizer_step(run: _Run, step: int) -> bool:
     if not _finite_everywhere(run, step_loss + step_aux):
         run.optimizer.zero_grad(set_to_none=True)
         if opt.on_nonfinite == "stop":
-            raise ValueError(
+            raise UserError(
                 f"step {step + 1}: the loss or a gradient is not finite; stopped (train.on_nonfinite=stop). "
                 "The last checkpoint is intact; lower the learning rate or use fp32, then --resume."
             )
@@ -588,7 +589,7 @@ def _save(run: _Run, step: int) -> None:
     model = run.unwrapped
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:  # never write a checkpoint that cannot be resumed from
-        raise ValueError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
+        raise UserError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
     if run.main:
         save_checkpoint(
             run.output / f"checkpoint-{step}",
