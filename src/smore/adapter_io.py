@@ -2,6 +2,9 @@
 them), saved atomically and checked on load: every module must exist with its shape, every tensor must match, and the
 weights file records the digest of the config it was saved with, so an edited or damaged config is refused. A
 method's model-level state (T-REX's prior) travels in the same weights file through its record's ``state``.
+
+An adapted model's ``save_pretrained(path)`` writes the same two files (as PEFT's ``PeftModel`` does), so a folder HF
+``Trainer`` checkpoints (``checkpoint-N/``) or ``save_model`` writes reloads with :func:`load_adapter`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from smore.files import (
     write_json,
     write_safetensors,
 )
-from smore.inject import adapt, adapter_state_dict, module_shape, remove_adapter, state_of
+from smore.inject import MODEL_CALLS, adapt, adapter_state_dict, module_shape, remove_adapter, state_of
 from smore.registry import config_from_dict, method_of
 
 logger = logging.getLogger(__name__)
@@ -36,14 +39,18 @@ CONFIG_DIGEST_KEY = "smore_config_sha256"
 or edited ``adapter_config.json`` that still parses (a changed rank or alpha) is refused instead of loaded silently."""
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter weights only) into ``path``.
 
     Each file is written under a temporary name and renamed, so an interrupted save never leaves a torn file.
+    ``state_dict``: the whole model's, to take the adapter weights from instead of the model (see
+    :func:`~smore.inject.adapter_state_dict`).
     """
     state = state_of(model)
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, state_dict).items()}
     method = method_of(state.config)
     if method.state is not None:  # e.g. T-REX's centroids, checked before anything is written
         tensors.update(method.state.tensors(state.context))
@@ -60,6 +67,34 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     write_json(path / CONFIG_NAME, document)
     logger.info("saved %s adapter (%d tensors) to %s", state.config.method, len(tensors), path)
     return path
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    **ignored,
+) -> None:
+    """``model.save_pretrained(path)`` of an adapted model: :func:`save_adapter`, as PEFT saves a ``PeftModel``.
+
+    Takes the arguments HF ``Trainer`` passes (``state_dict``, ``is_main_process``: only the main process writes).
+    Options about the shards and serialisation of a whole model (``safe_serialization``, ``max_shard_size``, ...)
+    have no meaning for one small safetensors file and are ignored. The base model is not written (it is unchanged;
+    ``smore.remove_adapter(model).save_pretrained(path)`` writes it).
+    """
+    if push_to_hub:
+        raise UserError(
+            "save_pretrained(push_to_hub=True) is not supported for a smore adapter; save it to a folder and upload "
+            "that folder with huggingface_hub.upload_folder."
+        )
+    if is_main_process:
+        save_adapter(model, save_directory, state_dict=state_dict)
+
+
+MODEL_CALLS["save_pretrained"] = save_pretrained
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:

@@ -4,11 +4,16 @@ Small and explicit on purpose: walk ``named_modules()``, match by suffix or rege
 replace with :class:`~smore.adapters.base.AdaptedLinear` (or the method's own wrapper), return the model. The
 adapter's config, its wrapped module names and the shared :class:`~smore.adapters.base.ForwardContext` live on the
 model as ``model.smore_state``. Adapter files (save, load, restore) are :mod:`smore.adapter_io`.
+
+The adapted model also answers the calls PEFT users type first (:data:`MODEL_CALLS`: ``print_trainable_parameters``,
+and ``save_pretrained`` writing the adapter rather than the base), as attributes of that one instance: the class's
+own methods stay untouched for every other model, and :func:`remove_adapter` takes them away again.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +49,8 @@ class AdapterState:
     hook: torch.utils.hooks.RemovableHandle | None = None
     undo_setup: Callable[[], None] | None = None
     """What undoes the method's model-level state (T-REX's generate wrapper), for :func:`remove_adapter`."""
+    calls: tuple[str, ...] = ()
+    """The :data:`MODEL_CALLS` bound to the model by ``adapt``, for :func:`remove_adapter`."""
 
 
 def _wrap_linear(method: Method, config: AdapterConfig, base: nn.Module, context: ForwardContext) -> AdapterWrapper:
@@ -91,6 +98,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, adapter_dtype: torch.dtype
     if method.state is not None:  # model-level state (T-REX's semantic prior), attached to the shared context
         state.undo_setup = method.state.attach(model, config, state.context)
     state.hook = model.register_forward_pre_hook(state.context.hook, with_kwargs=True)
+    _bind_calls(model, state)
     model.smore_state = state
     logger.info("adapted %d modules with %s", len(state.modules), config.method)
     return model
@@ -111,6 +119,8 @@ def remove_adapter(model: nn.Module) -> nn.Module:
         state.hook.remove()
     if state.undo_setup is not None:
         state.undo_setup()
+    for name in state.calls:
+        model.__dict__.pop(name, None)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     del model.smore_state
@@ -169,9 +179,13 @@ class AdapterSummary:
         lines = [f"smore adapter: method={self.method}, {len(self.modules)} modules wrapped"]
         for (kind, (d_in, d_out)), count in sorted(groups.items()):
             lines.append(f"  {count:4d} x {kind} {d_in} -> {d_out}")
-        share = 100.0 * self.trainable / max(self.total, 1)
-        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share:.4f}")
+        lines.append(self.counts())
         return "\n".join(lines)
+
+    def counts(self) -> str:
+        """PEFT's line: ``trainable params: X || all params: Y || trainable%: Z``."""
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share:.4f}"
 
 
 def summary(model: nn.Module) -> AdapterSummary:
@@ -183,10 +197,42 @@ def summary(model: nn.Module) -> AdapterSummary:
     return AdapterSummary(state.config.method, dict(state.modules), kinds, trainable, total)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights only, keyed ``{module name}.{delta parameter}``."""
-    return {
-        f"{name}.{key}": tensor
+def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter weights only, keyed ``{module name}.{delta parameter}``.
+
+    From ``state_dict`` (the whole model's, keyed as ``model.state_dict()``) when given: what HF ``Trainer`` passes to
+    ``save_pretrained`` after gathering a sharded model, where the model's own tensors are only this rank's shards.
+    """
+    own = {
+        f"{name}.{key}": (f"{name}.delta.{key}", tensor)
         for name, module in adapted_modules(model).items()
         for key, tensor in module.delta.state_dict().items()
     }
+    if state_dict is None:
+        return {short: tensor for short, (_, tensor) in own.items()}
+    missing = sorted(full for full, _ in own.values() if full not in state_dict)
+    if missing:
+        raise UserError(
+            f"the state_dict given to save the adapter lacks {len(missing)} adapter tensors, e.g. {missing[:3]}; "
+            "pass the adapted model's own state_dict() (or none)."
+        )
+    return {short: state_dict[full] for short, (full, _) in own.items()}
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line of trainable and total parameters (the last line of ``print(smore.summary(model))``)."""
+    print(summary(model).counts())
+
+
+MODEL_CALLS: dict[str, Callable[..., object]] = {"print_trainable_parameters": print_trainable_parameters}
+"""PEFT's calls an adapted model answers: name → function of (model, ...), bound to the model by :func:`adapt`.
+:mod:`smore.adapter_io` adds ``save_pretrained`` when it is imported (always, through ``import smore``): it writes
+the adapter files and imports this module, so the entry cannot be written here without an import circle."""
+
+
+def _bind_calls(model: nn.Module, state: AdapterState) -> None:
+    """Bind :data:`MODEL_CALLS` to this one model: an instance attribute shadows the class's method (HF's
+    ``save_pretrained`` writing the whole model) for this model only, and ``deepcopy`` rebinds it to the copy."""
+    for name, function in MODEL_CALLS.items():
+        model.__dict__[name] = types.MethodType(function, model)
+    state.calls = tuple(MODEL_CALLS)

@@ -1,0 +1,156 @@
+"""PEFT's habits on an adapted model: ``save_pretrained`` writes the adapter (not the base), HF ``Trainer``
+checkpoints reload with ``smore.load_adapter``, ``print_trainable_parameters`` prints smore.summary's counts, and
+``remove_adapter`` gives the class its own behaviour back."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import smore
+from helpers import small_smore, tiny_batch, tiny_llama
+from smore.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from smore.inject import adapter_state_dict
+
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME}
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def trained_like(config: smore.AdapterConfig, seed: int = 4):
+    """An adapted tiny Llama whose adapter weights are off their (partly zero) initialisation."""
+    model = smore.adapt(tiny_llama(), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def saved_keys(folder) -> set[str]:
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as file:
+        return set(file.keys())
+
+
+CONFIGS = {
+    "smore": small_smore,
+    "lora": lambda: smore.LoRAConfig(rank=4, target_modules=["q_proj", "up_proj"]),
+    "mixlora": lambda: smore.MixLoRAConfig(rank=2, num_experts=3, top_k=2),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_save_pretrained_writes_the_adapter_and_reloads_to_the_same_logits(method, tmp_path):
+    model = trained_like(CONFIGS[method]())
+    model.save_pretrained(tmp_path / "pretrained")
+    smore.save_adapter(model, tmp_path / "adapter")
+
+    assert {p.name for p in (tmp_path / "pretrained").iterdir()} == ADAPTER_FILES
+    # Only the adapter's tensors: no base weight (embed_tokens, q_proj.weight, ...) travels with it.
+    assert saved_keys(tmp_path / "pretrained") == set(adapter_state_dict(model)) == saved_keys(tmp_path / "adapter")
+    assert (tmp_path / "pretrained" / CONFIG_NAME).read_text() == (tmp_path / "adapter" / CONFIG_NAME).read_text()
+    batch = tiny_batch()
+    reloaded = smore.load_adapter(tiny_llama(), tmp_path / "pretrained")
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
+
+
+def test_save_pretrained_takes_the_state_dict_trainer_passes(tmp_path):
+    model = trained_like(small_smore())
+    state_dict = {key: value.clone() for key, value in model.state_dict().items()}
+    name = next(key for key in state_dict if ".delta." in key)
+    state_dict[name] += 1.0  # the gathered copy, not the model's own tensors, is what is written
+    model.save_pretrained(tmp_path, state_dict=state_dict, is_main_process=True, safe_serialization=True)
+    reloaded = smore.load_adapter(tiny_llama(), tmp_path)
+    assert torch.equal(reloaded.state_dict()[name], state_dict[name])
+
+    with pytest.raises(smore.UserError, match=r"lacks \d+ adapter tensors"):
+        model.save_pretrained(tmp_path / "other", state_dict={})
+    model.save_pretrained(tmp_path / "not_main", is_main_process=False)
+    assert not (tmp_path / "not_main").exists()
+    with pytest.raises(smore.UserError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+
+
+def test_other_models_and_removed_adapters_keep_the_class_save_pretrained(tmp_path):
+    model = smore.adapt(tiny_llama(), small_smore())
+    plain = tiny_llama()
+    plain.save_pretrained(tmp_path / "plain")  # another model of the same class still writes the whole model
+    assert (tmp_path / "plain" / "model.safetensors").exists()
+
+    copied = copy.deepcopy(model)  # the copy's save_pretrained saves the copy, not the original
+    name, param = next((n, p) for n, p in copied.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        param.add_(1.0)
+    copied.save_pretrained(tmp_path / "copy")
+    assert torch.equal(smore.load_adapter(tiny_llama(), tmp_path / "copy").get_parameter(name), param)
+
+    smore.remove_adapter(model)
+    assert "save_pretrained" not in vars(model) and not hasattr(model, "print_trainable_parameters")
+    model.save_pretrained(tmp_path / "removed")
+    assert (tmp_path / "removed" / "model.safetensors").exists()
+    assert not (tmp_path / "removed" / CONFIG_NAME).exists()
+
+
+def test_print_trainable_parameters_prints_the_summary_counts(capsys):
+    model = smore.adapt(tiny_llama(), small_smore())
+    model.print_trainable_parameters()
+    line = capsys.readouterr().out.strip()
+    report = smore.summary(model)
+    match = re.fullmatch(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)", line)
+    assert match, line
+    assert int(match[1].replace(",", "")) == report.trainable
+    assert int(match[2].replace(",", "")) == report.total
+    assert float(match[3]) == pytest.approx(100 * report.trainable / report.total, abs=1e-4)
+    assert line == str(report).splitlines()[-1]
+
+
+# -- a real HF Trainer run -----------------------------------------------------------------------------------------
+
+
+def _examples(count: int = 4) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    return [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        for ids in torch.randint(4, 128, (count, 8), generator=generator)
+    ]
+
+
+def test_a_trainer_checkpoint_reloads_with_load_adapter(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = smore.adapt(tiny_llama(), small_smore())
+    model.train()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=_examples())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))  # Trainer's own save_model -> _save -> model.save_pretrained
+
+    model.eval()
+    batch = tiny_batch()
+    expected = logits(model, batch)
+    for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "final"):
+        names = {p.name for p in folder.iterdir()}
+        assert ADAPTER_FILES <= names and not any(name.startswith("model") for name in names), names
+        reloaded = smore.load_adapter(tiny_llama(), folder)
+        torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
+    untrained = logits(smore.adapt(tiny_llama(), small_smore()), batch)
+    assert not torch.allclose(expected, untrained)  # two steps moved the adapter, and the checkpoint holds that
