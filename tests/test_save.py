@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import smore
-from helpers import small_smore, tiny_batch, tiny_llama
+from helpers import small_smore, tiny_batch, tiny_llama, word_tokenizer
 from smore.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from smore.data import encode, prompt_for, to_example
 from smore.inject import adapter_state_dict
 
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME}
@@ -154,3 +156,77 @@ def test_a_trainer_checkpoint_reloads_with_load_adapter(tmp_path):
         torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
     untrained = logits(smore.adapt(tiny_llama(), small_smore()), batch)
     assert not torch.allclose(expected, untrained)  # two steps moved the adapter, and the checkpoint holds that
+
+
+# -- the README's "Using a trained adapter" runs as written ----------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+README_ADAPTER = "runs/smollm2-135m/smore-4-4/adapter"
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+WORDS = "Translate to French . The cat sleeps Name a colour Le chat dort rouge".split()
+
+
+def readme_snippet() -> str:
+    section = README.read_text().split("## Using a trained adapter", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1, "the section holds one python block"
+    assert README_MODEL in blocks[0] and README_ADAPTER in blocks[0]
+    return blocks[0]
+
+
+def trained_folder(root: Path, template: str | None) -> tuple[Path, Path]:
+    """A tiny model folder (its tokenizer with or without a chat template) and an adapter trained on it."""
+    tokenizer = word_tokenizer(WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.chat_template = template
+    model = tiny_llama(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    adapted = trained_like(small_smore())  # a vocabulary-128 adapter fits: the adapted layers do not see the vocabulary
+    smore.save_adapter(adapted, root / "adapter")
+    return root / "model", root / "adapter"
+
+
+@pytest.mark.parametrize("template", [None, TEMPLATE], ids=["plain", "chat_template"])
+def test_the_readme_generation_snippet_runs_and_prompts_as_training(template, tmp_path, capsys):
+    model_folder, adapter_folder = trained_folder(tmp_path, template)
+    code = readme_snippet().replace(README_MODEL, str(model_folder)).replace(README_ADAPTER, str(adapter_folder))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 + len(namespace["records"])
+
+    # The prompt is the tokens training puts before the response: the same template, instruction and input joined.
+    tokenizer, model = namespace["tokenizer"], namespace["model"]
+    for record in namespace["records"]:
+        answered = {**record, "output": "Le chat dort ."} if "instruction" in record else record
+        if "messages" in record:
+            answered = {"messages": [*record["messages"], {"role": "assistant", "content": "rouge"}]}
+        trained = encode(to_example(answered), tokenizer, max_length=64)
+        prompt = prompt_for(record, tokenizer)["input_ids"]
+        start = trained["labels"].index(next(label for label in trained["labels"] if label != -100))
+        assert prompt == trained["input_ids"][:start]
+    # Left padding: each row of the batch continues from its own last prompt token, as the single prompt does.
+    batch, inputs = namespace["batch"], namespace["inputs"]
+    torch.testing.assert_close(logits(model, batch)[0, -1], logits(model, inputs)[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_for_takes_training_records_with_or_without_their_response():
+    tokenizer = word_tokenizer([*WORDS, "Please", "choose", "the", "correct", "answer", "question", ":", "(", ")"])
+    pairs = [
+        ({"instruction": "Translate to French.", "input": "The cat sleeps."}, {"output": "Le chat dort ."}),
+        ({"instruction": "Name a colour.", "output": ""}, {"output": "rouge"}),
+        ({"question": "Name a colour", "choices": ["rouge", "cat"]}, {"answer": "B"}),
+    ]
+    for record, response in pairs:
+        assert prompt_for(record, tokenizer) == prompt_for({**record, **response}, tokenizer)
+    question = prompt_for(pairs[2][0], tokenizer)["input_ids"]
+    assert tokenizer.decode(question, skip_special_tokens=True).startswith("Please choose the correct answer")
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "rouge"}]
+    assert prompt_for({"messages": chat}, tokenizer) == prompt_for({"messages": chat[:1]}, tokenizer)
+    with pytest.raises(ValueError, match="missing field 'instruction'"):
+        prompt_for({"instruction": None, "input": "x"}, tokenizer, format="instruction")

