@@ -230,3 +230,9 @@ def test_prompt_for_takes_training_records_with_or_without_their_response():
     assert prompt_for({"messages": chat}, tokenizer) == prompt_for({"messages": chat[:1]}, tokenizer)
     with pytest.raises(ValueError, match="missing field 'instruction'"):
         prompt_for({"instruction": None, "input": "x"}, tokenizer, format="instruction")
+
+
+def test_a_folder_of_whole_model_weights_is_named_as_such(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)  # what save_pretrained wrote before it saved the adapter
+    with pytest.raises(smore.UserError, match=r"whole model's weights .* not a smore adapter"):
+        smore.load_adapter(tiny_llama(), tmp_path)

@@ -100,6 +100,12 @@ MODEL_CALLS["save_pretrained"] = save_pretrained
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
     """The config saved in an adapter folder and the raw JSON document."""
     file = Path(path) / CONFIG_NAME
+    if not file.exists() and any(Path(path).glob("model*.safetensors")):
+        raise UserError(
+            f"{path} holds a whole model's weights (model.safetensors) and no {CONFIG_NAME}: it is not a smore "
+            "adapter. An adapted model's save_pretrained, HF Trainer's checkpoints and save_model write the adapter; "
+            "for a model HF Trainer does not know (not a PreTrainedModel) call smore.save_adapter(model, folder)."
+        )
     document = read_json_object(file, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     fields = {k: v for k, v in document.items() if k not in ("smore_version", "base_model", "modules")}
     try:
