@@ -15,12 +15,14 @@ from smore.data.formats import (
     Message,
     MultipleChoice,
     RecordFormat,
+    check_format,
     detect_format,
     multiple_choice_prompt,
     read_multiple_choice,
     to_example,
+    to_examples,
 )
-from smore.data.records import Record, load_records
+from smore.data.records import MAX_LISTED, Record, RecordError, bad_records_error, load_records
 from smore.data.sources import load_training_records
 from smore.data.tasks import (
     PAPER_TASKS,
@@ -40,6 +42,7 @@ from smore.data.tokenize import SFTDataset, collate, encode, encode_prompt
 __all__ = [
     "FORMATS",
     "LETTERS",
+    "MAX_LISTED",
     "PAPER_TASKS",
     "TASKS",
     "CodeExample",
@@ -50,11 +53,14 @@ __all__ = [
     "Message",
     "MultipleChoice",
     "Record",
+    "RecordError",
     "RecordFormat",
     "SFTDataset",
     "TaskExample",
     "TaskSpec",
+    "bad_records_error",
     "canonical_number",
+    "check_format",
     "collate",
     "detect_format",
     "encode",
@@ -66,4 +72,5 @@ __all__ = [
     "multiple_choice_prompt",
     "read_multiple_choice",
     "to_example",
+    "to_examples",
 ]
