@@ -218,7 +218,7 @@ class _Run:
         metrics: Metrics = {"n": len(examples)}
         rows = [
             {"index": i, "location": ex.location, "question": ex.question, "choices": list(ex.choices),
-             "answer": LETTERS[ex.answer_index]}
+             "target": LETTERS[ex.answer_index]}
             for i, ex in enumerate(examples)
         ]  # fmt: skip
         scorings = {"loglik": self._loglik, "letter": self._letter, "generate": self._generated_letter,
@@ -301,7 +301,7 @@ class _Run:
         rows = []
         for i, (ex, prompt, answer) in enumerate(zip(examples, prompts, answers)):
             prediction = extract_number(answer)
-            rows.append({"index": i, "location": ex.location, "question": ex.question, "answer": ex.answer,
+            rows.append({"index": i, "location": ex.location, "question": ex.question, "target": ex.answer,
                          "prompt": self._text(prompt), "generation": answer, "prediction": prediction,
                          "correct": prediction == ex.answer})  # fmt: skip
         metrics = {"n": len(examples), "exact_match": _mean(r["correct"] for r in rows),
