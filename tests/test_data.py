@@ -523,6 +523,8 @@ def test_conversational_prompt_completion_trains_on_the_completion_only(template
     assert prompt == encode_prompt(to_example(CHAT), templated)["input_ids"]
     with pytest.raises(ValueError, match=r"must both be strings or both lists of messages \(prompt is str"):
         to_example({"prompt": "Hi", "completion": [CHAT["messages"][2]]})
+    with pytest.raises(ValueError, match=r"missing field 'prompt'; the prompt_completion format is"):
+        to_example({"completion": "Hi"})
 
 
 @pytest.mark.parametrize("fixture", ["plain", "templated"])

@@ -162,6 +162,8 @@ def _sharegpt_messages(record: Mapping[str, Any], fail: Fail) -> list[Message]:
 def _prompt_completion(record: Mapping[str, Any], fail: Fail, location: str) -> Example:
     """TRL's prompt/completion: two strings (text to continue, no template) or two lists of messages."""
     prompt, completion = record.get("prompt"), record.get("completion")
+    if prompt is None:
+        raise fail("missing field 'prompt'")
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise fail("field 'completion' is empty")
