@@ -16,9 +16,12 @@ from tokenizers.models import WordLevel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
+from helpers import counting_workspace
+from smore.cli import main
 from smore.constants import IGNORE_INDEX
 from smore.data import (
     FORMATS,
+    MAX_LISTED,
     Example,
     SFTDataset,
     collate,
@@ -242,7 +245,7 @@ def test_format_detection_and_override():
         to_example({"prompt": "x"})
     with pytest.raises(ValueError, match=r"format='alpaca' is not a known record format"):
         to_example(INSTRUCTION, format="alpaca")
-    assert set(FORMATS) == {"instruction", "chat", "multiple_choice"}
+    assert set(FORMATS) == {"instruction", "chat", "multiple_choice", "sharegpt", "prompt_completion", "text"}
 
 
 @pytest.mark.parametrize(
@@ -463,3 +466,135 @@ def test_collate_generation_prompts_and_errors(templated):
         collate([], 0)
     with pytest.raises(ValueError, match="labels has 1 entries but input_ids has 2"):
         collate([{"input_ids": [1, 2], "labels": [1]}], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The formats of other tools: TRL's prompt/completion, ShareGPT, plain text
+
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "You are a helpful assistant."},
+        {"from": "human", "value": "Hi!"},
+        {"from": "gpt", "value": "Hello, how can I help?"},
+        {"from": "human", "value": "Tell me a joke."},
+        {"from": "gpt", "value": "No thanks."},
+    ]
+}
+PROMPT_COMPLETION = {"prompt": "Translate to French hello world", "completion": " bonjour le monde"}
+CONVERSATIONAL_PC = {"prompt": CHAT["messages"][:4], "completion": [CHAT["messages"][4]]}
+TEXT = {"text": "Why is the sky blue? Because of scattering."}
+
+
+def test_new_formats_are_detected_and_chosen_by_name():
+    assert detect_format(SHAREGPT) == "sharegpt"
+    assert detect_format(PROMPT_COMPLETION) == detect_format(CONVERSATIONAL_PC) == "prompt_completion"
+    assert detect_format(TEXT) == "text"
+    # Alpaca's rows also hold the rendered "text": the structured format wins; "text" is the fallback.
+    assert detect_format({**INSTRUCTION, "text": "### Instruction: ..."}) == "instruction"
+    # UltraChat's rows hold the first user turn as "prompt" besides "messages": only "completion" means TRL's format.
+    assert detect_format({"prompt": "Hi!", **CHAT}) == "chat"
+    assert to_example({**INSTRUCTION, "text": "x y"}, format="text").messages[0]["content"] == "x y"
+
+
+def test_sharegpt_trains_like_the_same_chat(templated, plain):
+    assert to_example(SHAREGPT).messages == tuple(CHAT["messages"])
+    for tokenizer in (templated, plain):
+        assert encode(to_example(SHAREGPT), tokenizer, 128) == encode(to_example(CHAT), tokenizer, 128)
+    with pytest.raises(ValueError, match=r"conversations\[0\].from='bot' is not one of .*the sharegpt format"):
+        to_example({"conversations": [{"from": "bot", "value": "x"}]})
+
+
+@pytest.mark.parametrize("fixture", ["plain", "templated"])
+def test_string_prompt_completion_is_text_trained_on_the_completion_only(fixture, request):
+    tokenizer = request.getfixturevalue(fixture)
+    features = encode(to_example(PROMPT_COMPLETION), tokenizer, max_length=128)
+    # No chat template even when the tokenizer has one, no separator: the completion continues the prompt's text.
+    words = ["Translate", "to", "French", "hello", "world", "bonjour", "le", "monde"]
+    assert tokens(tokenizer, features["input_ids"]) == ["<s>", *words, "</s>"]
+    assert trained_runs(tokenizer, features) == [["bonjour", "le", "monde", "</s>"]]
+
+
+def test_conversational_prompt_completion_trains_on_the_completion_only(templated):
+    features = encode(to_example(CONVERSATIONAL_PC), templated, max_length=128)
+    # The same text as the chat record, but the prompt's own assistant turn is context, not a target.
+    assert features["input_ids"] == encode(to_example(CHAT), templated, 128)["input_ids"]
+    assert trained_runs(templated, features) == [["No", "thanks", ".", "<|end|>"]]
+    prompt = encode_prompt(to_example(CONVERSATIONAL_PC), templated)["input_ids"]
+    assert prompt == encode_prompt(to_example(CHAT), templated)["input_ids"]
+    with pytest.raises(ValueError, match=r"must both be strings or both lists of messages \(prompt is str"):
+        to_example({"prompt": "Hi", "completion": [CHAT["messages"][2]]})
+    with pytest.raises(ValueError, match=r"missing field 'prompt'; the prompt_completion format is"):
+        to_example({"completion": "Hi"})
+
+
+@pytest.mark.parametrize("fixture", ["plain", "templated"])
+def test_text_trains_on_every_token(fixture, request):
+    tokenizer = request.getfixturevalue(fixture)
+    features = encode(to_example(TEXT), tokenizer, max_length=128)
+    words = tokenizer.tokenize(TEXT["text"])
+    assert tokens(tokenizer, features["input_ids"]) == ["<s>", *words, "</s>"]
+    # Every token after BOS is a target (BOS itself is never predicted: nothing comes before it).
+    assert trained_runs(tokenizer, features) == [[*words, "</s>"]]
+
+
+def test_every_bad_line_of_a_file_is_reported_in_one_error(tmp_path, plain):
+    lines = [MC, "{not json", INSTRUCTION, "[1, 2]", '{"question": 3}']
+    path = write_jsonl(tmp_path / "broken.jsonl", lines)
+    with pytest.raises(ValueError) as error:
+        load_records(path)
+    message = str(error.value)
+    assert message.startswith("2 of 5 records are bad")
+    assert f"{path}, line 2: not valid JSON" in message and f"{path}, line 4: a record must be a JSON object" in message
+    # The records that parse are checked against their formats, every one of them, in one error too.
+    path = write_jsonl(tmp_path / "fields.jsonl", [MC, {"question": "q"}, INSTRUCTION, {"instruction": "x"}, {"a": 1}])
+    with pytest.raises(ValueError) as error:
+        SFTDataset.from_file(path, plain, max_length=64)
+    message = str(error.value)
+    assert message.startswith("3 of 5 records are bad; fix or remove them:")
+    for line, problem in ((2, "missing field 'choices'"), (4, "missing field 'output'"), (5, "cannot tell the format")):
+        assert f"{path}, line {line}: {problem}" in message
+    # Each format's schema is given once, after the list.
+    assert message.count("the instruction format is") == 1 and message.count("the multiple_choice format is") == 1
+
+
+def test_many_bad_lines_are_listed_up_to_a_limit_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "broken.jsonl", ["{"] * (MAX_LISTED + 5))
+    with pytest.raises(ValueError) as error:
+        load_records(path)
+    message = str(error.value)
+    assert f"line {MAX_LISTED}: not valid JSON" in message and f"line {MAX_LISTED + 1}:" not in message
+    assert "... and 5 more" in message
+    assert message.count("fix or remove that line") == 1
+
+
+RECORD_FORMATS = {
+    "sharegpt": lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+    "prompt_completion": lambda q, a: {"prompt": q, "completion": " " + a},
+    "conversational": lambda q, a: {"prompt": [{"role": "user", "content": q}],
+                                    "completion": [{"role": "assistant", "content": a}]},
+    "chat": lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+    "text": lambda q, a: {"text": f"{q} {a}"},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return counting_workspace(tmp_path_factory.mktemp("formats"))
+
+
+@pytest.mark.parametrize("name", sorted(RECORD_FORMATS))
+def test_smore_train_runs_a_step_on_each_format(workspace, tmp_path, name):
+    records = [RECORD_FORMATS[name](f"What comes after {n} ?", str(n + 1)) for n in range(8)]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    format = {"conversational": "prompt_completion"}.get(name, name)
+    document = {
+        "model": str(workspace / "model"),
+        "output_dir": str(tmp_path / "run"),
+        "adapter": {"method": "lora", "rank": 2},
+        "data": {"train_file": str(data), "format": format, "max_length": 32},
+        "train": {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 4, "log_every": 1},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(document))  # JSON is YAML
+    assert main(["train", str(path)]) == 0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,11 +24,13 @@ from transformers import PreTrainedTokenizerFast
 
 import smore
 from helpers import small_smore, tiny_llama
-from smore.data import encode_prompt, multiple_choice_prompt, to_example
+from smore.data import encode, encode_prompt, multiple_choice_prompt, to_example
 from smore.data import tasks as tasks_module
+from smore.errors import UserError
 from smore.evaluation import (
     TASKS,
     CodeExample,
+    FreeFormExample,
     MathExample,
     MCExample,
     adapter_hash,
@@ -36,10 +39,13 @@ from smore.evaluation import (
     encode_pair,
     eval_command,
     evaluate,
+    evaluate_detailed,
+    examples_path,
     extract_choice,
     extract_code,
     extract_letter,
     extract_number,
+    format_metrics,
     generate,
     gsm8k_target,
     humaneval_program,
@@ -655,3 +661,144 @@ def test_test_splits_are_disjoint_from_the_validation_splits_the_demo_trains_on(
         first = held_out[0]
         assert first.contexts[0].endswith(first.question) or first.contexts[0].endswith("Answer:")
         assert first.continuations == tuple(" " + choice for choice in first.choices)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table, the refusal of an existing report, every example's outputs, free-form data
+
+
+def test_the_table_shows_every_metric_of_every_task():
+    metrics = {
+        "letters": {"n": 4, "acc_letter": 0.5},
+        "mc": {"n": 2, "acc": 1.0, "acc_norm": 0.5, "acc_gen": 0.5, "no_letter": 0.25, "acc_answer": 0.0,
+               "no_choice": 1.0},
+        "chat": {"n": 3, "loss": 1.23456, "perplexity": 3.4368, "tokens": 17, "new_metric": 0.125},
+    }  # fmt: skip
+    header, *rows = format_metrics(metrics).splitlines()
+    columns = header.split()[1:]
+    assert set(columns) == {key for values in metrics.values() for key in values}
+    assert columns[:2] == ["n", "acc"] and columns[-1] == "new_metric"  # known order first, unknown ones after
+    cells = {row.split()[0]: dict(zip(columns, row.split()[1:])) for row in rows}
+    assert cells["letters"]["acc_letter"] == "50.00" and cells["letters"]["acc"] == "-"
+    assert cells["chat"]["loss"] == "1.2346" and cells["chat"]["tokens"] == "17" and cells["mc"]["no_letter"] == "25.00"
+
+
+def test_an_existing_report_is_refused_before_the_model_loads(tmp_path):
+    model_dir, _ = saved_model_and_adapter(tmp_path)
+    data = write_records(tmp_path / "toy.jsonl", RECORDS)
+    output = tmp_path / "eval.json"
+    options = dict(limit=1, output=output, max_new_tokens=2, device="cpu", methods="loglik")
+    eval_command(str(model_dir), None, f"file:{data}", **options)
+    first = output.read_text()
+    with pytest.raises(UserError, match=r"would replace .*eval\.json.*pass --overwrite .*or choose another --output"):
+        eval_command(str(tmp_path / "no-such-model"), None, f"file:{data}", **options)  # refused before loading
+    assert output.read_text() == first
+    examples_path(output).unlink()  # the per-example file alone is protected too
+    output.unlink()
+    examples_path(output).write_text("")
+    with pytest.raises(UserError, match=r"eval\.examples\.jsonl"):
+        eval_command(str(model_dir), None, f"file:{data}", **options)
+    document = eval_command(str(model_dir), None, f"file:{data}", **options, overwrite=True)
+    assert json.loads(output.read_text()) == document
+
+
+def test_every_example_is_written_beside_the_report(tmp_path, capsys):
+    model_dir, _ = saved_model_and_adapter(tmp_path)
+    data = write_records(tmp_path / "toy.jsonl", RECORDS)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    output = tmp_path / "eval.json"
+    args = parser.parse_args(
+        ["eval", "--model", str(model_dir), "--tasks", f"file:{data}", "--methods", "loglik,letter,generate,answer",
+         "--max-new-tokens", "3", "--output", str(output), "--device", "cpu"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "acc_letter" in printed.splitlines()[0] and str(examples_path(output)) in printed
+    document = json.loads(output.read_text())
+    assert document["examples_file"] == "eval.examples.jsonl"
+    rows = [json.loads(line) for line in examples_path(output).read_text().splitlines()]
+    task = f"file:{data}"
+    assert [(row["task"], row["index"]) for row in rows] == [(task, i) for i in range(3)]
+    assert [row["choices"] for row in rows] == [["three", "four", "five"], ["blue", "red"], ["1", "2", "3"]]
+    assert [row["target"] for row in rows] == ["B", "A", "C"] and rows[0]["question"] == "What is two plus two?"
+    for row in rows:
+        loglik, letter = row["loglik"], row["letter"]
+        assert len(loglik["scores"]) == len(row["choices"]) == len(letter["scores"])
+        best = max(range(len(row["choices"])), key=loglik["scores"].__getitem__)
+        assert loglik["prediction"] == "ABC"[best] and loglik["correct"] == ("ABC"[best] == row["target"])
+        assert "<|user|>" in letter["prompt"]  # the prompt as the model read it, chat markup included
+        for method in ("generate", "answer"):
+            assert isinstance(row[method]["generation"], str) and row[method]["prompt"]
+    # Every metric is the mean of the rows: no_letter can be read off the generations that named no letter.
+    metrics = document["metrics"][task]
+    for metric, method, key in (("acc", "loglik", "correct"), ("acc_norm", "loglik", "correct_norm"),
+                                ("acc_letter", "letter", "correct"), ("acc_gen", "generate", "correct"),
+                                ("acc_answer", "answer", "correct")):  # fmt: skip
+        assert metrics[metric] == pytest.approx(sum(row[method][key] for row in rows) / 3)
+    assert metrics["no_letter"] == pytest.approx(sum(row["generate"]["prediction"] is None for row in rows) / 3)
+    for row in rows:
+        if row["generate"]["prediction"] is not None:
+            assert extract_letter(row["generate"]["generation"], len(row["choices"])) == row["generate"]["prediction"]
+
+
+FREE_FORM = [
+    {"instruction": "Name a colour.", "output": "red"},
+    {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello there."},
+                  {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Goodbye!"}]},
+    {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    {"prompt": "The sky is", "completion": " blue."},
+    {"text": "Once upon a time."},
+]  # fmt: skip
+
+
+def direct_response_loss(model, tokenizer, record) -> tuple[float, int]:
+    """The summed loss of one record's trained tokens, one position at a time, without batching or padding."""
+    features = encode(to_example(record), tokenizer, max_length=2048)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([features["input_ids"]])).logits[0]
+    total, count = 0.0, 0
+    for position, label in enumerate(features["labels"]):
+        if label != -100:
+            total -= torch.log_softmax(logits[position - 1].float(), -1)[label].item()
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, None])
+def test_free_form_data_is_scored_by_response_loss_perplexity_and_generations(tmp_path, template):
+    tokenizer, model = byte_tokenizer(template), tiny_lm(2)
+    data = write_records(tmp_path / "chat.jsonl", FREE_FORM)
+    task = f"file:{data}"
+    examples = load_task(task)
+    assert all(isinstance(ex, FreeFormExample) for ex in examples)
+    result = evaluate_detailed(model, tokenizer, [task], batch_size=2, max_new_tokens=3, progress=False)
+    metrics, rows = result.metrics[task], result.examples[task]
+    direct = [direct_response_loss(model, tokenizer, record) for record in FREE_FORM]
+    tokens = sum(count for _, count in direct)
+    loss = sum(total for total, _ in direct) / tokens
+    assert set(metrics) == {"n", "loss", "perplexity", "tokens"}
+    assert metrics["n"] == 5 and metrics["tokens"] == tokens
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    for row, (total, count) in zip(rows, direct):
+        assert row["tokens"] == count and row["loss"] == pytest.approx(total / count, rel=1e-5)
+    # Greedy generations of the last response, after the prompt as training renders it; a text record has none.
+    assert [row["reference"] for row in rows] == ["red", "Goodbye!", "4", " blue.", "Once upon a time."]
+    prompts = [encode_prompt(ex.example, tokenizer)["input_ids"] for ex in examples[:4]]
+    expected = generate(model, tokenizer, prompts, max_new_tokens=3, batch_size=1)
+    assert [row["generation"] for row in rows[:4]] == expected
+    assert rows[3]["prompt"] == "<s>The sky is"  # TRL's text prompt: no chat template
+    assert rows[4]["generation"] is None and rows[4]["prompt"] is None
+    if template:
+        assert rows[1]["prompt"].endswith("<|user|> Bye. <|end|> <|assistant|> ")
+
+
+def test_a_file_mixing_multiple_choice_and_free_form_records_is_refused(tmp_path):
+    data = write_records(tmp_path / "mixed.jsonl", [RECORDS[0], FREE_FORM[0]])
+    with pytest.raises(UserError, match=r"mixes multiple-choice and free-form records"):
+        load_task(f"file:{data}")
+    bad = write_records(tmp_path / "bad.jsonl", [FREE_FORM[0], {"instruction": "x"}, {"messages": []}])
+    with pytest.raises(UserError, match=r"2 of 3 records are bad(.|\n)*line 2: missing field 'output'(.|\n)*line 3"):
+        load_task(f"file:{bad}")

@@ -10,11 +10,21 @@ format               fields                                   messages
 ``chat``             messages: [{role, content}, ...]         as given; every assistant turn is trained on
 ``multiple_choice``  question, choices, answer                user: the paper's prompt (SPEC §1.8); assistant: the
                                                               answer's letter
+``sharegpt``         conversations: [{from, value}, ...]      from human/user → user, gpt/assistant → assistant,
+                                                              system, tool; every assistant turn is trained on
+``prompt_completion`` prompt, completion (TRL)                strings: the two texts as they are, no chat template
+                                                              (only the completion is trained on); lists of
+                                                              messages: prompt + completion as chat turns (only
+                                                              the completion's assistant turns are trained on)
+``text``             text (continued pre-training)            the text as it is, no chat template; every token is
+                                                              trained on (detected only when no other format is)
 ===================  =======================================  ===================================================
 
-Every ``assistant`` turn carries loss, the others do not (see :mod:`smore.data.tokenize`). For generation,
-``prompt_example(record)`` takes a record of the same formats whose response (``output``, ``answer``, a last
-assistant turn) may be left out, so a prompt is built exactly as training built it.
+Which turns carry loss is the example's (:attr:`Example.loss_turns`: every ``assistant`` turn unless the format says
+otherwise); see :mod:`smore.data.tokenize`. :func:`to_examples` converts a whole file and reports every bad record
+(the first :data:`~smore.data.records.MAX_LISTED`) in one error. For generation, ``prompt_example(record)`` takes a
+record of the same formats whose response (``output``, ``answer``, a last assistant turn) may be left out, so a prompt
+is built exactly as training built it.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smore.checks import is_int
+from smore.data.records import RecordError, bad_records_error
 from smore.errors import UserError
 
 MULTIPLE_CHOICE_INSTRUCTION = "Please choose the correct answer to the question:"
@@ -37,14 +48,26 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class Example:
-    """A record as chat turns. Every ``assistant`` turn carries loss, the others do not."""
+    """A record as chat turns, and which of them carry loss."""
 
     messages: tuple[Message, ...]
     location: str = "example"
     """Where the record came from, for error messages."""
+    trained: tuple[int, ...] | None = None
+    """Indices of the messages that carry loss; ``None``: every ``assistant`` turn."""
+    raw: bool = False
+    """The contents are joined as they are, without the chat template or separators (TRL's standard prompt /
+    completion and plain text: text to continue, not a conversation)."""
+
+    @property
+    def loss_turns(self) -> tuple[int, ...]:
+        """Indices of the messages that carry loss."""
+        if self.trained is not None:
+            return self.trained
+        return tuple(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
 
 
-Fail = Callable[[str], ValueError]
+Fail = Callable[[str], RecordError]
 """Builds the error for a bad field: the message is prefixed with the record's location and followed by the format."""
 
 
@@ -56,10 +79,13 @@ class RecordFormat:
     key: str
     """A record holding this key is in this format (when no ``format=`` is given)."""
     schema: str
-    to_messages: Callable[[Mapping[str, Any], Fail], list[Message]]
+    to_example: Callable[[Mapping[str, Any], Fail, str], Example]
+    """(record, fail, location) → the example."""
+    fallback: bool = False
+    """Detected only when no other format's key is present (``text`` is a field of many other layouts too)."""
     stand_in: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
     """The record with a placeholder response where it has none (a record written for generation), so that
-    ``to_messages`` converts it as in training; ``None``: records of this format always carry their response."""
+    ``to_example`` converts it as in training; ``None``: records of this format always carry their response."""
 
 
 def multiple_choice_prompt(question: str, choices: Sequence[str]) -> str:
@@ -90,28 +116,80 @@ def _instruction_messages(record: Mapping[str, Any], fail: Fail) -> list[Message
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def _chat_messages(record: Mapping[str, Any], fail: Fail) -> list[Message]:
-    turns = record.get("messages")
+def _turns(
+    turns: Any,
+    field: str,
+    fail: Fail,
+    *,
+    role_key: str = "role",
+    content_key: str = "content",
+    roles: Mapping[str, str] | None = None,
+    need_assistant: bool = True,
+) -> list[Message]:
+    """Checked chat turns from a list of objects: each one's role (mapped through ``roles`` when given) and content.
+    Other keys (name, tool_calls, ...) are dropped: the loss mask is built from role and content only."""
+    roles = roles or {role: role for role in ROLES}
     if turns is None:
-        raise fail("missing field 'messages'")
+        raise fail(f"missing field {field!r}")
     if not isinstance(turns, list) or not turns:
-        raise fail("field 'messages' must be a non-empty list")
+        raise fail(f"field {field!r} must be a non-empty list")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping):
-            raise fail(f"messages[{i}] must be an object {{role, content}}, not {type(turn).__name__}")
-        role, content = turn.get("role"), turn.get("content")
-        if role not in ROLES:
-            raise fail(f"messages[{i}].role={role!r} is not one of {list(ROLES)}")
+            raise fail(f"{field}[{i}] must be an object {{{role_key}, {content_key}}}, not {type(turn).__name__}")
+        role, content = turn.get(role_key), turn.get(content_key)
+        if role not in roles:
+            raise fail(f"{field}[{i}].{role_key}={role!r} is not one of {list(roles)}")
         if not isinstance(content, str):
-            raise fail(f"messages[{i}].content must be a string, not {type(content).__name__}")
-        if role == "assistant" and not content.strip():
-            raise fail(f"messages[{i}] is an assistant turn with empty content")
-        # Other keys (name, tool_calls, ...) are dropped: the loss mask is built from role and content only.
-        messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise fail("'messages' has no assistant turn, and only assistant turns carry loss")
+            raise fail(f"{field}[{i}].{content_key} must be a string, not {type(content).__name__}")
+        if roles[role] == "assistant" and not content.strip():
+            raise fail(f"{field}[{i}] is an assistant turn with empty content")
+        messages.append({"role": roles[role], "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise fail(f"{field!r} has no assistant turn, and only assistant turns carry loss")
     return messages
+
+
+def _chat_messages(record: Mapping[str, Any], fail: Fail) -> list[Message]:
+    return _turns(record.get("messages"), "messages", fail)
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool"}  # fmt: skip
+"""ShareGPT's speakers (``from``) and the chat roles they become."""
+
+
+def _sharegpt_messages(record: Mapping[str, Any], fail: Fail) -> list[Message]:
+    return _turns(record.get("conversations"), "conversations", fail, role_key="from", content_key="value",
+                  roles=SHAREGPT_ROLES)  # fmt: skip
+
+
+def _prompt_completion(record: Mapping[str, Any], fail: Fail, location: str) -> Example:
+    """TRL's prompt/completion: two strings (text to continue, no template) or two lists of messages."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if prompt is None:
+        raise fail("missing field 'prompt'")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():
+            raise fail("field 'completion' is empty")
+        messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": completion})
+        return Example(messages, location, trained=(1,), raw=True)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        before = _turns(prompt, "prompt", fail, need_assistant=False)
+        after = _turns(completion, "completion", fail)
+        trained = tuple(len(before) + i for i, m in enumerate(after) if m["role"] == "assistant")
+        return Example(tuple(before + after), location, trained=trained)
+    kinds = f"prompt is {type(prompt).__name__}, completion is {type(completion).__name__}"
+    raise fail(f"'prompt' and 'completion' must both be strings or both lists of messages ({kinds})")
+
+
+def _text_example(record: Mapping[str, Any], fail: Fail, location: str) -> Example:
+    return Example(({"role": "assistant", "content": _text(record, "text", fail)},), location, raw=True)
+
+
+def _chat_format(to_messages: Callable[[Mapping[str, Any], Fail], list[Message]]):
+    """A format whose record becomes chat messages, every assistant turn trained on."""
+    return lambda record, fail, location: Example(tuple(to_messages(record, fail)), location)
 
 
 def _choices(record: Mapping[str, Any], fail: Fail) -> tuple[list[str | None], list[str]]:
@@ -206,24 +284,39 @@ FORMATS: dict[str, RecordFormat] = {
             "instruction",
             "instruction",
             "{instruction: str, input: str (optional), output: str}",
-            _instruction_messages,
-            _with_field("output"),
+            _chat_format(_instruction_messages),
+            stand_in=_with_field("output"),
         ),
         RecordFormat(
             "chat",
             "messages",
             "{messages: [{role: system|user|assistant|tool, content: str}, ...]} with at least one assistant turn",
-            _chat_messages,
-            _with_last_turn,
+            _chat_format(_chat_messages),
+            stand_in=_with_last_turn,
         ),
         RecordFormat(
             "multiple_choice",
             "question",
             "{question: str, choices: [str, ...] or [{label, text}, ...], answer: a letter, a 0-based index or the "
             "text of a choice}",
-            _multiple_choice_messages,
-            _with_field("answer"),
+            _chat_format(_multiple_choice_messages),
+            stand_in=_with_field("answer"),
         ),
+        RecordFormat(
+            "sharegpt",
+            "conversations",
+            "{conversations: [{from: system|human|user|gpt|assistant|tool, value: str}, ...]} with at least one gpt "
+            "turn",
+            _chat_format(_sharegpt_messages),
+        ),
+        RecordFormat(
+            "prompt_completion",
+            "completion",
+            "{prompt: str, completion: str} (text, no chat template) or {prompt: [{role, content}, ...], completion: "
+            "[{role: assistant, content}, ...]}",
+            _prompt_completion,
+        ),
+        RecordFormat("text", "text", "{text: str} (every token is trained on)", _text_example, fallback=True),
     )
 }
 """Record formats by name. Adding one is a function from record to messages and one entry here."""
@@ -233,31 +326,46 @@ def _format_list() -> str:
     return "; ".join(f"{f.name} {f.schema}" for f in FORMATS.values())
 
 
+def _detected(record: Mapping[str, Any]) -> list[str]:
+    keyed = [f.name for f in FORMATS.values() if f.key in record and not f.fallback]
+    return keyed or [f.name for f in FORMATS.values() if f.key in record]
+
+
 def detect_format(record: Mapping[str, Any], location: str = "record") -> str:
-    """The name of the one format whose identifying key the record holds."""
-    matches = [f.name for f in FORMATS.values() if f.key in record]
+    """The name of the one format whose identifying key the record holds (a fallback format's key counts only when
+    no other format's does)."""
+    matches = _detected(record)
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise UserError(
-            f"{location}: cannot tell the format of a record with keys {sorted(record)}; expected one of: "
+        raise RecordError(
+            location, f"cannot tell the format of a record with keys {sorted(record)}", f"expected one of: "
             f"{_format_list()}."
+        )  # fmt: skip
+    raise RecordError(
+        location, f"the record fits several formats {matches}", "pass format= (data.format in a run config) to "
+        "choose one."
+    )  # fmt: skip
+
+
+def check_format(format: str | None) -> None:
+    """Refuse a format name that is not in :data:`FORMATS` (``None``: detect per record)."""
+    if format is not None and format not in FORMATS:
+        raise UserError(
+            f"format={format!r} is not a known record format (data.format in a run config); choose one of "
+            f"{list(FORMATS)}, or null to detect it per record."
         )
-    raise UserError(f"{location}: the record fits several formats {matches}; pass format= to choose one.")
 
 
 def _checked(record: Mapping[str, Any], format: str | None, location: str) -> tuple[RecordFormat, Fail]:
     """The record's format and the error builder for its fields, once the record is known to be an object."""
     if not isinstance(record, Mapping):
-        raise UserError(f"{location}: a record must be an object (a dict), not {type(record).__name__}.")
-    if format is None:
-        format = detect_format(record, location)
-    elif format not in FORMATS:
-        raise UserError(f"format={format!r} is not a known record format; choose one of {list(FORMATS)}.")
-    spec = FORMATS[format]
+        raise RecordError(location, f"a record must be an object (a dict), not {type(record).__name__}", "")
+    check_format(format)
+    spec = FORMATS[format or detect_format(record, location)]
 
-    def fail(message: str) -> ValueError:
-        return ValueError(f"{location}: {message}; the {spec.name} format is {spec.schema}.")
+    def fail(message: str) -> RecordError:
+        return RecordError(location, message, f"the {spec.name} format is {spec.schema}.")
 
     return spec, fail
 
@@ -265,12 +373,27 @@ def _checked(record: Mapping[str, Any], format: str | None, location: str) -> tu
 def to_example(record: Mapping[str, Any], format: str | None = None, *, location: str | None = None) -> Example:
     """The chat messages of one record, in ``format`` or in the format detected from its keys.
 
-    A missing or ill-typed field raises ``ValueError`` naming the record's location (file and line for records from
-    ``load_records``), the field and the expected format.
+    A missing or ill-typed field raises :class:`RecordError` (a ``ValueError``) naming the record's location (file
+    and line for records from ``load_records``), the field and the expected format.
     """
     location = getattr(record, "location", "record") if location is None else location
     spec, fail = _checked(record, format, location)
-    return Example(tuple(spec.to_messages(record, fail)), location)
+    return spec.to_example(record, fail, location)
+
+
+def to_examples(records: Sequence[Mapping[str, Any]], format: str | None = None) -> list[Example]:
+    """Every record's example; every bad record is reported in one error (see
+    :func:`~smore.data.records.bad_records_error`). Records without a ``location`` are numbered from 1."""
+    check_format(format)
+    examples, errors = [], []
+    for i, record in enumerate(records):
+        try:
+            examples.append(to_example(record, format, location=getattr(record, "location", f"record {i + 1}")))
+        except RecordError as error:
+            errors.append(error)
+    if errors:
+        raise bad_records_error(errors, len(records))
+    return examples
 
 
 def prompt_example(record: Mapping[str, Any], format: str | None = None, *, location: str | None = None) -> Example:
@@ -282,7 +405,7 @@ def prompt_example(record: Mapping[str, Any], format: str | None = None, *, loca
     spec, fail = _checked(record, format, location)
     if spec.stand_in is not None:
         record = spec.stand_in(record)
-    return Example(tuple(spec.to_messages(record, fail)), location)
+    return spec.to_example(record, fail, location)
 
 
 def read_multiple_choice(record: Mapping[str, Any], *, location: str | None = None) -> MultipleChoice:

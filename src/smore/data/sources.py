@@ -19,7 +19,8 @@ def load_training_records(source: str) -> list[Record]:
       (:mod:`smore.data.tasks`), e.g. ``task:arc_easy[0:1000]`` for training and ``task:arc_easy[1000:]`` held out;
       multiple-choice tasks become multiple-choice records, math tasks instruction records with the worked solution;
     - ``hf:NAME[:CONFIG]@SPLIT``: a Hugging Face ``datasets`` dataset when a hub is reachable (``pip install
-      datasets``); its rows must already be in one of the record formats (instruction, chat, multiple choice).
+      datasets``); its rows must already be in one of the record formats
+      (:data:`~smore.data.FORMATS`: instruction, chat, multiple choice, sharegpt, prompt_completion, text).
     """
     if source.startswith("task:"):
         return _task_records(source)

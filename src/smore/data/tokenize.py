@@ -9,6 +9,7 @@ training, and ``prompt_for`` the same for a record written for generation (its r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from smore.checks import is_int
 from smore.constants import IGNORE_INDEX
-from smore.data.formats import Example, Message, prompt_example, to_example
+from smore.data.formats import Example, Message, prompt_example, to_examples
 from smore.data.records import load_records
 from smore.errors import UserError
 
@@ -66,11 +67,11 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], gen
 
 
 def _template_segments(
-    messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase
+    messages: Sequence[Message], trained: Sequence[int], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[Segment] | None, str | None]:
     """The messages rendered by the chat template, cut into prompt and response segments.
 
-    For each assistant turn i the template renders ``messages[:i]`` with the generation prompt (the response starts
+    For each trained turn i the template renders ``messages[:i]`` with the generation prompt (the response starts
     after it) and ``messages[:i+1]`` (the response and its end-of-turn marker end there); the whole conversation is
     rendered last. When each rendering's tokens are a prefix of the next one's, the cuts are exact and the ids are
     the template's own. When only the texts nest (tokens merged across a cut), the text pieces are tokenised one by
@@ -79,17 +80,16 @@ def _template_segments(
     """
     cuts: list[str] = []
     try:
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                cuts.append(_render(tokenizer, messages[:i], generation_prompt=True))
-                cuts.append(_render(tokenizer, messages[: i + 1], generation_prompt=False))
+        for i in trained:
+            cuts.append(_render(tokenizer, messages[:i], generation_prompt=True))
+            cuts.append(_render(tokenizer, messages[: i + 1], generation_prompt=False))
         cuts.append(_render(tokenizer, messages, generation_prompt=False))
     except Exception as error:  # Templates raise their own errors (jinja2, raise_exception, ...) on odd input.
         return None, (
             f"the chat template failed on these messages ({type(error).__name__}: {error}); the plain format (no "
             "template) was used"
         )
-    responses = [m["content"] for m in messages if m["role"] == "assistant"]
+    responses = [messages[i]["content"] for i in trained]
     # Between cuts[k-1] and cuts[k]: odd k is a response (+ its end-of-turn marker), even k a prompt.
     starts = ["", *cuts[:-1]]
     pieces = [cut[len(start) :] for start, cut in zip(starts, cuts)]
@@ -118,27 +118,33 @@ def _template_segments(
     return segments, fallback
 
 
-def _plain_segments(messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+def _plain_segments(
+    messages: Sequence[Message], trained: Sequence[int], tokenizer: PreTrainedTokenizerBase, *, raw: bool = False
+) -> list[Segment]:
     """Without a chat template: BOS (when the tokenizer has one), then each turn's content tokenised on its own,
-    non-assistant turns followed by ``PLAIN_SEPARATOR``, assistant turns by EOS (when the tokenizer has one)."""
+    trained turns followed by EOS (when the tokenizer has one), the others by ``PLAIN_SEPARATOR`` (by nothing when
+    ``raw``: text continued as it is written, TRL's standard prompt/completion)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     segments: list[Segment] = [([bos], False)] if bos is not None else []
-    for message in messages:
-        if message["role"] == "assistant":
+    for i, message in enumerate(messages):
+        if i in trained:
             ids = _tokenize(tokenizer, message["content"])
             segments.append(([*ids, eos] if eos is not None else ids, True))
         else:
-            segments.append((_tokenize(tokenizer, message["content"] + PLAIN_SEPARATOR), False))
+            segments.append((_tokenize(tokenizer, message["content"] + ("" if raw else PLAIN_SEPARATOR)), False))
     return segments
 
 
-def _segments(messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> tuple[list[Segment], str | None]:
+def _segments(example: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[list[Segment], str | None]:
+    trained = example.loss_turns
+    if example.raw:
+        return _plain_segments(example.messages, trained, tokenizer, raw=True), None
     if _has_chat_template(tokenizer):
-        segments, fallback = _template_segments(messages, tokenizer)
+        segments, fallback = _template_segments(example.messages, trained, tokenizer)
         if segments is not None:
             return segments, fallback
-        return _plain_segments(messages, tokenizer), fallback
-    return _plain_segments(messages, tokenizer), None
+        return _plain_segments(example.messages, trained, tokenizer), fallback
+    return _plain_segments(example.messages, trained, tokenizer), None
 
 
 def _check_max_length(max_length: int) -> None:
@@ -147,7 +153,7 @@ def _check_max_length(max_length: int) -> None:
 
 
 def _encode(example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int) -> _Encoded:
-    segments, fallback = _segments(example.messages, tokenizer)
+    segments, fallback = _segments(example, tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
     for ids, trained in segments:
@@ -186,12 +192,14 @@ def _features(encoded: _Encoded) -> dict[str, list[int]]:
 
 
 def encode_prompt(example: Example, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
-    """``input_ids`` and ``attention_mask`` for generating the example's last assistant turn: the tokens ``encode``
+    """``input_ids`` and ``attention_mask`` for generating the example's last trained turn: the tokens ``encode``
     gives before that turn's first response token (the turns before it and the generation prompt), not truncated."""
-    last = max((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), default=None)
-    if last is None:
+    turns = example.loss_turns
+    if not turns:
         raise UserError(f"{example.location}: the example has no assistant turn to generate.")
-    segments, _ = _segments(example.messages[: last + 1], tokenizer)
+    last = max(turns)
+    before = dataclasses.replace(example, messages=example.messages[: last + 1], trained=tuple(turns))
+    segments, _ = _segments(before, tokenizer)
     final = max(k for k, (_, trained) in enumerate(segments) if trained)
     input_ids = [token for ids, _ in segments[:final] for token in ids]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
@@ -214,7 +222,8 @@ def prompt_for(
 class SFTDataset(Dataset):
     """Encoded examples of a list of records, built once up front (errors surface before training starts).
 
-    Every record is converted first, so a bad record anywhere fails before any tokenising; then each is encoded.
+    Every record is converted first, so bad records anywhere fail (all of them in one error) before any tokenising;
+    then each is encoded.
     Truncated examples and the ones dropped for having no response token within ``max_length`` are counted and
     reported in one warning each.
     """
@@ -229,10 +238,7 @@ class SFTDataset(Dataset):
         _check_max_length(max_length)
         if len(records) == 0:
             raise UserError("no records to train on; the dataset is empty.")
-        examples = [
-            to_example(record, format, location=getattr(record, "location", f"record {i + 1}"))
-            for i, record in enumerate(records)
-        ]
+        examples = to_examples(records, format)
         self.examples: list[dict[str, list[int]]] = []
         truncated, dropped = 0, 0
         fallbacks: Counter[str] = Counter()

@@ -3,6 +3,8 @@
     from smore.evaluation import evaluate, write_report
     metrics = evaluate(model, tokenizer, ["arc_easy", "gsm8k"], limit=100)
     write_report("eval.json", metrics, model="meta-llama/Llama-3.2-1B", adapter="run/adapter")
+    detailed = evaluate_detailed(model, tokenizer, ["file:chat.jsonl"])   # + every example's outputs
+    write_report("chat.json", detailed.metrics, model="...", examples=detailed.examples)
 
 The tasks themselves (:data:`TASKS`, :func:`load_task`) are :mod:`smore.data`'s, shared with training; ``smore eval``
 is :func:`~smore.evaluation.cli.eval_command` from the command line.
@@ -12,6 +14,7 @@ from smore.data import (
     PAPER_TASKS,
     TASKS,
     CodeExample,
+    FreeFormExample,
     MathExample,
     MCExample,
     TaskSpec,
@@ -20,9 +23,9 @@ from smore.data import (
     load_task,
 )
 from smore.evaluation.cli import add_parser, eval_command, run_eval
-from smore.evaluation.evaluate import MAX_NEW_TOKENS, SCORINGS, evaluate
+from smore.evaluation.evaluate import MAX_NEW_TOKENS, SCORINGS, Evaluation, evaluate, evaluate_detailed
 from smore.evaluation.generation import generate
-from smore.evaluation.report import adapter_hash, format_metrics, write_report
+from smore.evaluation.report import adapter_hash, examples_path, format_metrics, write_report
 from smore.evaluation.sandbox import Result, run_untrusted
 from smore.evaluation.scoring import (
     encode_pair,
@@ -31,6 +34,7 @@ from smore.evaluation.scoring import (
     extract_letter,
     extract_number,
     humaneval_program,
+    label_losses,
     loglik_choice_scores,
     loglikelihoods,
 )
@@ -41,6 +45,8 @@ __all__ = [
     "SCORINGS",
     "TASKS",
     "CodeExample",
+    "Evaluation",
+    "FreeFormExample",
     "MCExample",
     "MathExample",
     "Result",
@@ -51,6 +57,8 @@ __all__ = [
     "encode_pair",
     "eval_command",
     "evaluate",
+    "evaluate_detailed",
+    "examples_path",
     "extract_choice",
     "extract_code",
     "extract_letter",
@@ -59,6 +67,7 @@ __all__ = [
     "generate",
     "gsm8k_target",
     "humaneval_program",
+    "label_losses",
     "load_task",
     "loglik_choice_scores",
     "loglikelihoods",

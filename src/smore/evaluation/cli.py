@@ -14,9 +14,9 @@ import torch
 from smore.adapter_io import load_adapter
 from smore.data import PAPER_TASKS, load_task
 from smore.errors import UserError
-from smore.evaluation.evaluate import DEFAULT_SCORINGS, SCORINGS, evaluate
+from smore.evaluation.evaluate import DEFAULT_SCORINGS, SCORINGS, evaluate_detailed
 from smore.evaluation.evaluate import __doc__ as METRICS_HELP
-from smore.evaluation.report import format_metrics, write_report
+from smore.evaluation.report import examples_path, format_metrics, write_report
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +27,19 @@ def _task_list(tasks: str | Sequence[str]) -> list[str]:
     if not names:
         raise UserError("no tasks given; name at least one, e.g. --tasks arc_easy,gsm8k.")
     return names
+
+
+def check_output(output: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an earlier report (or its per-example file) unless ``overwrite``, as ``smore train``
+    refuses an output folder of another run."""
+    if Path(output).is_dir():
+        raise UserError(f"--output {output} is a folder; give the JSON report a file name, e.g. {output}/eval.json.")
+    existing = [str(p) for p in (Path(output), examples_path(output)) if p.exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"--output {output} would replace {' and '.join(existing)}, written by an earlier evaluation; pass "
+            "--overwrite to replace them, or choose another --output."
+        )
 
 
 def eval_command(
@@ -43,18 +56,22 @@ def eval_command(
     dtype: str = "auto",
     tokenizer_path: str | None = None,
     code_timeout: float = 10.0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Load a model (``AutoModelForCausalLM.from_pretrained(model_path)``, a hub name or a folder) and, when given,
-    the adapter saved in ``adapter_path``; evaluate; write the report to ``output`` and return it.
+    the adapter saved in ``adapter_path``; evaluate; write the report to ``output``, every example's outputs beside
+    it (:func:`~smore.evaluation.report.examples_path`), and return the report.
 
-    The tokenizer comes from ``tokenizer_path``, else from the adapter folder when it holds one (training may have
-    set a chat template), else from ``model_path``. Every task's data load before the model does."""
+    An existing report is refused unless ``overwrite``. The tokenizer comes from ``tokenizer_path``, else from the
+    adapter folder when it holds one (training may have set a chat template), else from ``model_path``. Every
+    task's data load before the model does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = _task_list(tasks)
     methods = _task_list(methods) if isinstance(methods, str) else list(methods)
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r} must be one of {list(DTYPES)}.")
+    check_output(output, overwrite)
     examples = {name: load_task(name, limit) for name in names}
     if tokenizer_path is None:
         has_tokenizer = adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file()
@@ -65,7 +82,7 @@ def eval_command(
         load_adapter(model, adapter_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    metrics = evaluate(
+    evaluation = evaluate_detailed(
         model,
         tokenizer,
         examples,
@@ -85,7 +102,8 @@ def eval_command(
         "tokenizer": str(tokenizer_path),
         "code_timeout": code_timeout,
     }
-    return write_report(output, metrics, model=model_path, adapter=adapter_path, config=config)
+    return write_report(output, evaluation.metrics, model=model_path, adapter=adapter_path, config=config,
+                        examples=evaluation.examples)  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -103,8 +121,10 @@ def run_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         tokenizer_path=args.tokenizer,
         code_timeout=args.code_timeout,
+        overwrite=args.overwrite,
     )
-    sys.stdout.write(format_metrics(document["metrics"]) + f"\nwritten to {args.output}\n")
+    written = f"written to {args.output} (every example's outputs: {examples_path(args.output)})"
+    sys.stdout.write(format_metrics(document["metrics"]) + f"\n{written}\n")
     return 0
 
 
@@ -112,7 +132,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``smore eval`` on the main CLI's subparsers; its ``func`` is :func:`run_eval`."""
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a model (and adapter) on multiple-choice, GSM8K and HumanEval benchmarks",
+        help="evaluate a model (and adapter) on multiple-choice, GSM8K and HumanEval benchmarks or your own data",
         description=METRICS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -121,7 +141,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--tasks",
         default=",".join(PAPER_TASKS),
-        help="comma-separated task names or file:path.jsonl (default: the paper's benchmarks)",
+        help="comma-separated task names or file:path.jsonl (multiple-choice or free-form records; default: the "
+        "paper's benchmarks)",
     )
     parser.add_argument("--limit", type=int, help="score only the first N examples of each task")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -129,7 +150,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_SCORINGS), help=f"multiple-choice scoring, some of {','.join(SCORINGS)}"
     )
-    parser.add_argument("--output", default="eval_results.json", help="JSON report (default eval_results.json)")
+    parser.add_argument(
+        "--output",
+        default="eval_results.json",
+        help="JSON report (default eval_results.json); every example's outputs go beside it, as NAME.examples.jsonl",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report (refused without it)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
     parser.add_argument("--tokenizer", help="tokenizer to use (default: the adapter folder's, else the model's)")

