@@ -141,7 +141,8 @@ def test_output_folder_of_another_run_is_protected(workspace, tmp_path):
     train(config)
     with pytest.raises(ValueError, match="already holds files of another run"):
         train(config)
-    other = run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=2))
+    # a larger max_steps alone may resume (it extends the run); a new learning rate may not
+    other = run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=2, learning_rate=5e-3))
     with pytest.raises(ValueError, match="different run config"):
         train(other, resume=True)
     assert train(other, overwrite=True).steps == 2
