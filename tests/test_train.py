@@ -402,6 +402,8 @@ def test_recipe_problems_of_the_machine_and_the_data_are_said(workspace, tmp_pat
     train(run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=1, global_batch_size=12)))
     assert "global_batch_size=12 on 16 examples" in caplog.text and "4 examples are left out" in caplog.text
     assert "train.global_batch_size=8 uses them all" in caplog.text
+    with pytest.raises(ValueError, match=r"16 examples, fewer than .*; set train\.global_batch_size=16"):
+        train(run_config_from_dict(run_document(workspace, tmp_path / "big", max_steps=1, global_batch_size=20)))
     if not torch.cuda.is_available():
         from accelerate.state import AcceleratorState
 

@@ -469,13 +469,19 @@ def _steps_per_epoch(config: RunConfig, examples: int, processes: int, *, warn: 
     batch size leaves examples out of every epoch (the order is reshuffled, so a different few each epoch)."""
     opt = config.train
     steps, dropped = divmod(examples, opt.global_batch_size)
+    unit = opt.micro_batch_size * processes
     if steps == 0:
+        fits = examples // unit * unit
+        advice = (
+            f"set train.global_batch_size={fits} (a multiple of micro_batch_size × processes)"
+            if fits
+            else f"lower train.micro_batch_size to at most {examples // processes} and the global batch with it"
+        )
         raise UserError(
             f"{config.data.train_file} gives {examples} examples, fewer than train.global_batch_size="
-            f"{opt.global_batch_size}; lower the batch size or add data."
+            f"{opt.global_batch_size}; {advice}, or add data."
         )
     if dropped and warn:
-        unit = opt.micro_batch_size * processes
         fits = [size for size in range(opt.global_batch_size, 0, -unit) if examples % size == 0]
         advice = f"train.global_batch_size={fits[0]} uses them all" if fits else "a batch size dividing it uses all"
         logger.warning(
