@@ -122,8 +122,13 @@ def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool, total_s
 
 
 def _resume_refusal(config: RunConfig, checkpoint: Path, total_steps: int | None) -> str | None:
-    """Why ``config`` cannot continue from ``checkpoint`` (``None``: it can): the keys that differ and may not."""
+    """Why ``config`` cannot continue from ``checkpoint`` (``None``: it can): the keys that differ and may not, or a
+    run now shorter than the checkpoint."""
     changes = config_changes(read_run_config(checkpoint), config.to_dict())
+    if changes and not set(changes) - set(RESUMABLE):
+        logger.info(
+            "%s: changed %s", checkpoint.name, ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        )
     refused = {key: change for key, change in changes.items() if key not in RESUMABLE}
     if refused:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
@@ -147,9 +152,6 @@ def _check_resumable(config: RunConfig, checkpoint: Path, total_steps: int | Non
             f"--resume: the checkpoint {checkpoint} {refused}, start over with --overwrite instead of --resume, or "
             "pick another output_dir."
         )
-    changed = config_changes(read_run_config(checkpoint), config.to_dict())
-    if changed:
-        logger.info("resuming with changed %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
 def _empty_run_folder(output: Path) -> None:
@@ -391,12 +393,12 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
     resume_from = _claim_output(config, accelerator, resume=resume, overwrite=overwrite, total_steps=total_steps)
     if main:
         logger.info(
-            "processes=%d, micro-batches per process and step=%d, steps=%d (%d per epoch), checkpoint every %s",
+            "processes=%d, micro-batches per process and step=%d, steps=%d (%d per epoch), checkpoints: %s",
             accelerator.num_processes,
             opt.global_batch_size // accelerator.num_processes // opt.micro_batch_size,
             total_steps,
             steps_per_epoch,
-            f"{opt.save_interval(total_steps)} steps" if opt.save_interval(total_steps) else "run (at the end)",
+            f"every {opt.save_interval(total_steps)} steps" if opt.save_interval(total_steps) else "at the end only",
         )
     try:
         return _start(config, accelerator, (dataset, eval_set, pad), steps_per_epoch, total_steps, resume_from)
@@ -483,7 +485,11 @@ def _steps_per_epoch(config: RunConfig, examples: int, processes: int, *, warn: 
         )
     if dropped and warn:
         fits = [size for size in range(opt.global_batch_size, 0, -unit) if examples % size == 0]
-        advice = f"train.global_batch_size={fits[0]} uses them all" if fits else "a batch size dividing it uses all"
+        advice = (
+            f"train.global_batch_size={fits[0]} uses them all"
+            if fits
+            else f"a global batch size that divides {examples} uses them all"
+        )
         logger.warning(
             "train.global_batch_size=%d on %d examples (data.train_file): %d step(s) per epoch, and %d examples are "
             "left out of each epoch (a different %d each epoch, the order is reshuffled); %s.",
