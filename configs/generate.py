@@ -40,9 +40,12 @@ TRAIN = {
     "max_grad_norm": 1.0,
     "aux_reduction": "sum",
     "seed": 0,
+    "save_every": "auto",
+    "keep_checkpoints": 2,
 }
 """The paper's training setting (SPEC §1.8) in ``smore train``'s keys; ``aux_reduction`` as SPEC §1.3 decides.
-``micro_batch_size`` only splits the global batch (accumulation), it does not change the result."""
+``micro_batch_size`` only splits the global batch (accumulation), it does not change the result. ``save_every:
+auto`` checkpoints about five times a run (at most every 500 steps), so a killed run continues with ``--resume``."""
 
 DATA = {
     "train_file": "data/train.jsonl",

@@ -27,6 +27,7 @@ TRAIN_KEYS = {
     "global_batch_size": 32,
     "precision": "bf16",
     "max_grad_norm": 1.0,
+    "save_every": "auto",  # a killed run can --resume
 }
 
 

@@ -21,6 +21,7 @@ import yaml
 import smore
 from helpers import counting_records, counting_workspace, tiny_batch, tiny_llama
 from smore.cli import main
+from smore.errors import UserError
 from smore.files import read_safetensors
 from smore.training import trainer as trainer_module
 from smore.training.checkpoint import FAULT_ENV, checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
@@ -556,7 +557,7 @@ def test_a_failed_run_never_changes_an_existing_output_folder(workspace, tmp_pat
     before = snapshot(output)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
-    other = run_document(workspace, output, max_steps=3)
+    other = run_document(workspace, output, max_steps=3, learning_rate=5e-3)  # the learning rate may not change
     broken = run_document(workspace, output, max_steps=2)
     broken["data"]["train_file"] = str(bad)
     attempts = [
@@ -592,3 +593,44 @@ def test_overwrite_only_replaces_a_runs_own_files(workspace, tmp_path):
     run = tmp_path / "run"
     train(run_config_from_dict(run_document(workspace, run, max_steps=1)))
     assert train(run_config_from_dict(run_document(workspace, run, max_steps=2)), overwrite=True).steps == 2
+
+
+def test_data_and_method_problems_name_the_fix_before_the_model_loads(workspace, tmp_path, no_model_loading):
+    """A missing held-out file is named by its key; T-REX on fewer records than its prior's clusters says which
+    config change fits the data. Both before the model loads, and no output folder is left behind."""
+    trex = {"method": "trex", "rank_in": 4, "rank_out": 8, "target_modules": ["gate_proj", "up_proj", "down_proj"]}
+    cases = [
+        ({"data": {"eval_file": str(tmp_path / "eval.jsonl")}}, r"data\.eval_file=.*eval\.jsonl'?: no such file.*"
+         r"data\.eval_file=null"),
+        ({"data": {"train_file": str(tmp_path / "none.jsonl")}}, r"data\.train_file=.*none\.jsonl'?: no such file"),
+        ({"adapter": trex}, r"rank_in=4 × rank_out=8 = 32 experts.* 16 records; use fewer experts, e\.g\. "
+         r"adapter\.rank_out=4 \(rank_in=4\), or train on at least 32 records"),
+    ]  # fmt: skip
+    for change, message in cases:
+        document = run_document(workspace, tmp_path / "run")
+        for section, values in change.items():
+            document[section] = values if section == "adapter" else {**document[section], **values}
+        with pytest.raises(ValueError, match=message):
+            train(run_config_from_dict(document))
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_start_that_fails_while_setting_up_leaves_nothing_behind(workspace, tmp_path, monkeypatch):
+    """The model (or the method's state) failing to load after the folder was claimed: the next attempt needs no
+    --overwrite."""
+    real = trainer_module._load_model
+
+    def broken(config):
+        raise UserError("the model cannot be loaded")
+
+    monkeypatch.setattr(trainer_module, "_load_model", broken)
+    document = run_document(workspace, tmp_path / "run", max_steps=1)
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        train(run_config_from_dict(document))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder given as output_dir stays, empty
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        train(run_config_from_dict(run_document(workspace, tmp_path / "empty", max_steps=1)))
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+    monkeypatch.setattr(trainer_module, "_load_model", real)
+    assert train(run_config_from_dict(document)).steps == 1

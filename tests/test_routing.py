@@ -471,3 +471,61 @@ def test_tracker_counts_what_the_layers_selected_and_stops_when_closed(config):
     for name, levels in expected.items():
         assert [c.tolist() for c in tracker.counts[name]] == [levels[i].tolist() for i in range(len(levels))]
     assert [h.module for h in tracker.health()] == [name for name in deltas for _ in expected[name]]
+
+
+def _dense_model(method: str):
+    """A HydraLoRA or a fitted T-REX model with random routers (not the uniform zero init)."""
+    if method == "hydralora":
+        model = smore.adapt(tiny_llama(), smore.HydraLoRAConfig(num_experts=3, rank=2))
+    else:
+        model = smore.adapt(tiny_llama(), smore.TREXConfig(rank_in=2, rank_out=2))
+        smore.fit_prior(model, [tiny_batch(batch=4, length=8, seed=s) for s in (1, 2)])
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "router" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("method", ["hydralora", "trex"])
+def test_dense_routers_report_their_mean_weight_per_expert(method):
+    """HydraLoRA's and T-REX's routers weigh every expert for every token: the tracker sums each expert's router
+    weight over the real tokens, and the health's load is that mean weight as a share, as a top-k load is."""
+    from smore.routing.stats import RoutingTracker, routed_deltas
+
+    model = _dense_model(method)
+    deltas = routed_deltas(model)
+    assert deltas  # the dense deltas are routed deltas too
+    expected: dict[str, torch.Tensor] = {}
+    with RoutingTracker(model) as tracker:
+        for seed in (1, 2):
+            batch = tiny_batch(seed=seed)
+            model(**batch)
+            for name, delta in deltas.items():
+                selection = delta.last_selection
+                assert selection.dense and selection.indices == () and not selection.valid.all()
+                (weights,) = selection.weights
+                assert weights.shape[1] == selection.sizes[0]
+                torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))  # a softmax per token
+                real = weights[selection.valid].sum(0)
+                expected[name] = expected.get(name, torch.zeros_like(real)) + real
+    for name, total in expected.items():
+        torch.testing.assert_close(tracker.counts[name][0], total)
+    health = {h.module: h for h in tracker.health()}
+    assert health.keys() == expected.keys()
+    for name, total in expected.items():
+        assert health[name].load == pytest.approx((total / total.sum()).tolist(), rel=1e-5)
+        assert 0 < health[name].entropy <= 1 and health[name].dead_share == 0
+
+
+def test_a_dense_expert_is_dead_below_a_hundredth_of_its_balanced_share():
+    from smore.routing.stats import DENSE_DEAD_SHARE, RoutingTracker
+
+    model = _dense_model("hydralora")
+    with RoutingTracker(model) as tracker:
+        model(**tiny_batch())
+    name = next(iter(tracker.counts))
+    tracker.counts[name][0] = torch.tensor([1.0, 1.0, 2 * DENSE_DEAD_SHARE / 3 * 0.99])  # under 1 % of 1/3
+    level = next(h for h in tracker.health() if h.module == name)
+    assert level.dead_share == pytest.approx(1 / 3)

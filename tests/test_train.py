@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def test_every_method_trains_and_writes_its_files(workspace, tmp_path, method):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the overfit set is being learned
     assert result.eval_loss is not None and result.history[-1]["eval_loss"] == result.eval_loss
     assert "logs/loss.png" in files
-    if method in ("smore", "molora", "mixlora"):  # routed by top-k: routing health is logged and plotted
+    if method != "lora":  # routed (top-k, or dense as HydraLoRA and T-REX): routing health is logged and plotted
         assert "logs/expert_load.png" in files
         lines = [json.loads(line) for line in (tmp_path / "run" / "logs" / "routing.jsonl").read_text().splitlines()]
         assert {line["step"] for line in lines} == set(range(1, 13))
@@ -141,7 +142,8 @@ def test_output_folder_of_another_run_is_protected(workspace, tmp_path):
     train(config)
     with pytest.raises(ValueError, match="already holds files of another run"):
         train(config)
-    other = run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=2))
+    # a larger max_steps alone may resume (it extends the run); a new learning rate may not
+    other = run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=2, learning_rate=5e-3))
     with pytest.raises(ValueError, match="different run config"):
         train(other, resume=True)
     assert train(other, overwrite=True).steps == 2
@@ -332,3 +334,83 @@ def test_response_loss_equals_the_models_own_loss_and_gradients(method):
     assert reference_grads.keys() == fast_grads.keys() and reference_grads
     for name, grad in reference_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, msg=name)
+
+
+def test_save_every_auto_checkpoints_a_few_times_a_run(workspace, tmp_path):
+    """The default saves about five times a run (at most every 500 steps, HF Trainer's habit): a killed run resumes."""
+    from smore.training.config import OptimConfig
+
+    assert OptimConfig().save_every == "auto"
+    assert [OptimConfig().save_interval(n) for n in (1, 4, 12, 100, 10_000)] == [1, 1, 3, 20, 500]
+    assert OptimConfig(save_every=0).save_interval(100) == 0 and OptimConfig(save_every=7).save_interval(100) == 7
+    train(run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=10, keep_checkpoints=10)))
+    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*")) == [2, 4, 6, 8, 10]
+
+
+def test_resume_extends_a_finished_run_and_names_the_keys_that_may_not_change(workspace, tmp_path):
+    whole = train(run_config_from_dict(run_document(workspace, tmp_path / "whole", max_steps=6)))
+    document = run_document(workspace, tmp_path / "run", max_steps=4)
+    train(run_config_from_dict(document))
+    longer = run_config_from_dict(apply_overrides(document, ["train.max_steps=6", "train.log_every=2"]))
+    with pytest.raises(ValueError, match=r"continue it from checkpoint-4 \(step 4\).*--overwrite"):
+        train(longer)  # a fresh start on the folder says what to type
+    changed = apply_overrides(document, ["train.max_steps=6", "train.learning_rate=5e-3", "adapter.rank=2"])
+    with pytest.raises(ValueError, match=r"adapter\.rank: 4 -> 2; train\.learning_rate: 0\.01 -> 0\.005") as error:
+        train(run_config_from_dict(changed), resume=True)
+    assert "train.max_steps: 4 -> 6" not in str(error.value) and "--overwrite" in str(error.value)  # allowed
+    with pytest.raises(ValueError, match=r"set train\.max_steps to at least 4"):
+        train(run_config_from_dict(apply_overrides(document, ["train.max_steps=3"])), resume=True)
+    extended = train(longer, resume=True)  # a constant learning rate: the same as six steps in one go
+    assert extended.steps == 6 and [r["step"] for r in extended.history] == [1, 2, 3, 4, 6]
+    a, b = adapter_weights(whole.adapter_dir), adapter_weights(extended.adapter_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match=r"that run is complete \(checkpoint-6\).*raise train\.max_steps above 6"):
+        train(longer)
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_to_overwrite(workspace, tmp_path):
+    output = tmp_path / "run"
+    (output / "logs").mkdir(parents=True)  # what a run killed before its first save leaves
+    (output / "run_config.yaml").write_text("model: x\n")
+    config = run_config_from_dict(run_document(workspace, output, max_steps=1))
+    with pytest.raises(ValueError, match=r"no complete checkpoint.*rerun the same command with --overwrite instead"):
+        train(config, resume=True)
+    with pytest.raises(ValueError, match="holds no complete checkpoint, so it cannot be resumed: pass --overwrite"):
+        train(config)
+    assert train(config, overwrite=True).steps == 1
+
+
+def test_a_short_run_logs_and_plots_its_last_step(workspace, tmp_path, monkeypatch):
+    """max_steps below log_every: one log line, at the last step; the final loss is that step's, not the window's
+    mean; the one point of the loss curve is drawn as a marker (a line through one point draws nothing)."""
+    from matplotlib.axes import Axes
+
+    drawn, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append(k.get("marker")) or plot(self, *a, **k))
+    short = train(run_config_from_dict(run_document(workspace, tmp_path / "short", max_steps=4, log_every=10)))
+    every = train(run_config_from_dict(run_document(workspace, tmp_path / "every", max_steps=4, log_every=1)))
+    assert [r["step"] for r in short.history] == [4]
+    assert short.final_loss == pytest.approx(every.history[-1]["loss"], rel=1e-6)  # the loss of step 4 alone
+    assert short.history[0]["loss"] == pytest.approx(sum(r["loss"] for r in every.history) / 4, rel=1e-6)
+    assert short.final_loss != pytest.approx(short.history[0]["loss"])
+    assert drawn[0] == "o" and (tmp_path / "short" / "logs" / "loss.png").is_file()
+
+
+def test_recipe_problems_of_the_machine_and_the_data_are_said(workspace, tmp_path, caplog):
+    """A global batch that leaves records out of every epoch, and bf16 on a CPU, each get a warning saying so."""
+    caplog.set_level(logging.WARNING, logger="smore.training.trainer")
+    train(run_config_from_dict(run_document(workspace, tmp_path / "run", max_steps=1, global_batch_size=12)))
+    assert "global_batch_size=12 on 16 examples" in caplog.text and "4 examples are left out" in caplog.text
+    assert "train.global_batch_size=8 uses them all" in caplog.text
+    with pytest.raises(ValueError, match=r"16 examples, fewer than .*; set train\.global_batch_size=16"):
+        train(run_config_from_dict(run_document(workspace, tmp_path / "big", max_steps=1, global_batch_size=20)))
+    if not torch.cuda.is_available():
+        from accelerate.state import AcceleratorState
+
+        caplog.clear()
+        AcceleratorState._reset_state(reset_partial_state=True)  # Accelerate keeps one precision per process
+        try:
+            train(run_config_from_dict(run_document(workspace, tmp_path / "bf16", max_steps=1, precision="bf16")))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        assert "train.precision=bf16 on a CPU" in caplog.text and "train.precision=fp32" in caplog.text

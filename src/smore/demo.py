@@ -369,6 +369,7 @@ def run_config_for(
             precision=precision,
             seed=seed,
             log_every=max(1, min(10, steps // 10)),
+            save_every=0,  # the demo and the benchmark never resume: one checkpoint at the end, timings as before
         ),
     )
 

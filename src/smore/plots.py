@@ -8,6 +8,9 @@ from typing import Any
 from smore.errors import UserError
 from smore.routing.stats import LevelHealth
 
+FEW_POINTS = 30
+"""Curves with at most this many points are drawn with a marker on each."""
+
 
 def _pyplot():
     import matplotlib
@@ -23,7 +26,10 @@ def plot_losses(history: list[dict[str, Any]], path: str | Path) -> Path:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
     steps = [record["step"] for record in history]
-    axis.plot(steps, [record["loss"] for record in history], label="train loss")
+    # A short run has a few log lines (one, when max_steps < log_every): a line through them alone would draw
+    # nothing, so each point gets a marker.
+    marker = "o" if len(steps) <= FEW_POINTS else None
+    axis.plot(steps, [record["loss"] for record in history], marker=marker, label="train loss")
     evaluated = [(record["step"], record["eval_loss"]) for record in history if record.get("eval_loss") is not None]
     if evaluated:
         axis.plot(*zip(*evaluated), "o-", label="held-out loss")

@@ -28,6 +28,7 @@ from smore.adapters.method import (
 )
 from smore.checks import check_int, is_int
 from smore.errors import UserError
+from smore.routing.stats import ExpertSelection
 
 
 @dataclass
@@ -65,14 +66,17 @@ class HydraLoRADelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # heads stacked by columns
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         self.aux_loss = None
+        self.last_selection: ExpertSelection | None = None  # the last forward's router weights (RoutedDelta)
 
     def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Dense (N, E) router weights ``softmax(W_g x)``: every head, every token."""
         return self.router(x).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """``Δy`` (N, d_out) for tokens ``x`` (N, d_in); ``valid`` is unused (dense router, no statistics)."""
+        """``Δy`` (N, d_out) for tokens ``x`` (N, d_in); ``valid`` only marks the real tokens for the routing
+        statistics (a dense router: the tracker sums each head's weight, see ``smore.routing.stats``)."""
         weights = self.expert_weights(x)  # (N, E)
+        self.last_selection = ExpertSelection((), (self.num_experts,), valid, weights=(weights.detach(),))
         hidden = self.lora_A(self.dropout(x))  # (N, r): the shared A x
         mixed = (weights.unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (N, E·r): p_i · A x per head
         return (mixed @ self.lora_B.t()) * self.scaling  # (N, d_out): Σ_i p_i B_i A x

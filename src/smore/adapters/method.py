@@ -113,13 +113,16 @@ class ModelState:
     ``attach(model, config, context)`` creates it when the model is adapted and returns what undoes it (or ``None``);
     ``tensors(context)`` are saved with the adapter weights, ``restore(context, tensors)`` takes them back (removing
     its keys from ``tensors``, raising ``UserError`` if they are missing); ``prepare(model, batches, seed)`` runs once
-    before training starts (not on resume, where ``restore`` brings the state back).
+    before training starts (not on resume, where ``restore`` brings the state back). ``check_data(config,
+    num_records)`` runs before the model loads and raises ``UserError`` when ``prepare`` could not succeed on that
+    many training records (T-REX: fewer prompts than clusters), saying what to change in the config.
     """
 
     attach: Callable[[nn.Module, Any, Any], Callable[[], None] | None]
     tensors: Callable[[Any], dict[str, torch.Tensor]]
     restore: Callable[[Any, dict[str, torch.Tensor]], None]
     prepare: Callable[[nn.Module, Iterable[dict], int], None] | None = None
+    check_data: Callable[[Any, int], None] | None = None
 
 
 def _same_config(config: AdapterConfig, module: nn.Module) -> AdapterConfig:

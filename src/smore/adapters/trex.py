@@ -35,6 +35,7 @@ from smore.adapters.trex_prior import SemanticPrior
 from smore.checks import check_int
 from smore.config import AdapterConfig
 from smore.errors import UserError
+from smore.routing.stats import ExpertSelection
 
 PRIOR_KEY = "smore_prior.centroids"
 """The semantic prior's centroids in a saved adapter's weights file."""
@@ -76,15 +77,19 @@ class TREXDelta(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         nn.init.zeros_(self.router.weight)
         self.aux_loss = None
+        self.last_selection: ExpertSelection | None = None  # the last forward's token-router weights (RoutedDelta)
 
     @property
     def num_experts(self) -> int:
         return self.rank_in * self.rank_out
 
-    def routing(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """R (N, r1, r2) from tokens (N, d_in) and their priors (N, r1·r2)."""
+    def routing(self, x: torch.Tensor, prior: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """R (N, r1, r2) from tokens (N, d_in) and their priors (N, r1·r2); ``token_weights``: the router's
+        ``softmax(W_r x)`` when the caller already has it."""
         omega = torch.sigmoid(100 * self.mix_logit)
-        mixed = 32 * omega * self.router(x).softmax(dim=-1) + 4 * (1 - omega) * prior
+        if token_weights is None:
+            token_weights = self.router(x).softmax(dim=-1)
+        mixed = 32 * omega * token_weights + 4 * (1 - omega) * prior
         return mixed.view(-1, self.rank_in, self.rank_out)
 
     @staticmethod
@@ -95,7 +100,11 @@ class TREXDelta(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, prior: torch.Tensor | None = None):
         if prior is None:
             raise UserError("TREXDelta needs each token's semantic prior (N, r1·r2); see smore.fit_prior.")
-        routing = self.routing(x, prior)
+        token_weights = self.router(x).softmax(dim=-1)
+        # The routing statistics read the learned token router's softmax over the r1·r2 experts; the prior's term is
+        # left out: it is fixed by the clustering, and a similarity that can be negative is no share of the load.
+        self.last_selection = ExpertSelection((), (self.num_experts,), valid, weights=(token_weights.detach(),))
+        routing = self.routing(x, prior, token_weights)
         hidden = torch.einsum("ni,nij->nj", self.lora_A(x), routing)  # (N, r2): Σ_i R_ij (a_i·x)
         return torch.sigmoid(100 * self.gate_logit) * self.lora_B(hidden)
 
@@ -198,6 +207,23 @@ def _prepare(model: nn.Module, batches: Iterable[dict], seed: int) -> None:
     fit_prior(model, batches, seed=seed)  # cluster the training prompts once, before the first step
 
 
+def check_prior_data(config: TREXConfig, num_records: int) -> None:
+    """The prior clusters the training prompts into rank_in·rank_out groups, one per expert: it needs at least as
+    many prompts (one per record) as experts. Checked before the model loads, with the change to make."""
+    experts = config.rank_in * config.rank_out
+    if num_records >= experts:
+        return
+    if num_records >= config.rank_in:
+        smaller = f"adapter.rank_out={num_records // config.rank_in} (rank_in={config.rank_in})"
+    else:
+        smaller = f"adapter.rank_in=1 adapter.rank_out={num_records}"
+    raise UserError(
+        f"adapter: trex with rank_in={config.rank_in} × rank_out={config.rank_out} = {experts} experts clusters the "
+        f"training prompts into {experts} groups (its semantic prior), but the training data has {num_records} "
+        f"records; use fewer experts, e.g. {smaller}, or train on at least {experts} records."
+    )
+
+
 METHOD = Method(
     name="trex",
     config_class=TREXConfig,
@@ -211,5 +237,11 @@ METHOD = Method(
         gamma=lambda c: 1,  # a dense mixture of every rank-one expert: one structure, as HydraLoRA
         variants=lambda c: [[dataclasses.replace(c, rank_in=r)] for r in (2, 8, 1, 16) if r != c.rank_in],
     ),
-    state=ModelState(attach=attach_prior, tensors=prior_tensors, restore=restore_prior, prepare=_prepare),
+    state=ModelState(
+        attach=attach_prior,
+        tensors=prior_tensors,
+        restore=restore_prior,
+        prepare=_prepare,
+        check_data=check_prior_data,
+    ),
 )

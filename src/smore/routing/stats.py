@@ -7,6 +7,12 @@ the model's device; they reach the host only when :meth:`RoutingTracker.health` 
 training). The health is the load per expert, the entropy of that load (1 = perfectly balanced, 0 = one expert takes
 everything) and the share of dead experts (never picked), with a collapse flag.
 
+Dense routers (HydraLoRA's softmax over its heads, T-REX's token router over its rank-one experts) pick no expert:
+every token weighs every expert. They give their (N, E) router weights instead of indices, and an expert's load is
+its mean weight over the real tokens, normalised to a share (the same sum-to-one load as a top-k router's, for which
+the weight of a picked slot is 1). No weight of a softmax is exactly zero, so a dense expert counts as dead when its
+share is under :data:`DENSE_DEAD_SHARE` of the balanced share 1/E.
+
 :func:`track_routing`, :func:`tracking` and :func:`routing_health` are the same tracker keyed by the model, for code
 that holds only the model.
 """
@@ -35,6 +41,17 @@ class ExpertSelection:
     """Per level, the number of experts to pick from."""
     valid: torch.Tensor | None
     """(N,) bool: the real (non-padding) tokens; ``None`` when every token is real."""
+    weights: tuple[torch.Tensor, ...] = ()
+    """Dense routers only, per level, (N, sizes[level]) non-negative router weights of every expert for every token
+    (``indices`` is then empty): the load is each expert's mean weight, see the module docstring."""
+
+    @property
+    def dense(self) -> bool:
+        return bool(self.weights)
+
+
+DENSE_DEAD_SHARE = 0.01
+"""A dense router's expert is dead when its load is under this fraction of the balanced load 1/E."""
 
 
 @runtime_checkable
@@ -58,7 +75,7 @@ class LevelHealth:
     module: str
     level: int
     load: list[float]
-    """Share of the routed slots each expert received."""
+    """Share of the routed slots each expert received (a dense router: its share of the summed router weights)."""
     entropy: float
     """Entropy of the load divided by log(num_experts): 1 balanced, 0 collapsed."""
     dead_share: float
@@ -75,7 +92,7 @@ class RoutingTracker:
 
     Counting starts at construction (forward hooks on the routed deltas) and ends with :meth:`close`, or at the end
     of a ``with`` block; the counts stay readable after that. ``counts[module][level]`` is a (sizes[level],) long
-    tensor, made at the first forward that routes through the level."""
+    tensor (float32 for a dense router: summed weights), made at the first forward that routes through the level."""
 
     def __init__(self, model: nn.Module) -> None:
         deltas = routed_deltas(model)
@@ -87,13 +104,15 @@ class RoutingTracker:
         selection = delta.last_selection
         if selection is None:
             return
-        device, valid = selection.indices[0].device, selection.valid
+        device, valid = (selection.weights or selection.indices)[0].device, selection.valid
         counts = self.counts.get(name)
         if counts is None or counts[0].device != device:
-            counts = self.counts[name] = [
-                torch.zeros(size, dtype=torch.long, device=device) for size in selection.sizes
-            ]
+            dtype = torch.float32 if selection.dense else torch.long  # summed weights, or counted slots
+            counts = self.counts[name] = [torch.zeros(size, dtype=dtype, device=device) for size in selection.sizes]
         with torch.no_grad():
+            for level, weights in enumerate(selection.weights):  # dense: add every token's weights, padding masked
+                weights = weights.float() if valid is None else weights.float() * valid.unsqueeze(-1)
+                counts[level].add_(weights.sum(dim=0))
             for level, index in enumerate(selection.indices):
                 # Add 1 per real token's slot and 0 per padding slot, rather than bincount(index[valid]): the boolean
                 # selection and CUDA's bincount both ask the GPU for a size, a host sync per layer and forward.
@@ -124,16 +143,17 @@ class RoutingTracker:
         if not levels:
             return []
         # one transfer to the host for every level of every module
-        host = torch.cat([counts for _, _, counts in levels]).cpu().split([len(c) for _, _, c in levels])
+        host = torch.cat([counts.double() for _, _, counts in levels]).cpu().split([len(c) for _, _, c in levels])
         report = []
-        for (name, level, _), counts in zip(levels, host):
-            total = int(counts.sum())
-            if total == 0:
+        for (name, level, device_counts), counts in zip(levels, host):
+            total = float(counts.sum())
+            if total <= 0:
                 continue
-            load = (counts.double() / total).tolist()
+            load = (counts / total).tolist()
             entropy = -sum(p * math.log(p) for p in load if p > 0)
             normalised = entropy / math.log(len(load)) if len(load) > 1 else 1.0
-            dead = sum(1 for c in counts.tolist() if c == 0) / len(load)
+            floor = DENSE_DEAD_SHARE / len(load) if device_counts.is_floating_point() else 0.0
+            dead = sum(1 for p in load if p <= floor) / len(load)
             report.append(LevelHealth(name, level, load, normalised, dead))
         return report
 

@@ -80,8 +80,9 @@ class OptimConfig:
     """Optimizer steps between log lines."""
     eval_every: int = 0
     """Optimizer steps between held-out evaluations; 0: only at the end (when an eval_file is given)."""
-    save_every: int = 0
-    """Optimizer steps between checkpoints; 0: only at the end."""
+    save_every: int | Literal["auto"] = "auto"
+    """Optimizer steps between checkpoints, so that a killed run can ``--resume``; 0: only at the end; auto: about
+    :data:`AUTO_SAVES` times a run, at most every :data:`AUTO_SAVE_MAX` steps (Hugging Face Trainer's habit)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
     on_nonfinite: Literal["skip", "stop"] = "skip"
@@ -107,8 +108,20 @@ class OptimConfig:
         if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
             raise UserError("train.weight_decay must be >= 0 and train.max_grad_norm > 0 (or null).")
         for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) != "auto" and getattr(self, name) < 0:
                 raise UserError(f"train.{name}={getattr(self, name)} must be >= 0.")
+
+    def save_interval(self, total_steps: int) -> int:
+        """Steps between checkpoints of a run of ``total_steps`` (0: only at the end), ``save_every`` resolved."""
+        if self.save_every != "auto":
+            return self.save_every
+        return min(AUTO_SAVE_MAX, max(1, math.ceil(total_steps / AUTO_SAVES)))
+
+
+AUTO_SAVES = 5
+"""Checkpoints of a run with ``train.save_every: auto`` (the last one included)."""
+AUTO_SAVE_MAX = 500
+"""The longest interval of ``train.save_every: auto``: Hugging Face Trainer's default ``save_steps``."""
 
 
 @dataclass
@@ -129,6 +142,41 @@ class RunConfig:
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
         }
+
+
+RESUMABLE = {
+    "output_dir": "the folder is found by it anyway",
+    "train.log_every": "logging cadence",
+    "train.eval_every": "evaluation cadence",
+    "train.save_every": "checkpoint cadence",
+    "train.keep_checkpoints": "checkpoints kept",
+    "train.max_steps": "to extend the run",
+    "train.epochs": "to extend the run",
+}
+"""Keys ``--resume`` accepts changed, and why they are safe: they change no step already taken. The length of the
+run (``max_steps``, ``epochs``) may change as long as it still reaches the checkpoint's step; the learning-rate
+schedule is then laid over the new length."""
+
+
+def _flat(document: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(document, dict):
+        return {prefix: document}
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two run-config mappings: ``{key: (saved, current)}`` (a key
+    missing on one side reads as ``<absent>``)."""
+    old, new = _flat(saved), _flat(current)
+    absent = "<absent>"
+    return {
+        key: (old.get(key, absent), new.get(key, absent))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, absent) != new.get(key, absent)
+    }
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:

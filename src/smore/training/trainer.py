@@ -5,8 +5,8 @@ The run is a few named phases over one :class:`_Run` state, and :func:`train` re
 - :func:`_setup`: accelerator, data, output folder, model and adapter, optimizer, a resumed checkpoint;
 - :func:`_optimizer_step`: the step's global batch in a seeded order, split into micro-batches per process,
   forward, ``CE + aux``, backward, the non-finite policy, clip, step;
-- :func:`_log`: metrics of the steps since the last line, routing health (counted on the device by a
-  :class:`~smore.routing.stats.RoutingTracker`) and collapse warnings;
+- :func:`_log`: metrics of the steps since the last line (always one at the last step), routing health (counted
+  on the device by a :class:`~smore.routing.stats.RoutingTracker`) and collapse warnings;
 - :func:`_save`: a checkpoint, and pruning of the old ones;
 - :func:`_finish`: the final held-out loss, the last checkpoint, the adapter and the plots.
 
@@ -50,12 +50,23 @@ from smore.registry import get_method
 from smore.resources import check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
-from smore.training.config import OptimConfig, RunConfig
+from smore.training.config import RESUMABLE, OptimConfig, RunConfig, config_changes
 from smore.training.loss import response_loss
 
 logger = logging.getLogger(__name__)
 
-LOG_COLUMNS = ["step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_second", "elapsed", "eval_loss"]
+LOG_COLUMNS = [
+    "step",
+    "epoch",
+    "loss",
+    "step_loss",
+    "aux_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_second",
+    "elapsed",
+    "eval_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -64,46 +75,99 @@ class TrainResult:
     adapter_dir: Path
     steps: int
     final_loss: float
+    """The cross-entropy of the last optimizer step (a log line's ``loss`` is the mean of its window's steps; its
+    ``step_loss`` is the loss of its own step)."""
     eval_loss: float | None
     history: list[dict[str, Any]]
 
 
-def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool) -> Path | None:
-    """Make the output folder ready; returns the checkpoint to resume from, if any."""
+def _prepare_output(config: RunConfig, *, resume: bool, overwrite: bool, total_steps: int | None = None) -> Path | None:
+    """Make the output folder ready; returns the checkpoint to resume from, if any. Every refusal says what to type
+    next: ``--resume`` (and from which checkpoint), ``--overwrite`` or another output_dir."""
     output = Path(config.output_dir)
     if not output.exists() or not any(output.iterdir()):
         output.mkdir(parents=True, exist_ok=True)
         return None
+    found = checkpoints(output)
     if resume:
-        found = checkpoints(output)
         if not found:
-            raise UserError(f"--resume: {output} holds no complete checkpoint; start without --resume.")
-        saved = read_run_config(found[-1])
-        if saved != config.to_dict():
             raise UserError(
-                f"--resume: the checkpoint in {output} belongs to a different run config; resume with the same "
-                "config, or pick another output_dir."
+                f"--resume: {output} holds no complete checkpoint (the run stopped before its first save, see "
+                "train.save_every), so there is nothing to continue; rerun the same command with --overwrite "
+                "instead of --resume to start it over, or choose another output_dir."
             )
+        _check_resumable(config, found[-1], total_steps)
         return found[-1]
     if overwrite:
-        # Only what a run writes is replaced: an output_dir pointed at a folder holding anything else (data, code, a
-        # home folder) is refused rather than emptied.
-        foreign = sorted(p.name for p in output.iterdir() if not _RUN_ENTRY.match(p.name))
-        if foreign:
-            raise UserError(
-                f"--overwrite: {output} holds files no run writes ({foreign[:5]}); it is not a run's output folder, so "
-                "it is left alone; choose another output_dir."
-            )
-        for entry in output.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        _empty_run_folder(output)
         return None
+    if not found:
+        advice = "it holds no complete checkpoint, so it cannot be resumed: pass --overwrite to start over"
+    else:
+        step = int(found[-1].name.split("-")[1])
+        refused = _resume_refusal(config, found[-1], total_steps)
+        if refused is not None:
+            advice = f"its last checkpoint, {found[-1].name}, {refused}; pass --overwrite to start over"
+        elif total_steps is not None and step >= total_steps:
+            advice = (
+                f"that run is complete ({found[-1].name}); to train it further, raise train.max_steps above {step} "
+                "and pass --resume; or pass --overwrite to start over"
+            )
+        else:
+            advice = f"pass --resume to continue it from {found[-1].name} (step {step}), or --overwrite to start over"
     raise UserError(
-        f"output_dir {output} already holds files of another run; pass --resume to continue it, --overwrite to "
-        "replace it, or choose another output_dir."
+        f"output_dir {output} already holds files of another run; {advice} (it replaces them), or choose another "
+        "output_dir."
     )
+
+
+def _resume_refusal(config: RunConfig, checkpoint: Path, total_steps: int | None) -> str | None:
+    """Why ``config`` cannot continue from ``checkpoint`` (``None``: it can): the keys that differ and may not, or a
+    run now shorter than the checkpoint."""
+    changes = config_changes(read_run_config(checkpoint), config.to_dict())
+    if changes and not set(changes) - set(RESUMABLE):
+        logger.info(
+            "%s: changed %s", checkpoint.name, ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        )
+    refused = {key: change for key, change in changes.items() if key not in RESUMABLE}
+    if refused:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        return (
+            f"belongs to a different run config ({listed}); only {sorted(RESUMABLE)} may change on --resume, so "
+            "set the others back"
+        )
+    step = int(checkpoint.name.split("-")[1])
+    if total_steps is not None and total_steps < step:
+        return (
+            f"is at step {step}, beyond this config's {total_steps} steps; set train.max_steps to at least {step} to "
+            "resume it"
+        )
+    return None
+
+
+def _check_resumable(config: RunConfig, checkpoint: Path, total_steps: int | None) -> None:
+    refused = _resume_refusal(config, checkpoint, total_steps)
+    if refused is not None:
+        raise UserError(
+            f"--resume: the checkpoint {checkpoint} {refused}, start over with --overwrite instead of --resume, or "
+            "pick another output_dir."
+        )
+
+
+def _empty_run_folder(output: Path) -> None:
+    """``--overwrite``: delete what a run wrote in ``output``. Only that: a folder holding anything else (data,
+    code, a home folder) is refused rather than emptied."""
+    foreign = sorted(p.name for p in output.iterdir() if not _RUN_ENTRY.match(p.name))
+    if foreign:
+        raise UserError(
+            f"--overwrite: {output} holds files no run writes ({foreign[:5]}); it is not a run's output folder, so "
+            "it is left alone; choose another output_dir."
+        )
+    for entry in output.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 _RUN_ENTRY = re.compile(r"^(run_config\.yaml|logs|adapter|checkpoint-\d+(\.(tmp|old|trash))?)$")
@@ -251,6 +315,8 @@ class _Run:
     pad: int
     steps_per_epoch: int
     total_steps: int
+    save_interval: int
+    """Steps between checkpoints (``train.save_every`` resolved); 0: only at the end."""
     model: nn.Module
     """As Accelerate prepared it (wrapped for DDP when distributed): forward and backward go through it."""
     unwrapped: nn.Module
@@ -300,40 +366,53 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
                 run.last_eval = _evaluate_loss(run.model, run.eval_set, opt.micro_batch_size, run.pad, run.accelerator)
             if run.window and (done % opt.log_every == 0 or done == run.total_steps):
                 _log(run, done)
-            if opt.save_every and done % opt.save_every == 0 and done < run.total_steps:
+            if run.save_interval and done % run.save_interval == 0 and done < run.total_steps:
                 _save(run, done)
+        if run.window:  # the last step was skipped (non-finite): the steps before it still get their line
+            _log(run, run.total_steps)
     return _finish(run)
 
 
 # -- setup -------------------------------------------------------------------------------------------------------
 def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
     """Everything before the first step. What can be refused is checked before the output folder is touched and
-    before the model loads; the model, optimizer and scheduler are restored from the checkpoint when resuming."""
+    before the model loads; the model, optimizer and scheduler are restored from the checkpoint when resuming. A
+    fresh start that fails here (the model does not load, the method's state cannot be prepared) leaves no files."""
     opt = config.train
     accelerator = _accelerator(config)
     main = accelerator.is_main_process
     dataset, eval_set, pad = _datasets(config)
-    steps_per_epoch = len(dataset) // opt.global_batch_size
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
-            f"{opt.global_batch_size}; lower the batch size or add data."
-        )
+    steps_per_epoch = _steps_per_epoch(config, len(dataset), accelerator.num_processes, warn=main)
+    state = get_method(config.adapter.method).state
+    if state is not None and state.check_data is not None:  # e.g. T-REX needs a prompt per cluster of its prior
+        state.check_data(config.adapter, len(dataset))
     check_training_memory(config.model, opt.micro_batch_size, config.data.max_length)  # refuse now, not an hour in
-    resume_from = _claim_output(config, accelerator, resume=resume, overwrite=overwrite)
-    output = Path(config.output_dir)
-
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
+    output = Path(config.output_dir)
+    existed = output.exists()
+    resume_from = _claim_output(config, accelerator, resume=resume, overwrite=overwrite, total_steps=total_steps)
     if main:
         logger.info(
-            "processes=%d, micro-batches per process and step=%d, steps=%d (%d per epoch)",
+            "processes=%d, micro-batches per process and step=%d, steps=%d (%d per epoch), checkpoints: %s",
             accelerator.num_processes,
             opt.global_batch_size // accelerator.num_processes // opt.micro_batch_size,
             total_steps,
             steps_per_epoch,
+            f"every {opt.save_interval(total_steps)} steps" if opt.save_interval(total_steps) else "at the end only",
         )
-    model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
+    try:
+        return _start(config, accelerator, (dataset, eval_set, pad), steps_per_epoch, total_steps, resume_from)
+    except BaseException:
+        if main and resume_from is None:
+            _remove_fresh_start(output, existed)
+        raise
 
+
+def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_steps: int, resume_from) -> _Run:
+    """The model, adapter, optimizer and logs of a run whose output folder is claimed."""
+    dataset, eval_set, pad = data
+    opt, main, output = config.train, accelerator.is_main_process, Path(config.output_dir)
+    model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
     trainable, optimizer, scheduler = _optimization(model, opt, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -361,6 +440,7 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
         pad=pad,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        save_interval=opt.save_interval(total_steps),
         model=model,
         unwrapped=unwrapped,
         trainable=trainable,
@@ -372,6 +452,55 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
         tracker=tracker,
         bar=bar,
     )
+
+
+def _remove_fresh_start(output: Path, existed: bool) -> None:
+    """Undo what a fresh start wrote before its first step, so that the next attempt needs no --overwrite."""
+    for name in ("run_config.yaml", "logs"):
+        entry = output / name
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.exists():
+            entry.unlink()
+    if not existed and output.is_dir() and not any(output.iterdir()):
+        output.rmdir()
+
+
+def _steps_per_epoch(config: RunConfig, examples: int, processes: int, *, warn: bool) -> int:
+    """Optimizer steps per pass over the data; refuses data smaller than one global batch, and warns when the
+    batch size leaves examples out of every epoch (the order is reshuffled, so a different few each epoch)."""
+    opt = config.train
+    steps, dropped = divmod(examples, opt.global_batch_size)
+    unit = opt.micro_batch_size * processes
+    if steps == 0:
+        fits = examples // unit * unit
+        advice = (
+            f"set train.global_batch_size={fits} (a multiple of micro_batch_size × processes)"
+            if fits
+            else f"lower train.micro_batch_size to at most {examples // processes} and the global batch with it"
+        )
+        raise UserError(
+            f"{config.data.train_file} gives {examples} examples, fewer than train.global_batch_size="
+            f"{opt.global_batch_size}; {advice}, or add data."
+        )
+    if dropped and warn:
+        fits = [size for size in range(opt.global_batch_size, 0, -unit) if examples % size == 0]
+        advice = (
+            f"train.global_batch_size={fits[0]} uses them all"
+            if fits
+            else f"a global batch size that divides {examples} uses them all"
+        )
+        logger.warning(
+            "train.global_batch_size=%d on %d examples (data.train_file): %d step(s) per epoch, and %d examples are "
+            "left out of each epoch (a different %d each epoch, the order is reshuffled); %s.",
+            opt.global_batch_size,
+            examples,
+            steps,
+            dropped,
+            dropped,
+            advice,
+        )
+    return steps
 
 
 def _adapted_model(config: RunConfig, dataset: SFTDataset, pad: int, *, main: bool, fresh: bool) -> nn.Module:
@@ -400,6 +529,12 @@ def _accelerator(config: RunConfig):
     opt = config.train
     if opt.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine.")
+    if opt.precision == "bf16" and not torch.cuda.is_available():
+        # Accelerate autocasts to bf16 on a CPU too, where few chips compute it natively: the run works, slowly.
+        logger.warning(
+            "train.precision=bf16 on a CPU: most CPUs compute bf16 slower than fp32; set train.precision=fp32 for "
+            "a faster CPU run (the recipes assume a GPU)."
+        )
     # Launched as several processes without a GPU, Accelerate needs cpu=True to form a gloo group (MULTI_CPU);
     # otherwise every process would believe it is alone.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -423,19 +558,30 @@ def _accelerator(config: RunConfig):
 def _datasets(config: RunConfig) -> tuple[SFTDataset, SFTDataset | None, int]:
     """The training set, the held-out set (if any) and the tokenizer's padding id."""
     data = config.data
-    records = load_training_records(data.train_file)
-    eval_records = load_training_records(data.eval_file) if data.eval_file else None
+    records = _records("data.train_file", data.train_file)
+    eval_records = _records("data.eval_file", data.eval_file) if data.eval_file else None
     tokenizer = _load_tokenizer(config)
     dataset = SFTDataset(records, tokenizer, data.max_length, data.format)
     eval_set = None if eval_records is None else SFTDataset(eval_records, tokenizer, data.max_length, data.format)
     return dataset, eval_set, tokenizer.pad_token_id
 
 
-def _claim_output(config: RunConfig, accelerator, *, resume: bool, overwrite: bool) -> Path | None:
+def _records(key: str, source: str):
+    """The records of one data key of the run config; a missing file is named by its key, with the fix."""
+    if not source.startswith(("task:", "hf:")) and not Path(source).exists():
+        fix = " or set data.eval_file=null (no held-out loss)" if key == "data.eval_file" else ""
+        raise UserError(f"{key}={source!r}: no such file; point {key} at a JSON or JSONL file of records{fix}.")
+    try:
+        return load_training_records(source)
+    except UserError as error:
+        raise UserError(f"{key}: {error}") from error
+
+
+def _claim_output(config: RunConfig, accelerator, *, resume: bool, overwrite: bool, total_steps: int) -> Path | None:
     """The main process prepares ``output_dir`` and records the run config there; every process learns the
     checkpoint to resume from (``None``: a fresh start)."""
     main = accelerator.is_main_process
-    resume_from = _prepare_output(config, resume=resume, overwrite=overwrite) if main else None
+    resume_from = _prepare_output(config, resume=resume, overwrite=overwrite, total_steps=total_steps) if main else None
     accelerator.wait_for_everyone()
     output = Path(config.output_dir)
     if not main and resume:
@@ -544,6 +690,7 @@ def _log(run: _Run, done: int) -> None:
         "step": done,
         "epoch": round(done / run.steps_per_epoch, 4),
         "loss": sum(loss for loss, _ in run.window) / len(run.window),
+        "step_loss": run.window[-1][0],  # the window's last step alone: what a run's final loss reports
         "aux_loss": sum(aux for _, aux in run.window) / len(run.window),
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": run.grad_norm,
@@ -622,5 +769,5 @@ def _finish(run: _Run) -> TrainResult:
             "adapter saved to %s; load it with smore.load_adapter(base_model, %r)", adapter_dir, str(adapter_dir)
         )
     run.accelerator.wait_for_everyone()
-    final_loss = run.history[-1]["loss"] if run.history else float("nan")
+    final_loss = run.history[-1].get("step_loss", run.history[-1]["loss"]) if run.history else float("nan")
     return TrainResult(run.output, adapter_dir, run.total_steps, final_loss, run.last_eval, run.history)
