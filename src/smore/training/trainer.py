@@ -47,7 +47,7 @@ from smore.files import atomic_write
 from smore.inject import adapt, aux_loss, summary
 from smore.plots import plot_expert_load, plot_losses
 from smore.registry import get_method
-from smore.resources import check_training_memory
+from smore.resources import check_model_source, check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import OptimConfig, RunConfig
@@ -310,6 +310,7 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
     """Everything before the first step. What can be refused is checked before the output folder is touched and
     before the model loads; the model, optimizer and scheduler are restored from the checkpoint when resuming."""
     opt = config.train
+    check_model_source(config.model)  # a missing folder, not transformers' "Repo id must be in the form ..."
     accelerator = _accelerator(config)
     main = accelerator.is_main_process
     dataset, eval_set, pad = _datasets(config)
@@ -319,7 +320,13 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
             f"{config.data.train_file} gives {len(dataset)} examples, fewer than train.global_batch_size="
             f"{opt.global_batch_size}; lower the batch size or add data."
         )
-    check_training_memory(config.model, opt.micro_batch_size, config.data.max_length)  # refuse now, not an hour in
+    check_training_memory(
+        config.model,
+        opt.micro_batch_size,
+        config.data.max_length,
+        lengths=[len(e["input_ids"]) for e in dataset.examples],
+        gradient_checkpointing=opt.gradient_checkpointing,
+    )  # refuse now, not an hour in
     resume_from = _claim_output(config, accelerator, resume=resume, overwrite=overwrite)
     output = Path(config.output_dir)
 
