@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import smore
-from helpers import small_smore, tiny_llama
+from helpers import small_smore, tiny_llama, tiny_model_folder
 from smore.adapters.smore import build_smore
 from smore.analysis import (
     COST_MODELS,
@@ -428,6 +428,46 @@ def test_cli_overhead(capsys):
     assert code == 0
     assert (result["top_width"], result["delta"], result["main"]) == (64, 5120, 2 * 4096 * 64)
     assert math.isclose(result["percent"], 100 * 5120 / (2 * 4096 * 64))
+
+
+def test_cli_params_takes_the_shapes_from_the_model_of_a_run_config(tmp_path, capsys):
+    """``analyze params --config RUN.yaml`` without ``--in-features``: every layer the adapter selects in the run's
+    model, as many trainable parameters as ``smore.adapt`` gives it."""
+    model_dir = tiny_model_folder(tmp_path / "model")
+    adapter = {"method": "smore", "num_experts": [2, 2], "top_k": [1, 1], "ranks": [2, 2], "router_dims": [8, 8]}
+    run = tmp_path / "run.yaml"
+    run.write_text(json.dumps({"model": str(model_dir), "output_dir": "out", "adapter": adapter}))
+    code, out, err = run_cli(["analyze", "params", "--config", str(run), "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    adapted = smore.adapt(tiny_llama(), smore.config_from_dict(adapter))
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert result["trainable"] == trainable and result["modules"] == 6  # gate, up, down of 2 layers
+    assert {(s["in_features"], s["out_features"], s["modules"]) for s in result["shapes"]} == {(32, 64, 4), (64, 32, 2)}
+    code, text, _ = run_cli(["analyze", "params", "--config", str(run)], capsys)
+    assert code == 0 and text.splitlines()[-1].split()[:2] == ["total", f"{trainable:,}"]
+    code, out, _ = run_cli(
+        ["analyze", "params", "--set", "num_experts=[2,2]", "--model-config", "tiny", "--json"], capsys
+    )
+    assert code == 0 and json.loads(out)["modules"] == 6
+    code, out, err = run_cli(["analyze", "params", "--set", "num_experts=[2,2]"], capsys)  # no layer, no model
+    assert code == 2 and "--in-features" in err and "--model-config" in err
+
+
+def test_cli_overhead_table_is_aligned_and_labelled(capsys):
+    argv = ["analyze", "overhead", "--set", "num_experts=[4,4]", "--set", "ranks=[8,8]", "--in-features", "4096"]
+    code, out, _ = run_cli(argv, capsys)
+    head, *table = out.rstrip("\n").splitlines()
+    assert code == 0 and "d=4,096" in head and "4×r8, 4×r8" in head
+    assert len({len(line) for line in table}) == 1  # header, rule and rows end in the same column
+    assert table[0].split() == ["quantity", "value"] and set(table[1]) == {"-", " "}
+    values = {line[: table[1].index(" ")].strip(): line.split("  ")[-1].strip() for line in table[2:]}
+    assert values == {
+        "top width d_L": "64",
+        "main cost 2·d·d_L": "524,288",
+        "overhead Δ": "5,120",
+        "Δ / main": "0.98 %",
+    }
 
 
 @pytest.mark.parametrize(

@@ -186,6 +186,14 @@ def test_target_selection_errors_and_filters():
         smore.adapt(model, small_smore())
 
 
+def test_a_layer_index_the_model_lacks_is_out_of_range_not_a_filter_that_matches_nothing():
+    for wanted in ([2], [0, 5]):  # the tiny Llama has layers 0 and 1; counting from 1 is the usual slip
+        with pytest.raises(smore.UserError, match=r"out of range; this LlamaForCausalLM has 2 layers, indices 0 to 1"):
+            smore.adapt(tiny_llama(), small_smore(layers_to_transform=wanted))
+    with pytest.raises(smore.UserError, match=r"\[3, 4\] out of range"):
+        smore.adapt(tiny_llama(num_hidden_layers=3), small_smore(layers_to_transform=[3, 0, 4]))
+
+
 def test_disable_adapters_restores_base_and_aux_loss_reductions():
     model, batch = tiny_llama(), tiny_batch()
     base = logits(model, batch)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Mapping
 
 from smore.errors import UserError
 
@@ -35,12 +37,37 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(func=_demo)
 
 
+_MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+"""Where MPI, which Accelerate's multi-CPU launch (``--mpirun_hostfile``) goes through, says how many processes run."""
+
+
+def check_launch(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N`` (N > 1) rather than train on one process unannounced.
+
+    Without MPI, Accelerate's ``--cpu`` launch starts the script once whatever ``--num_processes`` says; it marks a
+    request for several processes only by setting ``MASTER_ADDR``, and no ``WORLD_SIZE``, so the run would form a
+    group of one."""
+    asked_for_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    alone = "WORLD_SIZE" not in env and not any(name in env for name in _MPI_WORLD_SIZES)
+    if asked_for_cpu and "MASTER_ADDR" in env and alone:
+        raise UserError(
+            "accelerate launch --cpu --num_processes N starts ONE process (Accelerate runs several CPU processes only "
+            "through MPI, --mpirun_hostfile). For N processes on this machine use `accelerate launch --multi_gpu "
+            "--num_processes N -m smore.cli train RUN.yaml` (on a machine without a GPU the processes form a CPU "
+            "group over gloo) or `torchrun --nproc_per_node N -m smore.cli train RUN.yaml`; "
+            "for one process drop --num_processes (and unset MASTER_ADDR)."
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from smore.training.config import load_run_config
     from smore.training.trainer import train
 
+    check_launch()
     config = load_run_config(args.config, args.overrides)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one summary per run, not one per process
     summary = f"trained {result.steps} steps; final loss {result.final_loss:.4f}"
     if result.eval_loss is not None:
         summary += f", held-out loss {result.eval_loss:.4f}"

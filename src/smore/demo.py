@@ -39,7 +39,7 @@ from smore.config import AdapterConfig
 from smore.data import TASKS, MCExample, load_task
 from smore.errors import UserError
 from smore.evaluation import evaluate
-from smore.resources import check_training_memory
+from smore.resources import DEMO_KEYS, check_training_memory
 from smore.training import DataConfig, OptimConfig, RunConfig, train
 
 logger = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
         raise UserError(f"{len(overlap)} scored questions of {config.eval_task} are also training questions of "
                          f"{config.train_task}; score a split the model does not train on.")  # fmt: skip
     model_dir, model_name = resolve_model(config.model, cache)
-    check_training_memory(model_dir, config.batch_size, config.max_length)
+    check_training_memory(model_dir, config.batch_size, config.max_length, keys=DEMO_KEYS)
     adapters = method_configs(model_dir, config.adapter, config.methods) if config.compare else [config.adapter]
     train_file = output / "data" / f"{config.train_task}_{config.format}.jsonl"  # kept: what the adapters saw
     runs = [run_config_for(model_dir, adapter, output / run_name(adapter), train_file, steps=config.steps,

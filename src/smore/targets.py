@@ -35,6 +35,8 @@ def find_targets(
     """Modules that ``config`` selects, by name. ``accepts(module)`` (truthy or not) says whether a matched module
     can be wrapped: a matched module it refuses is an error, and so is matching nothing; both errors list what the
     model has."""
+    if config.layers_to_transform is not None:
+        _check_layer_indices(model, config.layers_to_transform)
     targets = {}
     everything = config.target_modules == ALL_LINEAR
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -64,3 +66,21 @@ def find_targets(
             f"{type(model).__name__}. Its modules of that kind are named: {names}."
         )
     return targets
+
+
+def _check_layer_indices(model: nn.Module, wanted: list[int]) -> None:
+    """An index the model does not have is a mistake (often counting from 1), not a filter that matches nothing."""
+    present = sorted({i for i in (layer_index(name) for name, _ in model.named_modules()) if i is not None})
+    missing = sorted(set(wanted) - set(present))
+    if not missing:
+        return
+    if not present:
+        have = "no numbered layers (module names with .layers.N., .h.N. or .blocks.N.)"
+    elif present == list(range(present[-1] + 1)):
+        have = f"{len(present)} layers, indices 0 to {present[-1]}"
+    else:
+        have = f"layers {present}"
+    raise UserError(
+        f"layers_to_transform={wanted!r}: {missing} out of range; this {type(model).__name__} has {have} "
+        "(indices count from 0)."
+    )

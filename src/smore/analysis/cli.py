@@ -59,6 +59,24 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+def _read_document(config_file: str) -> Any:
+    try:
+        return yaml.safe_load(Path(config_file).read_text())  # YAML is a superset of JSON: one loader for both
+    except OSError as error:
+        raise UserError(f"--config {config_file}: cannot read the file ({error}).") from error
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {config_file}: not valid YAML/JSON ({error}).") from error
+
+
+def run_config_model(config_file: str | None) -> str | None:
+    """The ``model`` a run config names (``smore train``'s file holds ``model`` beside ``adapter``), else ``None``."""
+    if config_file is None:
+        return None
+    document = _read_document(config_file)
+    model = document.get("model") if isinstance(document, dict) and isinstance(document.get("adapter"), dict) else None
+    return model if isinstance(model, str) and model else None
+
+
 def config_mapping(config_file: str | None, assignments: Sequence[tuple[str, Any]] | None) -> dict[str, Any]:
     """The adapter-config mapping from a YAML/JSON file and ``--set`` overrides (applied after the file).
 
@@ -67,13 +85,7 @@ def config_mapping(config_file: str | None, assignments: Sequence[tuple[str, Any
     """
     values: dict[str, Any] = {}
     if config_file is not None:
-        path = Path(config_file)
-        try:
-            document = yaml.safe_load(path.read_text())  # YAML is a superset of JSON: one loader for both
-        except OSError as error:
-            raise UserError(f"--config {config_file}: cannot read the file ({error}).") from error
-        except yaml.YAMLError as error:
-            raise UserError(f"--config {config_file}: not valid YAML/JSON ({error}).") from error
+        document = _read_document(config_file)
         if isinstance(document, dict) and isinstance(document.get("adapter"), dict):
             document = document["adapter"]
         if not isinstance(document, dict):
@@ -103,8 +115,12 @@ def _parse_names(text: str) -> list[str]:
 
 
 def params_command(args: argparse.Namespace) -> dict[str, Any]:
-    """``analyze params``: per-component parameters, active parameters and multiply-adds of one adapter."""
+    """``analyze params``: per-component parameters, active parameters and multiply-adds of one adapter on a layer
+    of ``--in-features``; without it, of the adapter on every layer it selects in a model (``--model-config``, or
+    the ``model`` of a run config given as ``--config``), the shapes taken from the model."""
     config = _config(args)
+    if args.in_features is None:
+        return _model_params(args, config)
     out_features = args.out_features if args.out_features is not None else args.in_features
     costs = layer_costs(config, args.in_features, out_features)
     return {
@@ -116,6 +132,38 @@ def params_command(args: argparse.Namespace) -> dict[str, Any]:
         "flops_per_token": costs["flops"],
         "config": config.to_dict(),
     }
+
+
+def _model_params(args: argparse.Namespace, config) -> dict[str, Any]:
+    spec = getattr(args, "model_config", None) or run_config_model(args.config)
+    if spec is None:
+        raise UserError(
+            "analyze params needs a layer or a model: give --in-features (and --out-features), or --model-config "
+            "NAME|PATH, or a run config with model: as --config."
+        )
+    report = model_report(meta_model(spec), config)
+    groups: dict[tuple[int, int], list] = {}
+    for layer in report.layers:  # a model's layers come in a few shapes: one row each
+        groups.setdefault((layer.in_features, layer.out_features), []).append(layer)
+    shapes = [
+        {
+            "in_features": d_in,
+            "out_features": d_out,
+            "modules": len(layers),
+            "parameters": sum(layer.parameters for layer in layers),
+            "active": _sum_known([layer.active for layer in layers]),
+            "flops_per_token": _sum_known([layer.flops for layer in layers]),
+        }
+        for (d_in, d_out), layers in groups.items()
+    ]
+    summary = report.to_dict()
+    del summary["layers"]
+    return {**summary, "model": spec, "shapes": shapes, "config": config.to_dict()}
+
+
+def _sum_known(values: list[int | None]) -> int | None:
+    """The sum, or ``None`` when the method has no formula for one of them."""
+    return None if any(value is None for value in values) else sum(values)
 
 
 def flexibility_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,6 +289,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _format_params(result: dict[str, Any]) -> str:
+    if "shapes" in result:
+        return _format_model_params(result)
     parameters = result["parameters"]
     active = result["active"] or {}
     flops = result["flops_per_token"] or {}
@@ -249,6 +299,39 @@ def _format_params(result: dict[str, Any]) -> str:
     head = f"{result['method']} adapter on a {result['in_features']} -> {result['out_features']} layer"
     rows = [(name, parameters.get(name), active.get(name), flops.get(name)) for name in names]
     return head + "\n" + format_table(("component", "parameters", "active", "MACs/token"), rows)
+
+
+def _format_model_params(result: dict[str, Any]) -> str:
+    head = (
+        f"{result['method']} adapters on {result['modules']} layers of {result['model']} "
+        f"({result['base_parameters']:,} base parameters; trainable {result['trainable_share']:.2%})"
+    )
+    rows = [
+        (
+            f"{s['in_features']} -> {s['out_features']} ×{s['modules']}",
+            s["parameters"],
+            s["active"],
+            s["flops_per_token"],
+        )
+        for s in result["shapes"]
+    ]
+    rows.append(("total", result["trainable"], result["active"], result["flops_per_token"]))
+    return head + "\n" + format_table(("layers", "parameters", "active", "MACs/token"), rows)
+
+
+def _format_overhead(result: dict[str, Any]) -> str:
+    """The paper's Table 1 quantities, labelled as there; every value an integer but the percentage, so the
+    column's digits line up (a ratio beside a percentage in ``%g`` did not)."""
+    levels = ", ".join(f"{s}×r{r}" for s, r in zip(result["num_experts"], result["ranks"]))
+    pool = ", shared pool" if result["shared_pool"] else ""
+    head = f"S'MoRE overhead, paper Table 1 convention: d={result['in_features']:,}, experts {levels}{pool}"
+    rows = [
+        ("top width d_L", result["top_width"]),
+        ("main cost 2·d·d_L", result["main"]),
+        ("overhead Δ", result["delta"]),
+        ("Δ / main", f"{result['percent']:.2f} %"),
+    ]
+    return head + "\n" + format_table(("quantity", "value"), rows)
 
 
 def _format_mapping(result: dict[str, Any]) -> str:
@@ -321,7 +404,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     params = commands.add_parser("params", help="parameters, active parameters and MACs of one adapter")
     _add_config_arguments(params)
-    params.add_argument("--in-features", type=int, required=True, help="input width of the adapted layer")
+    params.add_argument("--in-features", type=int, help="input width of one adapted layer (else: --model-config)")
+    params.add_argument(
+        "--model-config",
+        metavar="NAME|PATH",
+        help="without --in-features: every layer the config selects in this model (as analyze budget's; default: "
+        "the model of a run config given as --config)",
+    )
     params.add_argument("--out-features", type=int, help="output width (default: --in-features)")
     params.set_defaults(func=_runner(params_command, _format_params))
 
@@ -345,7 +434,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     overhead = commands.add_parser("overhead", help="compute overhead in the paper's Table 1 convention")
     _add_config_arguments(overhead)
     overhead.add_argument("--in-features", type=int, required=True, help="model width d (e.g. 4096)")
-    overhead.set_defaults(func=_runner(overhead_command, _format_mapping))
+    overhead.set_defaults(func=_runner(overhead_command, _format_overhead))
 
     budget = commands.add_parser("budget", help="one config per method at the same trainable-parameter budget")
     budget.add_argument(

@@ -47,7 +47,7 @@ from smore.files import atomic_write
 from smore.inject import adapt, aux_loss, summary
 from smore.plots import plot_expert_load, plot_losses
 from smore.registry import get_method
-from smore.resources import check_training_memory
+from smore.resources import check_model_source, check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import RESUMABLE, OptimConfig, RunConfig, config_changes
@@ -379,6 +379,7 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
     before the model loads; the model, optimizer and scheduler are restored from the checkpoint when resuming. A
     fresh start that fails here (the model does not load, the method's state cannot be prepared) leaves no files."""
     opt = config.train
+    check_model_source(config.model)  # a missing folder, not transformers' "Repo id must be in the form ..."
     accelerator = _accelerator(config)
     main = accelerator.is_main_process
     dataset, eval_set, pad = _datasets(config)
@@ -386,7 +387,13 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
     state = get_method(config.adapter.method).state
     if state is not None and state.check_data is not None:  # e.g. T-REX needs a prompt per cluster of its prior
         state.check_data(config.adapter, len(dataset))
-    check_training_memory(config.model, opt.micro_batch_size, config.data.max_length)  # refuse now, not an hour in
+    check_training_memory(
+        config.model,
+        opt.micro_batch_size,
+        config.data.max_length,
+        lengths=[len(e["input_ids"]) for e in dataset.examples],
+        gradient_checkpointing=opt.gradient_checkpointing,
+    )  # refuse now, not an hour in
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
     output = Path(config.output_dir)
     existed = output.exists()
