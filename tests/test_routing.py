@@ -436,6 +436,17 @@ def test_routing_health_counts_real_tokens_and_flags_collapse():
     assert collapsed.collapsed and collapsed.entropy == 0 and collapsed.dead_share == 0.75
 
 
+def test_a_collapse_is_called_only_after_enough_slots():
+    """At step 1 of a tiny run one expert may take every slot by chance: the trainer warns only on conclusive
+    levels (MIN_ROUTED_PER_EXPERT slots per expert)."""
+    from smore.routing.stats import MIN_ROUTED_PER_EXPERT, LevelHealth
+
+    few = LevelHealth("m", 0, [1.0, 0.0, 0.0, 0.0], 0.0, 0.75, routed=12)
+    many = LevelHealth("m", 0, [1.0, 0.0, 0.0, 0.0], 0.0, 0.75, routed=4 * MIN_ROUTED_PER_EXPERT)
+    assert few.collapsed and not few.conclusive
+    assert many.collapsed and many.conclusive
+
+
 @pytest.mark.parametrize(
     "config",
     [

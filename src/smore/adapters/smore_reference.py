@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from smore.adapters.smore import SMoREDelta
+from smore.routing.gates import DenseGate, NoisyTopKGate, SwitchGate
 from smore.routing.types import TreeRouting
 
 
@@ -71,16 +72,16 @@ def reference_route(delta: SMoREDelta, x: torch.Tensor) -> TreeRouting:
         level_router = router.levels[level]
         query = level_router.mlp(context)
         keys = level_router.keys
-        gate = type(level_router.gate).__name__
-        if gate == "NoisyTopKGate":
+        gate = level_router.gate
+        if isinstance(gate, NoisyTopKGate):
             keys = F.normalize(keys, dim=-1)
             logits = F.normalize(query, dim=-1) @ keys.t()
         else:
             logits = query @ keys.t()
         k = level_router.gate.fanout
-        if gate == "DenseGate":
+        if isinstance(gate, DenseGate):
             chosen, alpha = torch.arange(k), logits.softmax(-1)
-        elif gate == "SwitchGate":
+        elif isinstance(gate, SwitchGate):
             probs = logits.softmax(-1)
             chosen = probs.topk(k).indices
             alpha = probs[chosen] / probs[chosen].sum() if k > 1 else probs[chosen]

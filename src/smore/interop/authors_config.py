@@ -14,9 +14,9 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-from smore.adapters.smore import SMoREConfig
+from smore.adapters.smore import Activation, GateType, SMoREConfig
 from smore.checks import is_int
 from smore.errors import UserError
 
@@ -144,12 +144,12 @@ def _router_activation(key: str, value: Any) -> tuple[str, float | None]:
 
 
 def _expert_activation(key: str, value: Any) -> tuple[str, float | None]:
-    return _activation(key, value, ("identity", "tanh", "relu"))
+    return _activation(key, value, tuple(a for a in get_args(Activation) if a != "prelu"))
 
 
 def _gate_type(key: str, value: Any) -> str:
-    if value not in ("dense", "switch", "noisy_topk"):
-        raise UserError(f"{key}={value!r} is unknown; choose dense, switch or noisy_topk.")
+    if value not in get_args(GateType):
+        raise UserError(f"{key}={value!r} is unknown; choose {', '.join(get_args(GateType))}.")
     return value
 
 

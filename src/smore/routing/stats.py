@@ -70,6 +70,10 @@ def routed_deltas(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+MIN_ROUTED_PER_EXPERT = 16
+"""Slots per expert a level must have routed before its health can call a collapse (see LevelHealth.conclusive)."""
+
+
 @dataclass(frozen=True)
 class LevelHealth:
     module: str
@@ -80,11 +84,19 @@ class LevelHealth:
     """Entropy of the load divided by log(num_experts): 1 balanced, 0 collapsed."""
     dead_share: float
     """Share of experts never picked."""
+    routed: float = 0.0
+    """Slots routed through the level in the window (a dense router: its summed weights)."""
 
     @property
     def collapsed(self) -> bool:
         """One expert takes 90 % of the slots, or half of the experts are never used."""
         return len(self.load) > 1 and (max(self.load) > 0.9 or self.dead_share >= 0.5)
+
+    @property
+    def conclusive(self) -> bool:
+        """Enough slots routed for the shares to mean something: at the first steps of a tiny run one expert may
+        take every slot by chance, and a collapse warning then would be noise."""
+        return self.routed >= MIN_ROUTED_PER_EXPERT * len(self.load)
 
 
 class RoutingTracker:
@@ -154,7 +166,7 @@ class RoutingTracker:
             normalised = entropy / math.log(len(load)) if len(load) > 1 else 1.0
             floor = DENSE_DEAD_SHARE / len(load) if device_counts.is_floating_point() else 0.0
             dead = sum(1 for p in load if p <= floor) / len(load)
-            report.append(LevelHealth(name, level, load, normalised, dead))
+            report.append(LevelHealth(name, level, load, normalised, dead, routed=total))
         return report
 
 

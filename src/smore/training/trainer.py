@@ -719,7 +719,7 @@ def _warn_collapse(run: _Run, done: int) -> None:
     """One line per log window for the levels that collapsed since the last warning, not one per adapter: a model
     has hundreds of routed levels."""
     health = run.health
-    new = [h for h in health if h.collapsed and (h.module, h.level) not in run.collapsed_before]
+    new = [h for h in health if h.collapsed and h.conclusive and (h.module, h.level) not in run.collapsed_before]
     run.collapsed_before.update((h.module, h.level) for h in new)
     if not new:
         return
