@@ -166,6 +166,7 @@ def convert_gguf(source: Path, destination: Path, *, model: EmbeddedModel, sourc
 
     logger.info("converting %s (%s) to a Hugging Face folder, once (about a minute)", model.name, source.name)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    _special_tokens_from_gguf(tokenizer, source)
     network = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # The weights are already dequantised to float32; only the GGUF marker stops save_pretrained.
     network.hf_quantizer = None
@@ -190,6 +191,19 @@ def convert_gguf(source: Path, destination: Path, *, model: EmbeddedModel, sourc
         "files": {str(p.relative_to(destination)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                   for p in files},
     })  # fmt: skip
+
+
+def _special_tokens_from_gguf(tokenizer, source: Path) -> None:
+    """Take bos/eos/pad from the GGUF's own metadata: transformers 4.x reads some of them differently from 5.x (the
+    stand-in's eos came back as ``<|im_start|>``), and the chat format ends each turn with the file's eos."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(source).fields
+    for role in ("bos", "eos", "pad"):
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            token_id = int(field.parts[field.data[0]][0])
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _probe(network, tokenizer) -> dict[str, Any]:
