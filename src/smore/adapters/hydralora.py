@@ -7,7 +7,6 @@ Vectorised: the outer product of the router weights (N, E) and ``A x`` (N, r) is
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,6 +23,7 @@ from smore.adapters.method import (
     check_config,
     check_features,
     expert_variants,
+    set_rank,
     with_total,
 )
 from smore.checks import check_int, is_int
@@ -116,7 +116,7 @@ METHOD = Method(
     costs=CostModel(hydralora_parameter_counts, hydralora_parameter_counts, hydralora_flops_per_token),
     search=SearchSpace(
         default=lambda: HydraLoRAConfig(num_experts=4),
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
+        resize=set_rank,
         describe=lambda c: f"E={c.num_experts} r={c.rank}",
         gamma=lambda c: 1,  # a dense softmax over all heads: one structure (Γ counts structures, not weightings)
         variants=expert_variants(2, 8, top_k=False),

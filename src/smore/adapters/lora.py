@@ -11,7 +11,6 @@ Parameter names and initialisation follow HF PEFT's ``lora.Linear`` (``lora_A``/
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,7 +18,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from smore.adapters.method import CostModel, Counts, Method, SearchSpace, check_config, check_features, with_total
+from smore.adapters.method import (
+    CostModel,
+    Counts,
+    Method,
+    SearchSpace,
+    check_config,
+    check_features,
+    set_rank,
+    with_total,
+)
 from smore.checks import check_int, check_number, is_int, is_number
 from smore.config import AdapterConfig
 from smore.errors import UserError
@@ -112,7 +120,7 @@ METHOD = Method(
     costs=CostModel(lora_parameter_counts, lora_parameter_counts, lora_flops_per_token),
     search=SearchSpace(
         default=LoRAConfig,
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
+        resize=set_rank,
         describe=lambda c: f"r={c.rank}",
         gamma=lambda c: 1,
     ),

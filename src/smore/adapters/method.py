@@ -10,6 +10,7 @@ they hold. Adding a method is one new file and one line in the registry.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,23 @@ def expert_variants(low: int, high: int, *, top_k: bool) -> Callable[[Any], list
         return tiers
 
     return variants
+
+
+def set_rank(config: Any, rank: int) -> AdapterConfig:
+    """The usual budget knob: the config with its ``rank`` set."""
+    return dataclasses.replace(config, rank=rank)
+
+
+def mixture_search(default: Callable[[], AdapterConfig], *, max_experts: int) -> SearchSpace:
+    """The search space of a top-k mixture of LoRA experts (MoLoRA, MixLoRA): the rank first, then ``num_experts``
+    in [2, max_experts]; Γ is the number of expert sets a token can use, C(E, k)."""
+    return SearchSpace(
+        default=default,
+        resize=set_rank,
+        describe=lambda c: f"E={c.num_experts} k={c.top_k} r={c.rank}",
+        gamma=lambda c: math.comb(c.num_experts, c.top_k),
+        variants=expert_variants(2, max_experts, top_k=True),
+    )
 
 
 @dataclass(frozen=True)

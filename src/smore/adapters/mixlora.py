@@ -23,7 +23,6 @@ same outputs and gradients:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -38,10 +37,9 @@ from smore.adapters.method import (
     CostModel,
     Counts,
     Method,
-    SearchSpace,
     check_config,
     check_features,
-    expert_variants,
+    mixture_search,
     with_total,
 )
 from smore.checks import check_int, check_number
@@ -338,11 +336,5 @@ METHOD = Method(
     layer_config=_layer_config,
     block_level=True,
     costs=CostModel(mixlora_parameter_counts, mixlora_active_parameters, mixlora_flops_per_token),
-    search=SearchSpace(
-        default=lambda: MixLoRAConfig(num_experts=8, top_k=2),
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
-        describe=lambda c: f"E={c.num_experts} k={c.top_k} r={c.rank}",
-        gamma=lambda c: math.comb(c.num_experts, c.top_k),  # expert sets a token can use
-        variants=expert_variants(2, 16, top_k=True),
-    ),
+    search=mixture_search(lambda: MixLoRAConfig(num_experts=8, top_k=2), max_experts=16),
 )

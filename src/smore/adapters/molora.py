@@ -12,7 +12,6 @@ stacked B (d_out, E·r) sums the experts. The cost is that of a LoRA of rank E·
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,10 +24,9 @@ from smore.adapters.method import (
     CostModel,
     Counts,
     Method,
-    SearchSpace,
     check_config,
     check_features,
-    expert_variants,
+    mixture_search,
     with_total,
 )
 from smore.checks import check_int, check_number, is_int
@@ -162,11 +160,5 @@ METHOD = Method(
     config_class=MoLoRAConfig,
     build=build_molora,
     costs=CostModel(molora_parameter_counts, molora_active_parameters, molora_flops_per_token),
-    search=SearchSpace(
-        default=lambda: MoLoRAConfig(num_experts=4, top_k=2),
-        resize=lambda c, r: dataclasses.replace(c, rank=r),
-        describe=lambda c: f"E={c.num_experts} k={c.top_k} r={c.rank}",
-        gamma=lambda c: math.comb(c.num_experts, c.top_k),  # expert sets a token can use
-        variants=expert_variants(2, 8, top_k=True),
-    ),
+    search=mixture_search(lambda: MoLoRAConfig(num_experts=4, top_k=2), max_experts=8),
 )
