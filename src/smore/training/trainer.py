@@ -490,7 +490,9 @@ def _steps_per_epoch(config: RunConfig, examples: int, processes: int, *, warn: 
             f"{config.data.train_file} gives {examples} examples, fewer than train.global_batch_size="
             f"{opt.global_batch_size}; {advice}, or add data."
         )
-    if dropped and warn:
+    # A run that stops within its first epoch (max_steps) never reaches the examples an epoch leaves out.
+    within_first_epoch = bool(opt.max_steps) and opt.max_steps < steps
+    if dropped and warn and not within_first_epoch:
         fits = [size for size in range(opt.global_batch_size, 0, -unit) if examples % size == 0]
         advice = (
             f"train.global_batch_size={fits[0]} uses them all"
@@ -719,6 +721,8 @@ def _warn_collapse(run: _Run, done: int) -> None:
     """One line per log window for the levels that collapsed since the last warning, not one per adapter: a model
     has hundreds of routed levels."""
     health = run.health
+    if done <= run.opt.log_every:
+        return  # the first window shows the routers as initialised, not a collapse that training brought about
     new = [h for h in health if h.collapsed and h.conclusive and (h.module, h.level) not in run.collapsed_before]
     run.collapsed_before.update((h.module, h.level) for h in new)
     if not new:
