@@ -950,3 +950,16 @@ def test_the_command_line_prints_the_format_and_the_warning(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "multiple choice asked in the letter format, trained in answer" in printed
     assert "warning: the adapter was trained in the 'answer' question format" in printed
+
+
+def test_a_tokenizer_without_the_trained_chat_template_is_warned_about(tmp_path, caplog):
+    from smore.data import TrainingFormat, write_training_format
+
+    model_dir, adapter_dir = saved_model_and_adapter(tmp_path, template=None)
+    write_training_format(adapter_dir, TrainingFormat("answer", chat_template=True))
+    data = write_records(tmp_path / "toy.jsonl", RECORDS)
+    with caplog.at_level("WARNING"):
+        document = eval_command(str(model_dir), str(adapter_dir), f"file:{data}", limit=1, output=tmp_path / "e.json",
+                                max_new_tokens=2, device="cpu")  # fmt: skip
+    assert any("trained with a chat template, but the tokenizer" in r.getMessage() for r in caplog.records)
+    assert document["config"]["chat_template"] is False and document["format"]["scored"] == "answer"

@@ -81,10 +81,10 @@ def eval_command(
         raise UserError(f"dtype={dtype!r} must be one of {list(DTYPES)}.")
     trained = read_training_format(adapter_path) if adapter_path is not None else None
     scored_format = format or (trained.format if trained else CLOZE)
+    defaults = default_scorings(scored_format)  # refuses an unknown format before anything loads
     if methods is None:
-        methods = list(default_scorings(scored_format))  # also refuses an unknown format before anything loads
+        methods = list(defaults)
     else:
-        default_scorings(scored_format)
         methods = _task_list(methods) if isinstance(methods, str) else list(methods)
     check_output(output, overwrite)
     examples = {name: load_task(name, limit) for name in names}
@@ -94,10 +94,7 @@ def eval_command(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     chat_template = bool(getattr(tokenizer, "chat_template", None))
     if trained is not None and trained.chat_template != chat_template:
-        logger.warning("the adapter was trained %s a chat template, but the tokenizer of %s has %s; prompts are "
-                       "rendered differently from training (pass --tokenizer with the training tokenizer).",
-                       "with" if trained.chat_template else "without", tokenizer_path,
-                       "none" if trained.chat_template else "one")  # fmt: skip
+        _warn_chat_template(trained.chat_template, tokenizer_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
     if adapter_path is not None:
         load_adapter(model, adapter_path)
@@ -130,6 +127,14 @@ def eval_command(
     return write_report(output, evaluation.metrics, model=model_path, adapter=adapter_path, config=config,
                         examples=evaluation.examples, format=evaluation.format,
                         trained_format=evaluation.trained_format)  # fmt: skip
+
+
+def _warn_chat_template(trained_with: bool, tokenizer_path: str) -> None:
+    """Training rendered its prompts with a chat template and this tokenizer has none, or the other way round."""
+    with_or_without, has = ("with", "none") if trained_with else ("without", "one")
+    logger.warning("the adapter was trained %s a chat template, but the tokenizer of %s has %s; prompts are rendered "
+                   "differently from training (pass --tokenizer with the training tokenizer).", with_or_without,
+                   tokenizer_path, has)  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
