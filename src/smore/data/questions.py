@@ -60,7 +60,7 @@ class QuestionFormat:
     @property
     def scorings(self) -> tuple[str, ...]:
         """What ``smore eval`` scores in this format unless ``--methods`` says otherwise."""
-        return (self.method, self.generative) if self.method != self.generative else (self.method,)
+        return (self.method, self.generative)
 
 
 def _question(ex: MCExample) -> str:
