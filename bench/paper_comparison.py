@@ -53,10 +53,9 @@ from typing import Any
 import yaml
 
 import smore
-from smore.data import load_task
+from smore.data import QUESTION_FORMATS, load_task
 from smore.demo import (
     COMPARE_METHODS,
-    QUESTION_FORMATS,
     demo_adapter,
     describe,
     method_configs,
@@ -102,7 +101,7 @@ class ComparisonConfig:
     holdout: int = 300
     """For tasks without a shipped test split: the first ``holdout`` validation questions are held out."""
     format: str = "answer"
-    """How questions are asked in training and scoring: a key of ``smore.demo.QUESTION_FORMATS``."""
+    """How questions are asked in training and scoring: a key of ``smore.data.QUESTION_FORMATS``."""
     scoring: list[str] | None = None
     """Some of ``smore.evaluation.SCORINGS``; ``None``: the format's log-likelihood and generative scorings."""
     output_dir: str = "runs/paper_comparison"

@@ -20,7 +20,7 @@ import smore
 import smore.embedded as embedded
 from gguf_stand_in import make_package
 from smore.cli import main
-from smore.data import load_task
+from smore.data import QUESTION_FORMATS, load_task, read_training_format
 from smore.demo import DemoConfig, format_table, run_demo
 from smore.embedded import MANIFEST, EmbeddedModel, prepare_model
 
@@ -206,13 +206,13 @@ def test_demo_refuses_a_model_that_cannot_fit_before_training(package, tmp_path,
 def test_letter_format_and_overlap_check(package, tmp_path):
     result = run_demo(_small(output_dir=str(tmp_path / "letter"), format="letter", limit=2))
     assert result.metric == "acc_letter" and 0.0 <= result.methods[0].accuracy <= 1.0
+    assert read_training_format(result.methods[0].adapter_dir).format == "letter"
     with pytest.raises(ValueError, match=r"also training questions"):
         run_demo(_small(output_dir=str(tmp_path / "same"), eval_task="arc_easy"))
 
 
 def test_options_format_lists_the_choices_in_training_and_in_scoring(package, tmp_path):
     """``--format options``: the choices listed under the question, the answer in words, in training and scoring."""
-    from smore.demo import QUESTION_FORMATS
 
     result = run_demo(_small(output_dir=str(tmp_path / "options"), format="options", limit=2))
     assert result.metric == "acc" and 0.0 <= result.methods[0].accuracy <= 1.0
@@ -231,6 +231,8 @@ def test_options_format_lists_the_choices_in_training_and_in_scoring(package, tm
     # the question as the user's turn, then the assistant's turn opened, as in training
     assert records[0]["instruction"] in scored.contexts[0] and scored.contexts[0].endswith(opened)
     assert QUESTION_FORMATS["options"].generative == "answer" and QUESTION_FORMATS["letter"].generative == "generate"
+    # the adapter folder names the format it was trained in, so smore eval --adapter scores it that way
+    assert read_training_format(result.methods[0].adapter_dir).format == "options"
 
 
 def test_demo_options_are_checked():

@@ -523,6 +523,7 @@ def test_write_report(tmp_path):
     assert document["smore_version"] == smore.__version__
     datetime.fromisoformat(document["timestamp"])
     assert write_report(tmp_path / "base.json", metrics, model="m")["adapter"] is None
+    assert document["format"] == {"scored": "cloze", "trained": None, "warning": None}  # every report names it
 
 
 def test_smore_eval_end_to_end(tmp_path):
@@ -802,3 +803,163 @@ def test_a_file_mixing_multiple_choice_and_free_form_records_is_refused(tmp_path
     bad = write_records(tmp_path / "bad.jsonl", [FREE_FORM[0], {"instruction": "x"}, {"messages": []}])
     with pytest.raises(UserError, match=r"2 of 3 records are bad(.|\n)*line 2: missing field 'output'(.|\n)*line 3"):
         load_task(f"file:{bad}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Question formats: scored as training asked them
+
+
+def _scored_requests(monkeypatch, tokenizer, format: str) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs the log-likelihood scoring reads for the toy questions in ``format``."""
+    seen = []
+
+    def fake_loglikelihoods(model, tokenizer, requests, **kwargs):
+        seen.extend(requests)
+        return [0.0] * len(requests)
+
+    monkeypatch.setattr(evaluate_module, "loglikelihoods", fake_loglikelihoods)
+    evaluate(BigramLM(), tokenizer, {"toy": toy_questions()}, methods=("loglik",), format=format, progress=False)
+    return seen
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, None], ids=["chat_template", "plain"])
+def test_each_format_scores_the_prompt_training_trained(monkeypatch, template):
+    tokenizer = byte_tokenizer(template)
+    first = toy_questions()[0]  # "q1", choices "a", "b"
+
+    def prompt(record) -> str:  # the prompt training renders for a record, as text (special tokens aside)
+        return tokenizer.decode(encode_prompt(to_example(record), tokenizer)["input_ids"], skip_special_tokens=True)
+
+    assert _scored_requests(monkeypatch, tokenizer, "cloze")[:2] == [("Pick:", " a"), ("Pick:", " b")]
+    answer = prompt({"instruction": "q1", "output": "b"})
+    assert _scored_requests(monkeypatch, tokenizer, "answer")[:2] == [(answer, "a"), (answer, "b")]
+    options = _demo_records("options", first)[0]
+    assert "- a\n- b\n" in options["instruction"]
+    assert _scored_requests(monkeypatch, tokenizer, "options")[:2] == [(prompt(options), "a"), (prompt(options), "b")]
+    lettered = prompt({"question": "q1", "choices": ["a", "b"], "answer": 1})
+    assert multiple_choice_prompt("q1", ["a", "b"]) in lettered
+    assert _scored_requests(monkeypatch, tokenizer, "letter")[:2] == [(lettered, "A"), (lettered, "B")]
+    # every format's records train what its scoring reads: the right choice's words, or its letter
+    assert [r["output"] for r in _demo_records("answer", first)] == ["b"]
+    assert to_example(_demo_records("letter", first)[0]).messages[-1]["content"] == "B"
+
+
+def _demo_records(format: str, example: MCExample) -> list[dict]:
+    from smore.data import QUESTION_FORMATS
+
+    return QUESTION_FORMATS[format].records([example])
+
+
+def test_each_format_has_its_own_default_scorings_and_unknown_formats_are_refused(tokenizer, monkeypatch):
+    from smore.evaluation import default_scorings
+
+    monkeypatch.setattr(evaluate_module, "generate", lambda model, tokenizer, prompts, **kwargs: ["A"] * len(prompts))
+
+    assert default_scorings("cloze") == ("loglik", "generate")
+    assert default_scorings("answer") == default_scorings("options") == ("loglik", "answer")
+    assert default_scorings("letter") == ("letter", "generate")
+    metrics = evaluate(BigramLM(), tokenizer, {"toy": toy_questions()}, format="letter", progress=False)["toy"]
+    assert set(metrics) == {"n", "acc_letter", "acc_gen", "no_letter"}
+    with pytest.raises(ValueError, match=r"format='mcq' is not a question format; choose one of \['cloze'"):
+        evaluate(BigramLM(), tokenizer, {"toy": toy_questions()}, format="mcq", progress=False)
+
+
+def test_the_training_records_decide_the_format_an_adapter_is_scored_in(tokenizer, chat_tokenizer):
+    from smore.data import SFTDataset, TrainingFormat
+
+    questions = SFTDataset(RECORDS, chat_tokenizer, 256).training_format
+    assert questions == TrainingFormat("letter", chat_template=True, record_formats=("multiple_choice",))
+    words = SFTDataset([{"instruction": "q", "output": "a"}], tokenizer, 64).training_format
+    assert words == TrainingFormat("answer", chat_template=False, record_formats=("instruction",))
+    assert SFTDataset([{"text": "a b c"}], tokenizer, 64).training_format.format == "cloze"
+
+
+def test_smore_train_writes_the_format_beside_the_adapter(tmp_path):
+    from helpers import counting_workspace
+    from smore.cli import main
+    from smore.data import TRAINING_FORMAT_FILE, TrainingFormat, read_training_format
+
+    workspace = counting_workspace(tmp_path)
+    document = {
+        "model": str(workspace / "model"),
+        "output_dir": str(tmp_path / "run"),
+        "adapter": {"method": "lora", "rank": 2},
+        "data": {"train_file": str(workspace / "train.jsonl"), "max_length": 32},
+        "train": {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 4, "log_every": 1},
+    }
+    (tmp_path / "run.yaml").write_text(json.dumps(document))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / TRAINING_FORMAT_FILE).is_file() and (adapter / "adapter_config.json").is_file()
+    # multiple-choice records train the lettered prompt; the counting tokenizer has no chat template
+    assert read_training_format(adapter) == TrainingFormat("letter", chat_template=False,
+                                                           record_formats=("multiple_choice",))  # fmt: skip
+
+
+def test_smore_eval_scores_the_adapter_in_its_trained_format_and_warns_on_another(tmp_path, caplog):
+    from smore.data import TRAINING_FORMAT_FILE, TrainingFormat, write_training_format
+
+    model_dir, adapter_dir = saved_model_and_adapter(tmp_path)
+    data = write_records(tmp_path / "toy.jsonl", RECORDS)
+    common = dict(tasks=f"file:{data}", limit=2, batch_size=2, max_new_tokens=3, device="cpu")
+    # No format file (an adapter saved by save_adapter): the cloze format, as before.
+    document = eval_command(str(model_dir), str(adapter_dir), output=tmp_path / "plain.json", **common)
+    assert document["format"] == {"scored": "cloze", "trained": None, "warning": None}
+    assert document["config"]["format"] == "cloze"
+
+    write_training_format(adapter_dir, TrainingFormat("letter", chat_template=True))
+    assert json.loads((adapter_dir / TRAINING_FORMAT_FILE).read_text())["format"] == "letter"
+    with caplog.at_level("WARNING"):
+        document = eval_command(str(model_dir), str(adapter_dir), output=tmp_path / "trained.json", **common)
+    assert document["format"] == {"scored": "letter", "trained": "letter", "warning": None}
+    assert set(document["metrics"][f"file:{data}"]) == {"n", "acc_letter", "acc_gen", "no_letter"}
+    assert not [r for r in caplog.records if "question format" in r.getMessage()]
+
+    with caplog.at_level("WARNING"):
+        document = eval_command(str(model_dir), str(adapter_dir), output=tmp_path / "other.json", format="answer",
+                                **common)  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if "question format" in r.getMessage()]
+    assert len(warned) == 1 and "trained in the 'letter'" in warned[0] and "scored in 'answer'" in warned[0]
+    assert document["format"] == {"scored": "answer", "trained": "letter", "warning": warned[0]}
+    assert set(document["metrics"][f"file:{data}"]) == {"n", "acc", "acc_norm", "acc_answer", "no_choice"}  # anyway
+    assert json.loads((tmp_path / "other.json").read_text())["format"]["warning"] == warned[0]
+
+
+def test_a_broken_format_file_is_named(tmp_path):
+    from smore.data import TRAINING_FORMAT_FILE, read_training_format
+
+    (tmp_path / TRAINING_FORMAT_FILE).write_text(json.dumps({"format": "mcq", "chat_template": True}))
+    with pytest.raises(ValueError, match=r"smore_training.json: 'format' must be one of .*delete the file"):
+        read_training_format(tmp_path)
+    assert read_training_format(tmp_path / "elsewhere") is None
+
+
+def test_the_command_line_prints_the_format_and_the_warning(tmp_path, capsys):
+    from smore.data import TrainingFormat, write_training_format
+
+    model_dir, adapter_dir = saved_model_and_adapter(tmp_path)
+    write_training_format(adapter_dir, TrainingFormat("answer", chat_template=True))
+    data = write_records(tmp_path / "toy.jsonl", RECORDS)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["eval", "--model", str(model_dir), "--adapter", str(adapter_dir), "--tasks", f"file:{data}", "--limit", "1",
+         "--format", "letter", "--max-new-tokens", "2", "--output", str(tmp_path / "e.json"), "--device", "cpu"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "multiple choice asked in the letter format, trained in answer" in printed
+    assert "warning: the adapter was trained in the 'answer' question format" in printed
+
+
+def test_a_tokenizer_without_the_trained_chat_template_is_warned_about(tmp_path, caplog):
+    from smore.data import TrainingFormat, write_training_format
+
+    model_dir, adapter_dir = saved_model_and_adapter(tmp_path, template=None)
+    write_training_format(adapter_dir, TrainingFormat("answer", chat_template=True))
+    data = write_records(tmp_path / "toy.jsonl", RECORDS)
+    with caplog.at_level("WARNING"):
+        document = eval_command(str(model_dir), str(adapter_dir), f"file:{data}", limit=1, output=tmp_path / "e.json",
+                                max_new_tokens=2, device="cpu")  # fmt: skip
+    assert any("trained with a chat template, but the tokenizer" in r.getMessage() for r in caplog.records)
+    assert document["config"]["chat_template"] is False and document["format"]["scored"] == "answer"

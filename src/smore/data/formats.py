@@ -41,6 +41,8 @@ MULTIPLE_CHOICE_INSTRUCTION = "Please choose the correct answer to the question:
 """The paper's multiple-choice prompt opens with this sentence (SPEC §1.8)."""
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROLES = ("system", "user", "assistant", "tool")
+PLAIN_SEPARATOR = "\n"
+"""Without a chat template, every non-assistant turn ends with this, so the response starts on its own line."""
 
 Message = dict[str, str]
 """One chat turn, ``{"role": ..., "content": ...}``, the form ``apply_chat_template`` takes."""

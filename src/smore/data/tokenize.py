@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from smore.checks import is_int
 from smore.constants import IGNORE_INDEX
-from smore.data.formats import Example, Message, prompt_example, to_examples
+from smore.data.formats import PLAIN_SEPARATOR, Example, Message, detect_format, prompt_example, to_examples
+from smore.data.questions import TrainingFormat, trained_format
 from smore.data.records import load_records
 from smore.errors import UserError
 
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PLAIN_SEPARATOR = "\n"
-"""Without a chat template, every non-assistant turn ends with this, so the response starts on its own line."""
 PROGRESS_MIN_RECORDS = 1000
 """Below this many records tokenising takes a moment and a progress bar is only noise."""
 
@@ -239,6 +238,13 @@ class SFTDataset(Dataset):
         if len(records) == 0:
             raise UserError("no records to train on; the dataset is empty.")
         examples = to_examples(records, format)
+        # The question format these records train, which smore train writes beside the adapter for smore eval.
+        record_formats = {format} if format else {detect_format(record) for record in records}
+        self.training_format = TrainingFormat(
+            trained_format(record_formats, raw=all(example.raw for example in examples)),
+            chat_template=_has_chat_template(tokenizer),
+            record_formats=tuple(sorted(record_formats)),
+        )
         self.examples: list[dict[str, list[int]]] = []
         truncated, dropped = 0, 0
         fallbacks: Counter[str] = Counter()

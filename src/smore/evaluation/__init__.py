@@ -23,9 +23,16 @@ from smore.data import (
     load_task,
 )
 from smore.evaluation.cli import add_parser, eval_command, run_eval
-from smore.evaluation.evaluate import MAX_NEW_TOKENS, SCORINGS, Evaluation, evaluate, evaluate_detailed
+from smore.evaluation.evaluate import (
+    MAX_NEW_TOKENS,
+    SCORINGS,
+    Evaluation,
+    default_scorings,
+    evaluate,
+    evaluate_detailed,
+)
 from smore.evaluation.generation import generate
-from smore.evaluation.report import adapter_hash, examples_path, format_metrics, write_report
+from smore.evaluation.report import adapter_hash, examples_path, format_metrics, format_mismatch, write_report
 from smore.evaluation.sandbox import Result, run_untrusted
 from smore.evaluation.scoring import (
     encode_pair,
@@ -54,6 +61,7 @@ __all__ = [
     "adapter_hash",
     "add_parser",
     "canonical_number",
+    "default_scorings",
     "encode_pair",
     "eval_command",
     "evaluate",
@@ -64,6 +72,7 @@ __all__ = [
     "extract_letter",
     "extract_number",
     "format_metrics",
+    "format_mismatch",
     "generate",
     "gsm8k_target",
     "humaneval_program",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -12,11 +13,13 @@ from typing import Any
 import torch
 
 from smore.adapter_io import load_adapter
-from smore.data import PAPER_TASKS, load_task
+from smore.data import CLOZE, EVAL_FORMATS, PAPER_TASKS, load_task, read_training_format
 from smore.errors import UserError
-from smore.evaluation.evaluate import DEFAULT_SCORINGS, SCORINGS, evaluate_detailed
+from smore.evaluation.evaluate import SCORINGS, default_scorings, evaluate_detailed
 from smore.evaluation.evaluate import __doc__ as METRICS_HELP
 from smore.evaluation.report import examples_path, format_metrics, write_report
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +54,8 @@ def eval_command(
     output: str | os.PathLike = "eval_results.json",
     *,
     max_new_tokens: int | None = None,
-    methods: str | Sequence[str] = DEFAULT_SCORINGS,
+    methods: str | Sequence[str] | None = None,
+    format: str | None = None,
     device: str | None = None,
     dtype: str = "auto",
     tokenizer_path: str | None = None,
@@ -62,21 +66,35 @@ def eval_command(
     the adapter saved in ``adapter_path``; evaluate; write the report to ``output``, every example's outputs beside
     it (:func:`~smore.evaluation.report.examples_path`), and return the report.
 
+    Multiple-choice tasks are asked in ``format`` (:data:`smore.data.EVAL_FORMATS`), by default the one the adapter
+    was trained in (:func:`smore.data.read_training_format`), else ``cloze``; another format than the trained one
+    is scored with a warning, and the report's ``format`` says what was scored. ``methods`` default to the
+    format's (:func:`~smore.evaluation.evaluate.default_scorings`).
+
     An existing report is refused unless ``overwrite``. The tokenizer comes from ``tokenizer_path``, else from the
     adapter folder when it holds one (training may have set a chat template), else from ``model_path``. Every
     task's data load before the model does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = _task_list(tasks)
-    methods = _task_list(methods) if isinstance(methods, str) else list(methods)
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r} must be one of {list(DTYPES)}.")
+    trained = read_training_format(adapter_path) if adapter_path is not None else None
+    scored_format = format or (trained.format if trained else CLOZE)
+    defaults = default_scorings(scored_format)  # refuses an unknown format before anything loads
+    if methods is None:
+        methods = list(defaults)
+    else:
+        methods = _task_list(methods) if isinstance(methods, str) else list(methods)
     check_output(output, overwrite)
     examples = {name: load_task(name, limit) for name in names}
     if tokenizer_path is None:
         has_tokenizer = adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file()
         tokenizer_path = adapter_path if has_tokenizer else model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if trained is not None and trained.chat_template != chat_template:
+        _warn_chat_template(trained.chat_template, tokenizer_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
     if adapter_path is not None:
         load_adapter(model, adapter_path)
@@ -90,6 +108,8 @@ def eval_command(
         max_new_tokens=max_new_tokens,
         methods=methods,
         code_timeout=code_timeout,
+        format=scored_format,
+        trained_format=trained.format if trained else None,
     )
     config = {
         "tasks": names,
@@ -97,13 +117,24 @@ def eval_command(
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "methods": list(methods),
+        "format": scored_format,
+        "chat_template": chat_template,
         "dtype": dtype,
         "device": device,
         "tokenizer": str(tokenizer_path),
         "code_timeout": code_timeout,
     }
     return write_report(output, evaluation.metrics, model=model_path, adapter=adapter_path, config=config,
-                        examples=evaluation.examples)  # fmt: skip
+                        examples=evaluation.examples, format=evaluation.format,
+                        trained_format=evaluation.trained_format)  # fmt: skip
+
+
+def _warn_chat_template(trained_with: bool, tokenizer_path: str) -> None:
+    """Training rendered its prompts with a chat template and this tokenizer has none, or the other way round."""
+    with_or_without, has = ("with", "none") if trained_with else ("without", "one")
+    logger.warning("the adapter was trained %s a chat template, but the tokenizer of %s has %s; prompts are rendered "
+                   "differently from training (pass --tokenizer with the training tokenizer).", with_or_without,
+                   tokenizer_path, has)  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -117,6 +148,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.output,
         max_new_tokens=args.max_new_tokens,
         methods=args.methods,
+        format=args.format,
         device=args.device,
         dtype=args.dtype,
         tokenizer_path=args.tokenizer,
@@ -124,7 +156,11 @@ def run_eval(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     written = f"written to {args.output} (every example's outputs: {examples_path(args.output)})"
-    sys.stdout.write(format_metrics(document["metrics"]) + f"\n{written}\n")
+    scored = document["format"]
+    trained = f", trained in {scored['trained']}" if scored["trained"] else ""
+    asked = f"multiple choice asked in the {scored['scored']} format{trained}"
+    warning = f"warning: {scored['warning']}\n" if scored["warning"] else ""
+    sys.stdout.write(format_metrics(document["metrics"]) + f"\n{asked}\n{warning}{written}\n")
     return 0
 
 
@@ -148,7 +184,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, help="generation length for every task (default by kind)")
     parser.add_argument(
-        "--methods", default=",".join(DEFAULT_SCORINGS), help=f"multiple-choice scoring, some of {','.join(SCORINGS)}"
+        "--methods",
+        help=f"multiple-choice scoring, some of {','.join(SCORINGS)} (default: the format's; loglik,generate for "
+        "cloze)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=list(EVAL_FORMATS),
+        help="how multiple-choice questions are asked: cloze (the benchmarks' templates, no chat template), answer / "
+        "options (the answer in words, as training renders it), letter (the paper's lettered prompt); default: the "
+        "format the adapter was trained in, else cloze",
     )
     parser.add_argument(
         "--output",

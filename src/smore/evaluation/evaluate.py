@@ -23,6 +23,12 @@ free form           (``file:`` records of the instruction, chat, sharegpt, promp
 every task          ``n``, the number of examples scored
 ==================  ==========================================================================================
 
+Multiple-choice questions are asked in a question format (``format``, :mod:`smore.data.questions`): ``cloze`` (the
+default: the benchmarks' own templates above, no chat template), or as training asked them, ``answer`` / ``options``
+(each choice scored as the assistant's answer in words) or ``letter`` (each letter as the answer to the paper's
+lettered prompt); ``smore eval --adapter`` defaults to the format the adapter was trained in, and warns when told
+another. The lettered scorings (``letter``, ``generate``) read the lettered prompt in every format.
+
 Generation prompts are built by :func:`smore.data.encode_prompt`, so a model is asked exactly as it was
 trained (the tokenizer's chat template when it has one, else the plain format). HumanEval without a chat template
 is the usual completion of the function's prompt; with one, the prompt is sent as an instruction and the first
@@ -50,7 +56,10 @@ from tqdm.auto import tqdm
 
 from smore.constants import IGNORE_INDEX
 from smore.data import (
+    CLOZE,
+    EVAL_FORMATS,
     LETTERS,
+    QUESTION_FORMATS,
     CodeExample,
     Example,
     FreeFormExample,
@@ -58,6 +67,7 @@ from smore.data import (
     MathExample,
     MCExample,
     TaskExample,
+    as_scored,
     encode,
     encode_prompt,
     load_task,
@@ -65,7 +75,7 @@ from smore.data import (
 )
 from smore.errors import UserError
 from smore.evaluation.generation import generate, pad_id
-from smore.evaluation.report import Metrics
+from smore.evaluation.report import Metrics, format_mismatch
 from smore.evaluation.sandbox import run_untrusted
 from smore.evaluation.scoring import (
     extract_choice,
@@ -88,7 +98,7 @@ SCORINGS = ("loglik", "letter", "generate", "answer")
 """How multiple-choice tasks can be scored (the ``methods`` of :func:`evaluate`); GSM8K and HumanEval are always
 generated. Not to be confused with ``smore.METHODS``, the adapter methods."""
 DEFAULT_SCORINGS = ("loglik", "generate")
-"""The paper's two ways (the harness' log-likelihood and OpenCompass' generation)."""
+"""The paper's two ways (the harness' log-likelihood and OpenCompass' generation): the cloze format's scorings."""
 MAX_NEW_TOKENS: dict[Kind, int] = {"multiple_choice": 16, "math": 256, "code": 512, "free_form": 128}
 """Default generation lengths: a letter (and a few words around it), a worked solution, a function body, a reply."""
 
@@ -96,12 +106,25 @@ Row = dict[str, Any]
 """One example's outputs: what it was asked, what the model gave, whether it was right (JSON-ready)."""
 
 
+def default_scorings(format: str) -> tuple[str, ...]:
+    """The scorings of multiple-choice tasks in a question format unless ``methods`` says otherwise: the cloze
+    format's :data:`DEFAULT_SCORINGS`, else the format's log-likelihood (or letter) way and its generative twin."""
+    if format not in EVAL_FORMATS:
+        raise UserError(f"format={format!r} is not a question format; choose one of {list(EVAL_FORMATS)}.")
+    return DEFAULT_SCORINGS if format == CLOZE else QUESTION_FORMATS[format].scorings
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """The metrics per task and, per task, one :data:`Row` per example, in example order."""
+    """The metrics per task and, per task, one :data:`Row` per example, in example order; the question format the
+    multiple-choice tasks were scored in, the one the adapter was trained in (when known) and the warning when
+    they differ."""
 
     metrics: dict[str, Metrics]
     examples: dict[str, list[Row]]
+    format: str = CLOZE
+    trained_format: str | None = None
+    format_warning: str | None = None
 
 
 MATH_STOP = ("Question:", "\n\n\n")
@@ -118,10 +141,12 @@ def evaluate_detailed(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    methods: Sequence[str] = DEFAULT_SCORINGS,
+    methods: Sequence[str] | None = None,
     code_timeout: float = 10.0,
     code_workers: int = 4,
     progress: bool = True,
+    format: str | None = None,
+    trained_format: str | None = None,
 ) -> Evaluation:
     """Metrics per task (see the module docstring) and every example's outputs.
 
@@ -132,10 +157,20 @@ def evaluate_detailed(
         batch_size: sequences per forward pass, for scoring and for generation.
         max_new_tokens: generation length for every task (default: :data:`MAX_NEW_TOKENS` by kind; for
             ``"answer"``, at least the longest choice and 4 tokens more).
-        methods: some of :data:`SCORINGS` for multiple-choice tasks.
+        methods: some of :data:`SCORINGS` for multiple-choice tasks (default: :func:`default_scorings` of the
+            format).
         code_timeout: seconds each HumanEval program may run.
         code_workers: HumanEval programs run at once (each in its own process).
+        format: the question format multiple-choice tasks are asked in (:data:`smore.data.EVAL_FORMATS`; see
+            :mod:`smore.data.questions`); default ``trained_format``, else ``"cloze"``. GSM8K, HumanEval and
+            free-form records are always rendered as training renders them.
+        trained_format: the format the model's adapter was trained in (``smore train`` writes it beside the adapter:
+            :func:`smore.data.read_training_format`); a ``format`` other than it is scored anyway, with a warning
+            (logged, and in :attr:`Evaluation.format_warning`).
     """
+    format = format or trained_format or CLOZE
+    scorings = default_scorings(format)  # checks the format, whatever the tasks
+    methods = scorings if methods is None else methods
     unknown = [m for m in methods if m not in SCORINGS]
     if unknown or not methods:
         raise UserError(f"methods={list(methods)} must be a non-empty subset of {list(SCORINGS)}.")
@@ -145,6 +180,10 @@ def evaluate_detailed(
         loaded = {name: list(examples)[:limit] for name, examples in tasks.items()}
     else:
         loaded = {name: load_task(name, limit) for name in tasks}  # every task loads before any is scored
+    loaded = {name: _in_format(examples, format, tokenizer) for name, examples in loaded.items()}
+    warning = format_mismatch(format, trained_format)
+    if warning:
+        logger.warning(warning)
     if "answer" in methods:  # refused before anything is scored, so no task's scores are thrown away
         for examples in loaded.values():
             for ex in examples:
@@ -173,7 +212,7 @@ def evaluate_detailed(
             logger.info("%s: %s", name, results[name])
     finally:
         model.train(training)  # leave the model in the mode it came in
-    return Evaluation(results, rows)
+    return Evaluation(results, rows, format, trained_format, warning)
 
 
 def evaluate(
@@ -184,15 +223,26 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    methods: Sequence[str] = DEFAULT_SCORINGS,
+    methods: Sequence[str] | None = None,
     code_timeout: float = 10.0,
     code_workers: int = 4,
     progress: bool = True,
+    format: str | None = None,
+    trained_format: str | None = None,
 ) -> dict[str, Metrics]:
     """Metrics per task (see the module docstring): :func:`evaluate_detailed` without the per-example rows."""
     return evaluate_detailed(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, methods=methods, code_timeout=code_timeout,
-                             code_workers=code_workers, progress=progress).metrics  # fmt: skip
+                             code_workers=code_workers, progress=progress, format=format,
+                             trained_format=trained_format).metrics  # fmt: skip
+
+
+def _in_format(examples: Sequence[TaskExample], format: str, tokenizer) -> list[TaskExample]:
+    """A multiple-choice task's examples asked in ``format``; any other task's as they are."""
+    examples = list(examples)
+    if examples and all(isinstance(ex, MCExample) for ex in examples):
+        return as_scored(examples, format, tokenizer)
+    return examples
 
 
 def _kind_of(examples: Sequence[TaskExample]) -> Kind:

@@ -12,11 +12,23 @@ from typing import Any
 
 from smore._version import __version__
 from smore.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from smore.data import CLOZE
 from smore.errors import UserError
 from smore.files import atomic_write, read_json_object, sha256_file, write_json
 
 Metrics = dict[str, float | int]
 """One task's metrics by name (``n``, ``acc``, ...)."""
+
+
+def format_mismatch(scored: str, trained: str | None) -> str | None:
+    """The warning when a model is scored in another question format than its adapter was trained in (``None``
+    when it is not): the scores then measure the format as much as the adapter."""
+    if trained is None or scored == trained:
+        return None
+    return (
+        f"the adapter was trained in the {trained!r} question format but is scored in {scored!r}; scored anyway, "
+        f"but its multiple-choice scores may understate what it learnt (drop --format, or pass --format {trained})."
+    )
 
 
 def adapter_hash(adapter: str | os.PathLike) -> str:
@@ -42,12 +54,16 @@ def write_report(
     adapter: str | os.PathLike | None = None,
     config: Mapping[str, Any] | None = None,
     examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    format: str = CLOZE,
+    trained_format: str | None = None,
 ) -> dict[str, Any]:
     """Write the metrics as JSON with what produced them, and return the document.
 
     The document holds ``smore_version``, ``timestamp`` (UTC), ``model``, ``adapter`` (its path, the SHA-256 of its
     weights and its saved config; ``null`` for the base model), ``config`` (the evaluation settings),
-    ``num_examples`` per task and ``metrics``. With ``examples`` (per task, one row per example, as
+    ``format`` (the question format the multiple-choice tasks were scored in, ``scored``; the one the adapter was
+    trained in, ``trained``, ``null`` when unknown; and ``warning`` when the two differ), ``num_examples`` per task
+    and ``metrics``. With ``examples`` (per task, one row per example, as
     :func:`~smore.evaluation.evaluate.evaluate_detailed` gives them), those rows are written to
     :func:`examples_path` (one JSON object per line, each with its ``task``) and the document names that file
     under ``examples_file``."""
@@ -65,6 +81,7 @@ def write_report(
         "model": model,
         "adapter": adapter_info,
         "config": dict(config or {}),
+        "format": {"scored": format, "trained": trained_format, "warning": format_mismatch(format, trained_format)},
         "num_examples": {task: values["n"] for task, values in metrics.items()},
         "metrics": {task: dict(values) for task, values in metrics.items()},
     }

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from smore.adapter_io import restore_adapter, save_adapter
 from smore.compat import enable_checkpointing
 from smore.constants import IGNORE_INDEX
-from smore.data import SFTDataset, collate, load_training_records
+from smore.data import SFTDataset, collate, load_training_records, write_training_format
 from smore.errors import UserError
 from smore.files import atomic_write
 from smore.inject import adapt, aux_loss, summary
@@ -772,6 +772,7 @@ def _finish(run: _Run) -> TrainResult:
     adapter_dir = run.output / "adapter"
     if run.main:
         save_adapter(run.unwrapped, adapter_dir)
+        write_training_format(adapter_dir, run.dataset.training_format)  # smore eval --adapter scores it so
         if run.history:
             plot_losses(run.history, run.output / "logs" / "loss.png")
         if run.health:
