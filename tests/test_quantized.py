@@ -132,9 +132,12 @@ def test_an_eval_forward_leaves_the_gradients_through_4bit_layers_intact(folder)
     """bitsandbytes repacks a 4-bit weight for a CPU kernel without backward at its first eval forward without
     gradients (a held-out loss, T-REX's prior); the adapters below would then get no gradient through it."""
 
-    def first_layer_gradients(eval_first: bool) -> torch.Tensor:
+    def first_layer_gradients(eval_first: bool, before_adapt: bool = False) -> torch.Tensor:
         torch.manual_seed(0)
-        model = smore.adapt(quantized(folder, "4bit"), smore.LoRAConfig(rank=4, target_modules=["q_proj"]))
+        model = quantized(folder, "4bit")
+        if before_adapt:  # the base already repacked when it is adapted
+            logits(model, tiny_batch())
+        model = smore.adapt(model, smore.LoRAConfig(rank=4, target_modules=["q_proj"]))
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
@@ -148,7 +151,12 @@ def test_an_eval_forward_leaves_the_gradients_through_4bit_layers_intact(folder)
         assert all(p.grad is not None for p in delta.parameters())
         return torch.cat([p.grad.flatten() for p in delta.parameters()])
 
-    torch.testing.assert_close(first_layer_gradients(True), first_layer_gradients(False))
+    expected = first_layer_gradients(False)
+    torch.testing.assert_close(first_layer_gradients(True), expected)
+    # Repacked before adapt: the gradient flows again, through weights whose scales bitsandbytes' repacking rounded
+    # to bf16 (its inverse is not exact), so it is close to the other one, not equal.
+    repacked = first_layer_gradients(False, before_adapt=True)
+    assert torch.nn.functional.cosine_similarity(repacked, expected, dim=0) > 0.99
 
 
 @needs_bnb

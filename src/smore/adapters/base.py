@@ -56,7 +56,8 @@ def keep_quantized_differentiable(model: nn.Module) -> None:
     bitsandbytes repacks a ``Linear4bit`` weight for its CPU inference kernel at the first eval-mode forward
     without gradients (a held-out loss, T-REX's prior, generation) and then computes every later call, training
     ones included, with that kernel, which has no backward: the adapters below the layer would silently receive no
-    gradient through it. The repacking is turned off (and undone where it already happened).
+    gradient through it. The repacking is turned off, and undone where it already happened (bitsandbytes' inverse
+    keeps the bf16 scales the repacking rounded to, so such a base computes slightly differently than before).
     """
     for module in model.modules():
         if not getattr(module, "support_avx512bf16_for_cpu", False):
