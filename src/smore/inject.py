@@ -26,7 +26,9 @@ from smore.adapters.base import (
     ForwardContext,
     adapted_modules,
     ffn_features,
+    keep_quantized_differentiable,
     linear_features,
+    parameter_count,
 )
 from smore.adapters.method import Method
 from smore.config import AdapterConfig
@@ -89,6 +91,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, adapter_dtype: torch.dtype
         wrapper.delta.to(device=weight.device, dtype=dtype)
         wrapper.delta.train(base.training)  # a new module starts in training mode; follow the model's mode
         wrappers[name] = wrapper
+    keep_quantized_differentiable(model)  # a bitsandbytes 4-bit base on CPU: see there
     state.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
@@ -192,7 +195,7 @@ def summary(model: nn.Module) -> AdapterSummary:
     """A summary of the adapter on ``model``; ``print(smore.summary(model))`` shows it as a table."""
     state = state_of(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(parameter_count(p) for p in model.parameters())
     kinds = {name: type(m.base_layer).__name__ for name, m in adapted_modules(model).items()}
     return AdapterSummary(state.config.method, dict(state.modules), kinds, trainable, total)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator
 
 import torch
@@ -24,12 +25,51 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but the 
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a supported linear layer, ``None`` for any other module."""
+    """(in_features, out_features) of a supported linear layer, ``None`` for any other module. Read from the
+    layer's attributes, not its weight: a bitsandbytes ``Linear4bit`` (an ``nn.Linear``) stores its weight packed,
+    two 4-bit values per byte in one column."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if Conv1D is not None and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     return None
+
+
+def input_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to feed ``module``'s frozen projection with: its weight's, or ``dtype`` (the activations') when the
+    weight is quantized (bitsandbytes' uint8/int8 storage): such a layer casts its input to its own compute dtype,
+    and a cast to the storage dtype would round the activations to integers."""
+    weight = getattr(module, "weight", None)
+    return weight.dtype if weight is not None and weight.dtype.is_floating_point else dtype
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """Elements of the weight ``param`` stands for: a bitsandbytes 4-bit weight packs two per byte, and its
+    ``quant_state`` keeps the original shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
+def keep_quantized_differentiable(model: nn.Module) -> None:
+    """Keep gradients flowing through the frozen 4-bit layers of ``model`` on CPU.
+
+    bitsandbytes repacks a ``Linear4bit`` weight for its CPU inference kernel at the first eval-mode forward
+    without gradients (a held-out loss, T-REX's prior, generation) and then computes every later call, training
+    ones included, with that kernel, which has no backward: the adapters below the layer would silently receive no
+    gradient through it. The repacking is turned off, and undone where it already happened (bitsandbytes' inverse
+    keeps the bf16 scales the repacking rounded to, so such a base computes slightly differently than before).
+    """
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
 
 
 class ForwardContext:

@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smore.adapters.base import AdaptedFFN, AdaptedLinear, AdapterWrapper, ForwardContext, ffn_features, linear_features
+from smore.adapters.base import (
+    AdaptedFFN,
+    AdaptedLinear,
+    AdapterWrapper,
+    ForwardContext,
+    ffn_features,
+    input_dtype,
+    linear_features,
+)
 from smore.adapters.lora import LoRAConfig, build_lora
 from smore.adapters.method import (
     CostModel,
@@ -177,7 +185,7 @@ class MixLoRAFFN(nn.Module):
         weights = weights.unsqueeze(-1)  # (N, k, 1)
         slot_mask = F.one_hot(indices, self.num_experts).to(x.dtype)  # (N, k, E)
         slot_mask = slot_mask.repeat_interleave(self.rank, dim=-1)  # (N, k, E·r): keep the slot's expert block
-        base_x = x.to(base.gate_proj.weight.dtype)
+        base_x = x.to(input_dtype(base.gate_proj, x.dtype))
         gate = base.gate_proj(base_x).to(x.dtype).unsqueeze(1)  # (N, 1, d_ff), shared by the experts
         up = base.up_proj(base_x).to(x.dtype).unsqueeze(1)
         if "gate_proj" in self.lora_A:
@@ -186,7 +194,7 @@ class MixLoRAFFN(nn.Module):
             up = up + self._up("up_proj", self._expert_hidden("up_proj", x, slot_mask))
         hidden = base.act_fn(gate) * up  # (N, k, d_ff)
         mixed = (weights * hidden).sum(dim=1)  # Σ_j p_j h_j, since down_proj is linear and Σ_j p_j = 1
-        y = base.down_proj(mixed.to(base.down_proj.weight.dtype)).to(x.dtype)
+        y = base.down_proj(mixed.to(input_dtype(base.down_proj, x.dtype))).to(x.dtype)
         if "down_proj" in self.lora_A:  # Σ_j p_j B_j A_j h_j = B (Σ_j p_j masked A h_j): one B matmul per token
             y = y + self._up("down_proj", (weights * self._expert_hidden("down_proj", hidden, slot_mask)).sum(dim=1))
         return y  # (N, d)
@@ -206,7 +214,7 @@ class MixLoRAFFN(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order.div(k, rounding_mode="floor")  # (M = N·k,): the token of each sorted slot
         slot_weights = weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (M, 1)
-        base_x = x.to(base.gate_proj.weight.dtype)
+        base_x = x.to(input_dtype(base.gate_proj, x.dtype))
         gate = base.gate_proj(base_x).to(x.dtype).index_select(0, tokens)  # (M, d_ff)
         up = base.up_proj(base_x).to(x.dtype).index_select(0, tokens)
         if "gate_proj" in self.lora_A or "up_proj" in self.lora_A:
@@ -217,7 +225,7 @@ class MixLoRAFFN(nn.Module):
                 up = up + self._grouped_lora("up_proj", rows, counts)
         hidden = base.act_fn(gate) * up  # (M, d_ff)
         mixed = x.new_zeros(n, hidden.shape[-1]).index_add(0, tokens, slot_weights * hidden)  # Σ_j p_j h_j
-        y = base.down_proj(mixed.to(base.down_proj.weight.dtype)).to(x.dtype)
+        y = base.down_proj(mixed.to(input_dtype(base.down_proj, x.dtype))).to(x.dtype)
         if "down_proj" in self.lora_A:
             update = self._grouped_lora("down_proj", self.dropout(hidden), counts)  # (M, d)
             y = y.index_add(0, tokens, slot_weights * update)

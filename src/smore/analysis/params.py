@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from smore.adapters.base import parameter_count
 from smore.adapters.method import CostModel, Counts
 from smore.adapters.smore import PaperOverhead, paper_overhead
 from smore.config import AdapterConfig
@@ -128,7 +129,7 @@ def model_report(model: nn.Module, config: AdapterConfig) -> ModelReport:
     if not isinstance(config, AdapterConfig):
         raise UserError(f"config must be an AdapterConfig (e.g. SMoREConfig), got {type(config).__name__}.")
     cost_model(config.method)  # fail before walking the model if the method has no cost model
-    report = ModelReport(method=config.method, base_parameters=sum(p.numel() for p in model.parameters()))
+    report = ModelReport(method=config.method, base_parameters=sum(parameter_count(p) for p in model.parameters()))
     method = get_method(config.method)
     targets = method.find(model, config)
     cache: dict[tuple[str, int, int], LayerReport] = {}  # many layers share a shape; the formulas only see it

@@ -8,6 +8,7 @@ loaded)::
     adapter: {method: smore, num_experts: [4, 4], ...}   # any method of the registry
     data: {train_file: train.jsonl, eval_file: null, format: null, max_length: 512}
     train: {learning_rate: 1.0e-4, epochs: 2, global_batch_size: 32, micro_batch_size: 8, precision: bf16, ...}
+    quantization: {load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16}   # or null
 
 Overrides address nested keys with dots: ``train.learning_rate=3e-4 adapter.ranks=[4,4]`` (values are YAML).
 """
@@ -15,6 +16,7 @@ Overrides address nested keys with dots: ``train.learning_rate=3e-4 adapter.rank
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -133,15 +135,21 @@ class RunConfig:
     adapter: AdapterConfig
     data: DataConfig
     train: OptimConfig = field(default_factory=OptimConfig)
+    quantization: dict[str, Any] | None = None
+    """Load the base quantized (QLoRA-style): the keyword arguments of transformers' ``BitsAndBytesConfig``, e.g.
+    ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``; null: the base in full precision. Needs bitsandbytes."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "model": self.model,
             "output_dir": self.output_dir,
             "adapter": self.adapter.to_dict(),
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
         }
+        if self.quantization is not None:  # absent when off, as in the run configs written before the key existed
+            document["quantization"] = dict(self.quantization)
+        return document
 
 
 RESUMABLE = {
@@ -226,11 +234,36 @@ def _section(cls: type, values: Any, prefix: str):
     return cls(**checked)
 
 
+def check_quantization(values: Any) -> dict[str, Any] | None:
+    """The ``quantization`` mapping if transformers' ``BitsAndBytesConfig`` takes it and bitsandbytes is installed,
+    so that a run fails here and not after the data is read."""
+    if values is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    known = sorted(set(inspect.signature(BitsAndBytesConfig).parameters) - {"self", "kwargs"})
+    if not isinstance(values, dict):
+        raise UserError(f"quantization={values!r} must be a mapping of BitsAndBytesConfig arguments ({known}) or null.")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"unknown key(s) {[f'quantization.{k}' for k in unknown]}; quantization takes {known}.")
+    if [bool(values.get("load_in_4bit")), bool(values.get("load_in_8bit"))].count(True) != 1:
+        raise UserError("quantization needs exactly one of load_in_4bit: true or load_in_8bit: true (or null).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise UserError(
+            "quantization needs bitsandbytes, which is not installed: pip install bitsandbytes "
+            "(or set quantization: null to train on the full-precision base)."
+        ) from error
+    return dict(values)
+
+
 def run_config_from_dict(document: Any) -> RunConfig:
     """Build and check a :class:`RunConfig` from its YAML mapping."""
     if not isinstance(document, dict):
         raise UserError("a run config must be a mapping with keys model, output_dir, adapter, data, train.")
-    known = {"model", "output_dir", "adapter", "data", "train"}
+    known = {"model", "output_dir", "adapter", "data", "train", "quantization"}
     unknown = sorted(set(document) - known)
     if unknown:
         raise UserError(f"unknown top-level key(s) {unknown}; a run config takes {sorted(known)}.")
@@ -250,6 +283,7 @@ def run_config_from_dict(document: Any) -> RunConfig:
         adapter=adapter,
         data=_section(DataConfig, document["data"], "data"),
         train=_section(OptimConfig, document.get("train"), "train"),
+        quantization=check_quantization(document.get("quantization")),
     )
 
 

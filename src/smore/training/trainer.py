@@ -184,9 +184,13 @@ def _load_tokenizer(config: RunConfig):
 
 
 def _load_model(config: RunConfig):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(config.model)
+    if config.quantization is None:
+        return AutoModelForCausalLM.from_pretrained(config.model)
+    # The base frozen and quantized (QLoRA-style); the adapters take float32 (adapt's choice for non-float bases).
+    quantization = BitsAndBytesConfig(**config.quantization)
+    return AutoModelForCausalLM.from_pretrained(config.model, quantization_config=quantization)
 
 
 class _Logger:
