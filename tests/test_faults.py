@@ -100,6 +100,11 @@ for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        # tqdm's write lock, made while the zygote loaded, is a semaphore shared by every forked sibling: a run
+        # killed while holding it would block the next one forever. Each run takes a lock of its own.
+        import threading, tqdm.std, tqdm.auto
+        for bar in {tqdm.std.tqdm, tqdm.auto.tqdm}:
+            bar.set_lock(threading.RLock())
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(log, 1)
         os.dup2(log, 2)
