@@ -236,3 +236,39 @@ def test_a_folder_of_whole_model_weights_is_named_as_such(tmp_path):
     tiny_llama().save_pretrained(tmp_path)  # what save_pretrained wrote before it saved the adapter
     with pytest.raises(smore.UserError, match=r"whole model's weights .* not a smore adapter"):
         smore.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_merge_and_unload_folds_a_lora_into_the_base_and_returns_the_base_model():
+    model, batch = trained_like(smore.LoRAConfig(rank=4, target_modules=["q_proj", "up_proj"])), tiny_batch()
+    adapted = logits(model, batch)
+    merged = model.merge_and_unload()
+    assert merged is model and getattr(merged, "smore_state", None) is None and not smore.adapted_modules(merged)
+    assert "merge_and_unload" not in vars(merged)
+    torch.testing.assert_close(logits(merged, batch), adapted, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(merged, batch), logits(tiny_llama(), batch))
+
+
+def test_safe_merge_refuses_non_finite_weights_and_leaves_the_model_as_it_was():
+    model = trained_like(smore.LoRAConfig(rank=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("lora_B.weight")).fill_(float("inf"))
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(smore.UserError, match="non-finite"):
+        model.merge_and_unload(safe_merge=True)
+    assert model.smore_state is not None
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["smore", "mixlora"])
+@pytest.mark.parametrize("call", ["merge_and_unload", "merge_adapter"])
+def test_merging_a_routed_adapter_says_why_it_cannot(method, call):
+    model = trained_like(CONFIGS[method]())
+    with pytest.raises(smore.UserError, match=r"routed, so it depends on each token's input.*W0"):
+        getattr(model, call)()
+    assert model.smore_state is not None and smore.adapted_modules(model)
+
+
+def test_merge_adapter_on_a_lora_points_to_merge_and_unload():
+    model = trained_like(CONFIGS["lora"]())
+    with pytest.raises(smore.UserError, match=r"merge_and_unload\(\)"):
+        model.merge_adapter()

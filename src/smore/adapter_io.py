@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from smore._version import __version__
+from smore.adapters.base import adapted_modules
 from smore.config import AdapterConfig
 from smore.errors import UserError
 from smore.files import (
@@ -94,7 +95,51 @@ def save_pretrained(
         save_adapter(model, save_directory, state_dict=state_dict)
 
 
+def merge_and_unload(model: nn.Module, progressbar: bool = False, safe_merge: bool = False, **ignored) -> nn.Module:
+    """``model.merge_and_unload()`` of an adapted model, as PEFT's: fold each adapter into its base weight and return
+    the base model (the wrappers removed), which computes what the adapted model did without the adapter's cost.
+
+    Only a method whose record has a ``merge`` (plain LoRA) can; a routed adapter raises a ``UserError`` saying why.
+    ``safe_merge``: refuse a merge that gives non-finite weights (PEFT's check) and put the weights back.
+    """
+    merge = _merge_of(state_of(model).config, "merge_and_unload()")
+    wrappers = adapted_modules(model)
+    originals = {name: w.base_layer.weight.detach().clone() for name, w in wrappers.items()} if safe_merge else {}
+    for wrapper in wrappers.values():
+        merge(wrapper)
+    broken = [name for name in originals if not torch.isfinite(wrappers[name].base_layer.weight).all()]
+    if broken:
+        with torch.no_grad():
+            for name, weight in originals.items():
+                wrappers[name].base_layer.weight.copy_(weight)
+        raise UserError(f"merging the adapter gives non-finite weights in {broken[:5]}; the model is unchanged.")
+    return remove_adapter(model)
+
+
+def merge_adapter(model: nn.Module, *args, **kwargs) -> None:
+    """``model.merge_adapter()``: PEFT keeps merged weights and the adapter side by side (to unmerge later); smore
+    does not, so this names the call that does what can be done."""
+    _merge_of(state_of(model).config, "merge_adapter()")
+    raise UserError(
+        "merge_adapter() is not supported: smore keeps no merged-but-attached state to unmerge later. Call "
+        "model.merge_and_unload() to fold the LoRA into the base weights and get the base model back."
+    )
+
+
+def _merge_of(config: AdapterConfig, call: str):
+    merge = method_of(config).merge
+    if merge is None:
+        raise UserError(
+            f"{call} has no meaning for a {config.method!r} adapter: its delta is routed, so it depends on each "
+            "token's input and cannot be folded into the frozen weight W0. Keep the adapter attached (or save it "
+            "with smore.save_adapter); only a plain LoRA (smore.LoRAConfig) merges."
+        )
+    return merge
+
+
 MODEL_CALLS["save_pretrained"] = save_pretrained
+MODEL_CALLS["merge_and_unload"] = merge_and_unload
+MODEL_CALLS["merge_adapter"] = merge_adapter
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:

@@ -113,6 +113,17 @@ def lora_flops_per_token(config: LoRAConfig, in_features: int, out_features: int
     return lora_parameter_counts(config, in_features, out_features)
 
 
+def merge_lora(wrapper: nn.Module) -> None:
+    """Fold ``(alpha / r) B A`` into the base weight of ``wrapper`` (an ``AdaptedLinear``), in the base's dtype;
+    transformers' ``Conv1D`` stores its weight as (d_in, d_out), the transpose of ``nn.Linear``'s."""
+    base, delta = wrapper.base_layer, wrapper.delta
+    with torch.no_grad():
+        update = (delta.lora_B.weight.float() @ delta.lora_A.weight.float()) * delta.scaling  # (d_out, d_in)
+        if not isinstance(base, nn.Linear):  # Conv1D, the only other layer AdaptedLinear wraps
+            update = update.T
+        base.weight.add_(update.to(device=base.weight.device, dtype=base.weight.dtype))
+
+
 METHOD = Method(
     name="lora",
     config_class=LoRAConfig,
@@ -124,4 +135,5 @@ METHOD = Method(
         describe=lambda c: f"r={c.rank}",
         gamma=lambda c: 1,
     ),
+    merge=merge_lora,
 )

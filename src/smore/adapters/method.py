@@ -155,6 +155,10 @@ class Method:
     other modules (MixLoRA's MLP blocks) give ``wrap(config, name, module, context) -> AdapterWrapper``, set
     ``block_level`` and their own ``find``; ``layer_config(config, module)`` names the config that sizes one target
     (MixLoRA's attention projections carry a plain LoRA).
+
+    ``merge(wrapper)`` folds one adapted layer's delta into its frozen base weight, for PEFT's ``merge_and_unload()``:
+    only a method whose delta is one fixed matrix has it (LoRA, ``W0 + (alpha/r) B A``); a routed delta depends on
+    each token's routing, so no single matrix added to ``W0`` computes it, and its record leaves ``merge`` ``None``.
     """
 
     name: str
@@ -167,3 +171,4 @@ class Method:
     layer_config: Callable[[Any, nn.Module], AdapterConfig] = _same_config
     block_level: bool = False
     state: ModelState | None = None
+    merge: Callable[[nn.Module], None] | None = None
