@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     counts: dict[str, int] = {}
     references: dict[str, str] = {}
     for name, values in SMORE_CONFIGS.items():
-        model = smore.adapt(copy.deepcopy(base), smore.SMoREConfig(**values, target_modules=TARGETS))
+        model = smore.adapt(
+            copy.deepcopy(base), smore.SMoREConfig(**values, target_modules=TARGETS), aux_loss_in_output=False
+        )
         models[name], counts[name] = model, smore.summary(model).trainable
         rank = common.matched_lora_rank(counts[name], shapes)
         references[name] = f"PEFT LoRA r={rank}"

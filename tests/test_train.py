@@ -243,7 +243,7 @@ def test_aux_loss_is_weighted_like_the_cross_entropy_under_accumulation(workspac
     torch.manual_seed(config.train.seed)
     model = AutoModelForCausalLM.from_pretrained(workspace / "model")
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
-    smore.adapt(model, config.adapter)
+    smore.adapt(model, config.adapter, aux_loss_in_output=False)  # as the trainer does: out.loss is the CE alone
     model.train()
     dataset = SFTDataset(load_training_records(config.data.train_file), tokenizer, config.data.max_length)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.train.seed * 100003))
@@ -311,7 +311,7 @@ def test_response_loss_equals_the_models_own_loss_and_gradients(method):
     config = {"smore": smore.SMoREConfig(num_experts=[2, 3], top_k=[1, 2], ranks=[2, 2], router_dims=[8, 8],
                                          down_proj_dim=8, init="normal"),
               "lora": smore.LoRAConfig(rank=4)}[method]  # fmt: skip
-    model = smore.adapt(tiny_llama(0), config).train()
+    model = smore.adapt(tiny_llama(0), config, aux_loss_in_output=False).train()  # the model's loss: its CE alone
     generator = torch.Generator().manual_seed(3)
     input_ids = torch.randint(0, 128, (3, 12), generator=generator)
     labels = torch.full_like(input_ids, -100)

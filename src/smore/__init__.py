@@ -3,7 +3,7 @@
 Entry points::
 
     model = smore.adapt(model, smore.SMoREConfig(num_experts=[4, 4], top_k=[2, 2], ranks=[8, 8]))
-    loss = model(**batch).loss + smore.aux_loss(model)
+    loss = model(**batch, labels=labels).loss       # includes the routers' balance losses (outputs.aux_loss)
     print(smore.summary(model))
     with smore.disable_adapters(model): ...
     smore.save_adapter(model, "run/adapter"); smore.load_adapter(base_model, "run/adapter")
@@ -20,7 +20,7 @@ from smore.adapters.smore import SMoREConfig
 from smore.adapters.trex import TREXConfig, compute_prior, fit_prior, use_prior
 from smore.config import AdapterConfig
 from smore.errors import UserError
-from smore.inject import adapt, aux_loss, remove_adapter, summary
+from smore.inject import adapt, aux_loss, remove_adapter, set_aux_loss_in_output, summary
 from smore.registry import METHODS, config_from_dict, get_method
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "remove_adapter",
     "restore_adapter",
     "save_adapter",
+    "set_aux_loss_in_output",
     "summary",
     "use_prior",
 ]

@@ -8,12 +8,18 @@ model as ``model.smore_state``. Adapter files (save, load, restore) are :mod:`sm
 The adapted model also answers the calls PEFT users type first (:data:`MODEL_CALLS`: ``print_trainable_parameters``,
 and ``save_pretrained`` writing the adapter rather than the base), as attributes of that one instance: the class's
 own methods stay untouched for every other model, and :func:`remove_adapter` takes them away again.
+
+A call with ``labels`` returns a ``loss`` that already holds the adapters' balance losses, and the output carries the
+aux term as ``aux_loss``, as HF's own mixture-of-experts models do (:class:`AuxInOutput`), so HF ``Trainer``, TRL and
+hand-written loops train the routers without knowing about them; :func:`set_aux_loss_in_output` turns it off for a
+loop that adds :func:`aux_loss` itself (``smore train`` does, with its own token weighting).
 """
 
 from __future__ import annotations
 
 import logging
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +37,9 @@ from smore.adapters.base import (
     parameter_count,
 )
 from smore.adapters.method import Method
+from smore.checks import check_choice
 from smore.config import AdapterConfig
+from smore.constants import IGNORE_INDEX
 from smore.errors import UserError
 from smore.registry import method_of
 
@@ -53,6 +61,9 @@ class AdapterState:
     """What undoes the method's model-level state (T-REX's generate wrapper), for :func:`remove_adapter`."""
     calls: tuple[str, ...] = ()
     """The :data:`MODEL_CALLS` bound to the model by ``adapt``, for :func:`remove_adapter`."""
+    aux: AuxInOutput | None = None
+    """Puts the aux loss into the model's output (:func:`set_aux_loss_in_output`); its hooks go with ``aux_hooks``."""
+    aux_hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
 
 
 def _wrap_linear(method: Method, config: AdapterConfig, base: nn.Module, context: ForwardContext) -> AdapterWrapper:
@@ -66,17 +77,27 @@ def module_shape(module: nn.Module) -> tuple[int, int] | None:
     return linear_features(module) or ffn_features(module)
 
 
-def adapt(model: nn.Module, config: AdapterConfig, *, adapter_dtype: torch.dtype | None = None) -> nn.Module:
+def adapt(
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    adapter_dtype: torch.dtype | None = None,
+    aux_loss_in_output: bool = True,
+) -> nn.Module:
     """Wrap the target modules of ``model`` with the adapter ``config`` describes, freeze everything else.
 
     The model is changed in place and returned. New adapter weights take the device of each base module, its
     train/eval mode and its dtype (float32 for non-float bases), or ``adapter_dtype`` when given: ``torch.float32``
     keeps the adapters in full precision on a bf16/fp16 model, as PEFT does by default, so that small updates are not
-    rounded away. Every adapter is built before the model is touched, so a failure leaves it as it was;
-    :func:`remove_adapter` undoes a successful call.
+    rounded away. With ``aux_loss_in_output`` (the default) a call with ``labels`` returns a ``loss`` that includes
+    the adapters' balance losses and the output carries them as ``aux_loss`` (:func:`set_aux_loss_in_output`);
+    ``False`` for a loop that adds :func:`aux_loss` itself. Every adapter is built before the model is touched, so a
+    failure leaves it as it was; :func:`remove_adapter` undoes a successful call.
     """
     if getattr(model, "smore_state", None) is not None:
         raise UserError("this model already carries a smore adapter; load or adapt a fresh base model.")
+    if not isinstance(aux_loss_in_output, bool):
+        raise UserError(f"aux_loss_in_output={aux_loss_in_output!r} must be True or False.")
     method = method_of(config)
     targets = method.find(model, config)
     state = AdapterState(config=config)
@@ -102,6 +123,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, adapter_dtype: torch.dtype
         state.undo_setup = method.state.attach(model, config, state.context)
     state.hook = model.register_forward_pre_hook(state.context.hook, with_kwargs=True)
     _bind_calls(model, state)
+    _attach_aux(model, state, aux_loss_in_output)
     model.smore_state = state
     logger.info("adapted %d modules with %s", len(state.modules), config.method)
     return model
@@ -124,6 +146,10 @@ def remove_adapter(model: nn.Module) -> nn.Module:
         state.undo_setup()
     for name in state.calls:
         model.__dict__.pop(name, None)
+    for handle in state.aux_hooks:
+        handle.remove()
+    if state.aux is not None and state.aux.declared_router_logits:
+        del model.config.output_router_logits
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     del model.smore_state
@@ -161,6 +187,102 @@ def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
         )
     total = torch.stack([loss.float() for loss in losses]).sum()
     return total / len(losses) if reduction == "mean" else total
+
+
+class AuxInOutput:
+    """The adapters' balance losses in the model's own output, where trainers look for a loss.
+
+    A forward hook on the top-level model adds :func:`aux_loss` to ``outputs.loss`` (when the call had ``labels``)
+    and sets ``outputs.aux_loss`` (the unweighted term; added to the base's own when an MoE base returns one) in
+    training mode, as HF's MoE models do with ``output_router_logits``. Evaluation calls without ``labels`` (and
+    ``generate``) are left untouched. When the call carries ``num_items_in_batch`` (HF ``Trainer`` passes it: the
+    cross-entropy is then a sum over the whole accumulated batch divided by that count), the micro-batch's aux loss
+    is weighted by its share of those tokens, the weighting ``smore train`` uses, so accumulation does not multiply it.
+
+    TRL 1.16's ``SFTTrainer`` computes its loss from its fused head's log-probabilities, not ``outputs.loss``, and adds
+    ``router_aux_loss_coef * outputs.aux_loss`` when the model config declares ``output_router_logits``: so ``adapt``
+    declares it (``False``) on a config that has none, and drops the ``output_router_logits`` argument TRL then passes
+    (the base is not an MoE model and has no router logits to return). Either way the term is counted once.
+
+    The hooks are methods of this object, so ``deepcopy`` of the model rebinds them to the copy's own.
+    """
+
+    def __init__(self, enabled: bool, reduction: str = "sum", declared_router_logits: bool = False) -> None:
+        self.enabled, self.reduction = enabled, reduction
+        self.declared_router_logits = declared_router_logits
+        """``adapt`` added ``output_router_logits`` to the model config (for TRL); ``remove_adapter`` removes it."""
+        self.requested = False
+        self.warned = False
+
+    def before(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.requested = bool(kwargs.pop("output_router_logits", False)) if self.declared_router_logits else False
+        if self.requested and not self.enabled:
+            raise UserError(
+                "the trainer asks for the aux loss in the output (output_router_logits, e.g. TRL's "
+                "router_aux_loss_coef), but smore.set_aux_loss_in_output(model, False) turned it off; turn it on, "
+                "or set the trainer's coefficient to 0 (SFTConfig(router_aux_loss_coef=0.0))."
+            )
+        if kwargs.get("fused_lm_head") and self.enabled and not self.requested and model.training and not self.warned:
+            self.warned = True  # TRL's fused head: its loss comes from log-probabilities, not outputs.loss
+            warnings.warn(
+                "TRL computes this loss from its fused head and ignores outputs.loss, so the adapters' balance loss "
+                "is left out; pass SFTConfig(router_aux_loss_coef=1.0) to add outputs.aux_loss.",
+                stacklevel=2,
+            )
+        return args, kwargs
+
+    def after(self, model: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        labelled = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+        if not self.enabled or not (model.training or labelled):
+            return None
+        aux = aux_loss(model, reduction=self.reduction)
+        if isinstance(output, dict):  # a ModelOutput: item assignment sets the key and the attribute
+            if output.get("loss") is not None:
+                output["loss"] = output["loss"] + aux * _batch_share(kwargs)
+            if model.training:  # not in evaluation: Trainer would collect a 0-dim tensor among the predictions
+                own = output.get("aux_loss")
+                output["aux_loss"] = aux if own is None else own + aux
+            return output
+        if isinstance(output, tuple) and labelled and torch.is_tensor(output[0]) and output[0].dim() == 0:
+            return (output[0] + aux * _batch_share(kwargs), *output[1:])  # return_dict=False: the loss comes first
+        return None
+
+
+def _batch_share(kwargs: dict) -> torch.Tensor | float:
+    """This micro-batch's share of ``num_items_in_batch`` (the response tokens of the whole accumulated batch), or 1
+    when the call's loss is its own mean. Counted as HF ``Trainer`` counts: labels shifted, ``-100`` ignored."""
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None and kwargs.get("labels") is not None:
+        labels = kwargs["labels"][..., 1:]
+    if total is None or labels is None:
+        return 1.0
+    return (labels != IGNORE_INDEX).sum() / torch.as_tensor(total, device=labels.device).clamp(min=1)
+
+
+def _attach_aux(model: nn.Module, state: AdapterState, enabled: bool) -> None:
+    """Register the :class:`AuxInOutput` hooks of ``adapt`` on the top-level model."""
+    config = getattr(model, "config", None)
+    declare = config is not None and not hasattr(config, "output_router_logits")
+    if declare:
+        config.output_router_logits = False  # TRL adds outputs.aux_loss only for configs that declare it
+    state.aux = AuxInOutput(enabled, declared_router_logits=declare)
+    state.aux_hooks = (
+        model.register_forward_pre_hook(state.aux.before, with_kwargs=True),
+        model.register_forward_hook(state.aux.after, with_kwargs=True),
+    )
+
+
+def set_aux_loss_in_output(model: nn.Module, enabled: bool, *, reduction: str = "sum") -> None:
+    """Whether a call of the adapted model puts the adapters' balance losses into ``outputs.loss`` and
+    ``outputs.aux_loss`` (on by default, see :class:`AuxInOutput`). Turn it off when the training loop adds
+    ``smore.aux_loss(model)`` itself, or the term is counted twice. ``reduction`` as :func:`aux_loss`'s: ``"sum"``
+    over adapters (SPEC §1.3), or ``"mean"``."""
+    if not isinstance(enabled, bool):
+        raise UserError(f"enabled={enabled!r} must be True or False.")
+    check_choice("reduction", reduction, ("sum", "mean"))
+    aux = state_of(model).aux
+    aux.enabled, aux.reduction = enabled, reduction
 
 
 @dataclass(frozen=True)

@@ -523,7 +523,8 @@ def _adapted_model(config: RunConfig, dataset: SFTDataset, pad: int, *, main: bo
     opt = config.train
     set_seed(opt.seed)
     model = _load_model(config)
-    adapt(model, config.adapter)
+    # The loop adds aux_loss itself, weighted per micro-batch like its cross-entropy: none in the model's output.
+    adapt(model, config.adapter, aux_loss_in_output=False)
     if main:
         logger.info("%s", summary(model))
     state = get_method(config.adapter.method).state
