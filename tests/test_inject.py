@@ -62,7 +62,7 @@ def test_only_adapter_parameters_change_in_training():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(3):
-        loss = model(**batch, labels=batch["input_ids"]).loss + smore.aux_loss(model)
+        loss = model(**batch, labels=batch["input_ids"]).loss  # CE + aux (aux_loss_in_output)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -249,7 +249,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(gate):
         model.train()
         batch = tiny_batch()
         torch.manual_seed(7)  # the same noise for the noisy gate; checkpointing must replay it on recomputation
-        loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss + smore.aux_loss(model)
+        loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss  # CE + aux (aux_loss_in_output)
         loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 

@@ -108,7 +108,7 @@ def test_zero_init_is_the_base_model_and_training_moves_only_the_adapter(tmp_pat
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(3):
-        loss = model(**batch, labels=batch["input_ids"]).loss + smore.aux_loss(model)
+        loss = model(**batch, labels=batch["input_ids"]).loss  # CE + aux (aux_loss_in_output)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
