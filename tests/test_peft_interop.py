@@ -237,3 +237,42 @@ def test_pickled_peft_weights_need_an_explicit_flag(tmp_path):
     batch = tiny_batch()
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, peft_model(**batch).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("save", ["save_adapter", "save_pretrained"])
+def test_a_lora_saved_by_smore_loads_in_peft_as_it_is_and_back_in_smore_exactly(tmp_path, save):
+    ours = smore_lora(rank=3, alpha=5, layers_to_transform=[1])
+    smore.save_adapter(ours, tmp_path) if save == "save_adapter" else ours.save_pretrained(tmp_path)
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert document["peft_type"] == "LORA" and (document["r"], document["lora_alpha"]) == (3, 5)
+    assert document["target_modules"] == LAYER_1_TARGETS and "method" not in document
+    config, _ = smore.read_adapter_config(tmp_path)
+    assert config == ours.smore_state.config  # smore's own config (layers_to_transform), not the PEFT rewrite
+    batch = tiny_batch()
+    theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(theirs, batch), logits(ours, batch), rtol=1e-6, atol=1e-6)
+    back = smore.load_adapter(tiny_llama(), tmp_path)
+    assert back.smore_state.config == ours.smore_state.config
+    torch.testing.assert_close(logits(back, batch), logits(ours, batch), rtol=0, atol=0)
+    smore.restore_adapter(smore_lora(rank=3, alpha=5, layers_to_transform=[1]), tmp_path)
+
+
+def test_an_edited_r_in_a_smore_saved_peft_config_is_refused(tmp_path):
+    smore.save_adapter(smore_lora(rank=3, alpha=5), tmp_path)
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    document["r"] = 4
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+    model = tiny_llama()
+    with pytest.raises(smore.UserError, match="edited after saving"):
+        smore.load_adapter(model, tmp_path)
+    assert getattr(model, "smore_state", None) is None
+
+
+def test_a_folder_peft_saved_loads_with_load_adapter(tmp_path):
+    theirs = peft_lora()
+    theirs.save_pretrained(tmp_path)
+    config, _ = smore.read_adapter_config(tmp_path)
+    assert (config.rank, config.alpha, sorted(config.target_modules)) == (4, 8, sorted(TARGETS))
+    batch = tiny_batch()
+    ours = smore.load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=1e-6, atol=1e-6)

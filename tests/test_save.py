@@ -56,8 +56,11 @@ def test_save_pretrained_writes_the_adapter_and_reloads_to_the_same_logits(metho
     smore.save_adapter(model, tmp_path / "adapter")
 
     assert {p.name for p in (tmp_path / "pretrained").iterdir()} == ADAPTER_FILES
-    # Only the adapter's tensors: no base weight (embed_tokens, q_proj.weight, ...) travels with it.
-    assert saved_keys(tmp_path / "pretrained") == set(adapter_state_dict(model)) == saved_keys(tmp_path / "adapter")
+    # Only the adapter's tensors: no base weight (embed_tokens, q_proj.weight, ...) travels with it. A LoRA is saved in
+    # PEFT's layout, whose names carry PEFT's prefix (PeftModel.from_pretrained loads the folder as it is).
+    prefix = "base_model.model." if method == "lora" else ""
+    expected = {prefix + key for key in adapter_state_dict(model)}
+    assert saved_keys(tmp_path / "pretrained") == expected == saved_keys(tmp_path / "adapter")
     assert (tmp_path / "pretrained" / CONFIG_NAME).read_text() == (tmp_path / "adapter" / CONFIG_NAME).read_text()
     batch = tiny_batch()
     reloaded = smore.load_adapter(tiny_llama(), tmp_path / "pretrained")

@@ -3,12 +3,17 @@ them), saved atomically and checked on load: every module must exist with its sh
 weights file records the digest of the config it was saved with, so an edited or damaged config is refused. A
 method's model-level state (T-REX's prior) travels in the same weights file through its record's ``state``.
 
+A method whose record has a ``file_format`` is saved in that layout (LoRA: HF PEFT's, which
+``PeftModel.from_pretrained`` loads as it is): the config file and the weights' names are the other library's, and
+smore's own config and module shapes ride in the weights file's metadata with the digest of the config file.
+
 An adapted model's ``save_pretrained(path)`` writes the same two files (as PEFT's ``PeftModel`` does), so a folder HF
 ``Trainer`` checkpoints (``checkpoint-N/``) or ``save_model`` writes reloads with :func:`load_adapter`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -29,7 +34,7 @@ from smore.files import (
     write_safetensors,
 )
 from smore.inject import MODEL_CALLS, adapt, adapter_state_dict, module_shape, remove_adapter, state_of
-from smore.registry import config_from_dict, method_of
+from smore.registry import METHODS, config_from_dict, method_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,12 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_DIGEST_KEY = "smore_config_sha256"
 """Metadata of the weights file: the digest of the config and module shapes they were saved with, so that a damaged
 or edited ``adapter_config.json`` that still parses (a changed rank or alpha) is refused instead of loaded silently."""
+SMORE_CONFIG_KEY = "smore_config"
+"""Metadata of the weights file of a method saved in another library's layout (its record's ``file_format``; LoRA:
+PEFT's): smore's own document (config, version, module shapes), which that library's config file has no place for."""
+FILE_CONFIG_DIGEST_KEY = "smore_file_config_sha256"
+"""Metadata beside :data:`SMORE_CONFIG_KEY`: the digest of the other library's ``adapter_config.json`` as saved, so
+an edit there (a changed ``r``) is refused as an edit of smore's own config is."""
 
 
 def save_adapter(
@@ -51,8 +62,12 @@ def save_adapter(
     """
     state = state_of(model)
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, state_dict).items()}
     method = method_of(state.config)
+    layout = method.file_format  # e.g. LoRA: PEFT's, so PeftModel.from_pretrained loads the folder as it is
+    tensors = {
+        (layout.key_to_file(k) if layout else k): v.detach().contiguous().cpu()
+        for k, v in adapter_state_dict(model, state_dict).items()
+    }
     if method.state is not None:  # e.g. T-REX's centroids, checked before anything is written
         tensors.update(method.state.tensors(state.context))
     path.mkdir(parents=True, exist_ok=True)
@@ -64,6 +79,10 @@ def save_adapter(
         "modules": {name: list(shape) for name, shape in state.modules.items()},
     }
     metadata = {CONFIG_DIGEST_KEY: _config_digest(state.config, state.modules)}
+    if layout is not None:  # smore's own document rides in the weights file; the other library's is the config file
+        metadata[SMORE_CONFIG_KEY] = json.dumps(document, sort_keys=True)
+        document = json.loads(json.dumps(layout.config_document(model, state.config, state.modules)))
+        metadata[FILE_CONFIG_DIGEST_KEY] = document_digest(document)
     write_safetensors(path / WEIGHTS_NAME, tensors, metadata)  # with the digest of its tensors (smore.files)
     write_json(path / CONFIG_NAME, document)
     logger.info("saved %s adapter (%d tensors) to %s", state.config.method, len(tensors), path)
@@ -143,7 +162,10 @@ MODEL_CALLS["merge_adapter"] = merge_adapter
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
-    """The config saved in an adapter folder and the raw JSON document."""
+    """The config saved in an adapter folder and smore's document of it: ``adapter_config.json``, or for a folder in
+    another library's layout (a LoRA in PEFT's) the document in the weights' metadata, checked against the config
+    file; a folder that library wrote itself (no smore metadata) gives its config as the method reads it and the raw
+    document."""
     file = Path(path) / CONFIG_NAME
     if not file.exists() and any(Path(path).glob("model*.safetensors")):
         raise UserError(
@@ -152,11 +174,52 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
             "for a model HF Trainer does not know (not a PreTrainedModel) call smore.save_adapter(model, folder)."
         )
     document = read_json_object(file, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if "method" not in document:  # another library's layout: smore's document is in the weights file, or none is
+        saved = _document_in_weights(Path(path), document)
+        config = _config_in_other_layout(document, file) if saved is None else None
+        if config is not None:
+            return config, document
+        document = saved or document  # neither: config_from_dict below names the missing 'method' key
     fields = {k: v for k, v in document.items() if k not in ("smore_version", "base_model", "modules")}
     try:
         return config_from_dict(fields), document
     except (TypeError, ValueError) as error:  # a damaged file: name it, whatever the config's own error says
         raise UserError(f"{file} does not hold a valid adapter config: {error}") from error
+
+
+def _document_in_weights(path: Path, document: dict) -> dict | None:
+    """smore's document saved in the weights file's metadata (``None`` when another library wrote the folder); the
+    config file must be the one saved with it."""
+    weights = path / WEIGHTS_NAME
+    metadata = safetensors_metadata(weights) if weights.is_file() else {}
+    if SMORE_CONFIG_KEY not in metadata:
+        return None
+    if document_digest(document) != metadata.get(FILE_CONFIG_DIGEST_KEY):
+        raise UserError(
+            f"{path / CONFIG_NAME} does not match the config {weights} was saved with: the config file is corrupted "
+            "or was edited after saving; restore it from a good copy."
+        )
+    try:
+        saved = json.loads(metadata[SMORE_CONFIG_KEY])
+    except json.JSONDecodeError as error:
+        raise UserError(f"{weights} holds a damaged {SMORE_CONFIG_KEY} in its metadata ({error}).") from error
+    if not isinstance(saved, dict) or "method" not in saved:
+        raise UserError(f"{weights} holds a damaged {SMORE_CONFIG_KEY} in its metadata (no 'method').")
+    return saved
+
+
+def _config_in_other_layout(document: dict, file: Path) -> AdapterConfig | None:
+    """The config of an ``adapter_config.json`` another library wrote (PEFT's LoRA), read by the method whose
+    ``file_format`` knows that layout; ``None`` when none does."""
+    for method in METHODS.values():
+        if method.file_format is not None:
+            try:
+                config = method.file_format.config_from_document(document)
+            except (TypeError, ValueError) as error:
+                raise UserError(f"{file} does not hold an adapter config smore can load: {error}") from error
+            if config is not None:
+                return config
+    return None
 
 
 def _config_digest(config: AdapterConfig, modules: dict[str, tuple[int, int]]) -> str:
@@ -208,7 +271,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{extra[:10]} and misses {missing[:10]}."
             )
     weights_file = path / WEIGHTS_NAME
-    tensors = read_safetensors(weights_file)
+    tensors = _read_tensors(weights_file, config)
     adapt(model, config)
     try:
         _restore_state(model, tensors, weights_file)
@@ -239,11 +302,18 @@ def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config, document = read_adapter_config(path)
     if config != state_of(model).config:
         raise UserError(f"the adapter in {path} has another config than the model's adapter; it cannot be restored.")
-    tensors = read_safetensors(path / WEIGHTS_NAME)
+    tensors = _read_tensors(path / WEIGHTS_NAME, config)
     _check_config_digest(path, config, _saved_modules(document, path))
     _restore_state(model, tensors, path / WEIGHTS_NAME)
     load_adapter_weights(model, tensors, source=str(path / WEIGHTS_NAME))
     return model
+
+
+def _read_tensors(file: Path, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """The saved tensors under smore's names (``adapter_state_dict``'s), whatever layout the method saves in."""
+    tensors = read_safetensors(file)
+    layout = method_of(config).file_format
+    return {layout.key_from_file(k): v for k, v in tensors.items()} if layout else tensors
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:

@@ -5,20 +5,25 @@
     x ──► dropout ──► A (r × d_in) ──► B (d_out × r) ──► · alpha/r ──► Δy
 
 Parameter names and initialisation follow HF PEFT's ``lora.Linear`` (``lora_A``/``lora_B`` as bias-free
-``nn.Linear``), so the same weights give the same outputs as PEFT and adapters convert key for key
-(:mod:`smore.interop.peft`).
+``nn.Linear``), so the same weights give the same outputs as PEFT; ``smore.save_adapter`` writes a LoRA in PEFT's
+file layout (:data:`PEFT_FORMAT`), which ``peft.PeftModel.from_pretrained`` loads as it is (:mod:`smore.interop.peft`
+reads and writes PEFT folders from the same pieces).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from smore.adapters.base import adapted_modules
 from smore.adapters.method import (
+    AdapterFileFormat,
     CostModel,
     Counts,
     Method,
@@ -124,6 +129,191 @@ def merge_lora(wrapper: nn.Module) -> None:
         base.weight.add_(update.to(device=base.weight.device, dtype=base.weight.dtype))
 
 
+# -- HF PEFT's file layout -----------------------------------------------------------------------------------------
+# ``smore.save_adapter`` writes a LoRA as PEFT does, so ``PeftModel.from_pretrained`` loads it as it is; the PEFT
+# interop (smore.interop.peft) reads and writes the same layout from these pieces.
+
+PEFT_KEY_PREFIX = "base_model.model."
+"""PEFT's prefix of every saved key: ``PeftModel.base_model`` (the LoRA tuner), then its wrapped ``model``."""
+
+# PEFT LoraConfig fields that do not change what a loaded LoRA computes: metadata, the matching fields (read
+# below) and options that only shape the initialisation of fresh weights.
+_IGNORED = set(
+    "peft_type task_type peft_version auto_mapping base_model_name_or_path revision inference_mode r lora_alpha "
+    "lora_dropout target_modules exclude_modules layers_to_transform layers_pattern fan_in_fan_out init_lora_weights "
+    "loftq_config eva_config corda_config lora_ga_config megatron_core qalora_group_size ensure_weight_tying "
+    "runtime_config".split()
+)
+
+# PEFT options smore's LoRA cannot reproduce, with what they are. Refused when set (non-empty, true, not "none").
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA) adds a magnitude vector",
+    "use_rslora": "rank-stabilised LoRA scales by lora_alpha/sqrt(r); smore's LoRA scales by alpha/r",
+    "use_qalora": "QALoRA pools the input of quantised layers",
+    "lora_bias": "a bias on lora_B",
+    "bias": "trained biases of the base model",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "modules_to_save": "fully trained copies of whole modules",
+    "trainable_token_indices": "trainable embedding rows",
+    "target_parameters": "LoRA on raw parameters (e.g. MoE expert weights)",
+    "layer_replication": "replicated decoder layers",
+    "alora_invocation_tokens": "activated LoRA (the update starts at invocation tokens)",
+    "use_bdlora": "BD-LoRA block-diagonal factors",
+    "arrow_config": "Arrow routing between LoRA experts",
+    "kasa_config": "KaSA singular-value adaptation",
+    "monteclora_config": "MonteCLoRA stochastic factors",
+    "velora_config": "VeLoRA compressed activations",
+    "megatron_config": "Megatron parallel linear layers",
+}
+
+
+def _is_set(key: str, value: Any) -> bool:
+    if key == "bias":
+        return value != "none"
+    return value not in (None, False, "", {}, [], ())
+
+
+def check_peft_supported(document: dict[str, Any]) -> None:
+    """A PEFT ``adapter_config.json`` smore's LoRA computes exactly: ``peft_type`` LORA and no option that changes
+    the computation; ``UserError`` naming the option otherwise."""
+    peft_type = document.get("peft_type")
+    if peft_type != "LORA":
+        raise UserError(f"peft_type={peft_type!r} is not supported; smore reads PEFT adapters with peft_type 'LORA'.")
+    for key, value in document.items():
+        if key in _UNSUPPORTED and _is_set(key, value):
+            raise UserError(
+                f"the PEFT adapter sets {key}={value!r} ({_UNSUPPORTED[key]}), which smore's LoRA does not support."
+            )
+        if key not in _UNSUPPORTED and key not in _IGNORED and _is_set(key, value):
+            raise UserError(
+                f"the PEFT adapter sets {key}={value!r}, an option smore does not know; it may change the LoRA "
+                "computation, so the adapter is not loaded."
+            )
+
+
+def lora_config_from_peft(document: dict[str, Any]) -> LoRAConfig:
+    """A smore :class:`LoRAConfig` from the contents of a PEFT ``adapter_config.json``.
+
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``exclude_modules`` and ``layers_to_transform`` map
+    one to one (PEFT matches module names as smore does: a regex is full-matched, a list entry matches a name or a
+    ``.``-suffix). Unsupported options raise a ``ValueError`` naming them.
+    """
+    if not isinstance(document, dict):
+        raise UserError(f"a PEFT adapter config must be a JSON object, not {type(document).__name__}.")
+    check_peft_supported(document)
+    for key in ("r", "lora_alpha"):
+        if key not in document:
+            raise UserError(f"the PEFT adapter config has no {key!r}; it is not a LoRA adapter config.")
+    target_modules = document.get("target_modules")
+    if target_modules is None:
+        raise UserError(
+            "the PEFT adapter config has target_modules=None (PEFT's per-architecture default); "
+            "load it with load_peft_lora, which reads the adapted modules from the weights."
+        )
+    if isinstance(target_modules, (set, tuple)):
+        target_modules = sorted(target_modules)
+    layers = document.get("layers_to_transform")
+    if layers is not None and document.get("layers_pattern") not in (None, "layers", "layer", "h", "blocks", "block"):
+        raise UserError(
+            f"layers_pattern={document['layers_pattern']!r} is not one smore recognises for layers_to_transform; "
+            "load it with load_peft_lora, which reads the adapted modules from the weights."
+        )
+    return LoRAConfig(
+        rank=document["r"],
+        alpha=document["lora_alpha"],
+        dropout=document.get("lora_dropout", 0.0),
+        target_modules=target_modules,
+        exclude_modules=document.get("exclude_modules"),
+        layers_to_transform=layers,
+    )
+
+
+def _unadapted_names(model: nn.Module) -> list[str]:
+    """Module names as the base model has them: the adapted layers, not the wrappers' insides."""
+    inside = tuple(f"{name}." for name in adapted_modules(model))
+    return [name for name, _ in model.named_modules() if name and not name.startswith(inside)]
+
+
+def _peft_selects(names: list[str], target_modules: list[str] | str) -> set[str]:
+    """The names PEFT's matching selects: ``re.fullmatch`` for a string, else an exact name or a ``.``-suffix."""
+    if isinstance(target_modules, str):
+        return {n for n in names if re.fullmatch(target_modules, n)}
+    return {n for n in names if n in target_modules or any(n.endswith("." + t) for t in target_modules)}
+
+
+def peft_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
+    """A PEFT ``target_modules`` that selects exactly the wrapped layers of ``model``: their last name
+    parts when that is exact, else their full names, else a regular expression of the full names."""
+    names = _unadapted_names(model)
+    for candidate in (sorted({n.rsplit(".", 1)[-1] for n in wrapped}), sorted(wrapped)):
+        if _peft_selects(names, candidate) == set(wrapped):
+            return candidate
+    return "|".join(re.escape(n) for n in sorted(wrapped))  # exact, whatever the other names are
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def peft_config_document(
+    model: nn.Module,
+    config: LoRAConfig,
+    modules: Iterable[str],
+    *,
+    task_type: str | None = "CAUSAL_LM",
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` (its ``LoraConfig``) for the LoRA ``config`` on ``modules`` of ``model``.
+
+    ``base_model_name_or_path`` defaults to ``model.config.name_or_path``; ``fan_in_fan_out`` is set for
+    transformers' ``Conv1D`` (GPT-2), which stores its weight transposed and is the only other layer smore wraps.
+    """
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    wrappers = adapted_modules(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.rank,
+        "lora_alpha": _number(config.alpha),
+        "lora_dropout": config.dropout,
+        "target_modules": peft_target_modules(model, list(modules)),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": any(not isinstance(wrappers[name].base_layer, nn.Linear) for name in modules),
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def _lora_from_document(document: dict[str, Any]) -> LoRAConfig | None:
+    """The config of an ``adapter_config.json`` PEFT wrote (``None`` for another kind of document)."""
+    if "method" in document or document.get("peft_type") != "LORA":
+        return None
+    return lora_config_from_peft(document)
+
+
+PEFT_FORMAT = AdapterFileFormat(
+    config_document=lambda model, config, modules: peft_config_document(model, config, modules),
+    key_to_file=lambda key: PEFT_KEY_PREFIX + key,
+    key_from_file=lambda key: key.removeprefix(PEFT_KEY_PREFIX),
+    config_from_document=_lora_from_document,
+)
+"""HF PEFT's layout: ``adapter_config.json`` holds PEFT's ``LoraConfig`` and the weights are keyed
+``base_model.model.{module}.lora_A.weight`` / ``.lora_B.weight`` (``default`` adapter name dropped), as
+``PeftModel.save_pretrained`` writes them."""
+
+
 METHOD = Method(
     name="lora",
     config_class=LoRAConfig,
@@ -136,4 +326,5 @@ METHOD = Method(
         gamma=lambda c: 1,
     ),
     merge=merge_lora,
+    file_format=PEFT_FORMAT,
 )

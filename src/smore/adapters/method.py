@@ -143,6 +143,25 @@ class ModelState:
     check_data: Callable[[Any, int], None] | None = None
 
 
+@dataclass(frozen=True)
+class AdapterFileFormat:
+    """Another library's layout of a method's adapter files, which ``smore.save_adapter`` writes so that library loads
+    the folder as it is (LoRA: HF PEFT's, for ``PeftModel.from_pretrained``).
+
+    ``config_document(model, config, modules)`` is what ``adapter_config.json`` holds for the adapted ``model``
+    (``modules``: adapted name -> (in, out)); smore's own config and module shapes then travel in the weights file's
+    metadata. ``key_to_file(key)`` names an adapter weight (a key of ``adapter_state_dict``) in the file and
+    ``key_from_file(key)`` takes it back (other keys, e.g. a method's model-level state, pass unchanged).
+    ``config_from_document(document)`` reads a folder the other library wrote: the method's config, or ``None`` when
+    the document is not in this format.
+    """
+
+    config_document: Callable[[nn.Module, Any, dict[str, tuple[int, int]]], dict[str, Any]]
+    key_to_file: Callable[[str], str]
+    key_from_file: Callable[[str], str]
+    config_from_document: Callable[[dict[str, Any]], AdapterConfig | None]
+
+
 def _same_config(config: AdapterConfig, module: nn.Module) -> AdapterConfig:
     return config
 
@@ -159,6 +178,9 @@ class Method:
     ``merge(wrapper)`` folds one adapted layer's delta into its frozen base weight, for PEFT's ``merge_and_unload()``:
     only a method whose delta is one fixed matrix has it (LoRA, ``W0 + (alpha/r) B A``); a routed delta depends on
     each token's routing, so no single matrix added to ``W0`` computes it, and its record leaves ``merge`` ``None``.
+
+    ``file_format``: the layout ``save_adapter`` writes when another library's is the norm for the method (LoRA:
+    PEFT's); ``None`` writes smore's own (its config in ``adapter_config.json``, weights under smore's names).
     """
 
     name: str
@@ -172,3 +194,4 @@ class Method:
     block_level: bool = False
     state: ModelState | None = None
     merge: Callable[[nn.Module], None] | None = None
+    file_format: AdapterFileFormat | None = None

@@ -39,68 +39,31 @@ from torch import nn
 
 from smore.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights  # PEFT's file names are ours
 from smore.adapters.base import adapted_modules, linear_features
-from smore.adapters.lora import LoRAConfig, LoRADelta
+from smore.adapters.lora import (  # PEFT's layout lives with the method: smore.save_adapter writes it too
+    PEFT_KEY_PREFIX,
+    LoRAConfig,
+    LoRADelta,
+    check_peft_supported,
+    lora_config_from_peft,
+    peft_config_document,
+)
 from smore.checks import is_int, is_number
 from smore.errors import UserError
 from smore.files import atomic_write, read_json_object, read_safetensors, write_json
 from smore.inject import adapt
 from smore.targets import find_targets
 
-try:  # GPT-2 style projections: PEFT marks them with fan_in_fan_out=True
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_peft_lora", "lora_config_from_peft", "peft_lora_state_dict", "save_peft_lora"]
 
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."
-"""PEFT's prefix of every saved key: ``PeftModel.base_model`` (the LoRA tuner), then its wrapped ``model``."""
+KEY_PREFIX = PEFT_KEY_PREFIX
 
 _KEY = re.compile(
     r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.[^.]+)?(?:\.weight)?"
 )
-
-# PEFT LoraConfig fields that do not change what a loaded LoRA computes: metadata, the matching fields (read
-# below) and options that only shape the initialisation of fresh weights.
-_IGNORED = set(
-    "peft_type task_type peft_version auto_mapping base_model_name_or_path revision inference_mode r lora_alpha "
-    "lora_dropout target_modules exclude_modules layers_to_transform layers_pattern fan_in_fan_out init_lora_weights "
-    "loftq_config eva_config corda_config lora_ga_config megatron_core qalora_group_size ensure_weight_tying "
-    "runtime_config".split()
-)
-
-# PEFT options smore's LoRA cannot reproduce, with what they are. Refused when set (non-empty, true, not "none").
-_UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA) adds a magnitude vector",
-    "use_rslora": "rank-stabilised LoRA scales by lora_alpha/sqrt(r); smore's LoRA scales by alpha/r",
-    "use_qalora": "QALoRA pools the input of quantised layers",
-    "lora_bias": "a bias on lora_B",
-    "bias": "trained biases of the base model",
-    "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas",
-    "modules_to_save": "fully trained copies of whole modules",
-    "trainable_token_indices": "trainable embedding rows",
-    "target_parameters": "LoRA on raw parameters (e.g. MoE expert weights)",
-    "layer_replication": "replicated decoder layers",
-    "alora_invocation_tokens": "activated LoRA (the update starts at invocation tokens)",
-    "use_bdlora": "BD-LoRA block-diagonal factors",
-    "arrow_config": "Arrow routing between LoRA experts",
-    "kasa_config": "KaSA singular-value adaptation",
-    "monteclora_config": "MonteCLoRA stochastic factors",
-    "velora_config": "VeLoRA compressed activations",
-    "megatron_config": "Megatron parallel linear layers",
-}
-
-
-def _is_set(key: str, value: Any) -> bool:
-    if key == "bias":
-        return value != "none"
-    return value not in (None, False, "", {}, [], ())
-
 
 # -- smore → PEFT ------------------------------------------------------------------------------------------------
 
@@ -131,33 +94,6 @@ def peft_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _unadapted_names(model: nn.Module) -> list[str]:
-    """Module names as the base model has them: the adapted layers, not the wrappers' insides."""
-    inside = tuple(f"{name}." for name in adapted_modules(model))
-    return [name for name, _ in model.named_modules() if name and not name.startswith(inside)]
-
-
-def _peft_selects(names: list[str], target_modules: list[str] | str) -> set[str]:
-    """The names PEFT's matching selects: ``re.fullmatch`` for a string, else an exact name or a ``.``-suffix."""
-    if isinstance(target_modules, str):
-        return {n for n in names if re.fullmatch(target_modules, n)}
-    return {n for n in names if n in target_modules or any(n.endswith("." + t) for t in target_modules)}
-
-
-def _peft_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
-    """A PEFT ``target_modules`` that selects exactly the wrapped layers of ``model``: their last name
-    parts when that is exact, else their full names, else a regular expression of the full names."""
-    names = _unadapted_names(model)
-    for candidate in (sorted({n.rsplit(".", 1)[-1] for n in wrapped}), sorted(wrapped)):
-        if _peft_selects(names, candidate) == set(wrapped):
-            return candidate
-    return "|".join(re.escape(n) for n in sorted(wrapped))  # exact, whatever the other names are
-
-
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else float(value)
-
-
 def save_peft_lora(
     model: nn.Module,
     path: str | os.PathLike,
@@ -177,31 +113,9 @@ def save_peft_lora(
     config: LoRAConfig = model.smore_state.config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    conv1d = Conv1D is not None and any(isinstance(m.base_layer, Conv1D) for m in adapted_modules(model).values())
-    document = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": config.rank,
-        "lora_alpha": _number(config.alpha),
-        "lora_dropout": config.dropout,
-        "target_modules": _peft_target_modules(model, list(modules)),
-        "exclude_modules": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "bias": "none",
-        "fan_in_fan_out": conv1d,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
+    document = peft_config_document(
+        model, config, modules, task_type=task_type, base_model_name_or_path=base_model_name_or_path
+    )
     tensors = {k: v.detach().contiguous().cpu() for k, v in peft_lora_state_dict(model).items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     write_json(path / CONFIG_NAME, document)
@@ -210,59 +124,6 @@ def save_peft_lora(
 
 
 # -- PEFT → smore ------------------------------------------------------------------------------------------------
-
-
-def _check_supported(document: dict[str, Any]) -> None:
-    peft_type = document.get("peft_type")
-    if peft_type != "LORA":
-        raise UserError(f"peft_type={peft_type!r} is not supported; smore reads PEFT adapters with peft_type 'LORA'.")
-    for key, value in document.items():
-        if key in _UNSUPPORTED and _is_set(key, value):
-            raise UserError(
-                f"the PEFT adapter sets {key}={value!r} ({_UNSUPPORTED[key]}), which smore's LoRA does not support."
-            )
-        if key not in _UNSUPPORTED and key not in _IGNORED and _is_set(key, value):
-            raise UserError(
-                f"the PEFT adapter sets {key}={value!r}, an option smore does not know; it may change the LoRA "
-                "computation, so the adapter is not loaded."
-            )
-
-
-def lora_config_from_peft(document: dict[str, Any]) -> LoRAConfig:
-    """A smore :class:`~smore.config.LoRAConfig` from the contents of a PEFT ``adapter_config.json``.
-
-    ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``exclude_modules`` and ``layers_to_transform`` map
-    one to one (PEFT matches module names as smore does: a regex is full-matched, a list entry matches a name or a
-    ``.``-suffix). Unsupported options raise a ``ValueError`` naming them.
-    """
-    if not isinstance(document, dict):
-        raise UserError(f"a PEFT adapter config must be a JSON object, not {type(document).__name__}.")
-    _check_supported(document)
-    for key in ("r", "lora_alpha"):
-        if key not in document:
-            raise UserError(f"the PEFT adapter config has no {key!r}; it is not a LoRA adapter config.")
-    target_modules = document.get("target_modules")
-    if target_modules is None:
-        raise UserError(
-            "the PEFT adapter config has target_modules=None (PEFT's per-architecture default); "
-            "load it with load_peft_lora, which reads the adapted modules from the weights."
-        )
-    if isinstance(target_modules, (set, tuple)):
-        target_modules = sorted(target_modules)
-    layers = document.get("layers_to_transform")
-    if layers is not None and document.get("layers_pattern") not in (None, "layers", "layer", "h", "blocks", "block"):
-        raise UserError(
-            f"layers_pattern={document['layers_pattern']!r} is not one smore recognises for layers_to_transform; "
-            "load it with load_peft_lora, which reads the adapted modules from the weights."
-        )
-    return LoRAConfig(
-        rank=document["r"],
-        alpha=document["lora_alpha"],
-        dropout=document.get("lora_dropout", 0.0),
-        target_modules=target_modules,
-        exclude_modules=document.get("exclude_modules"),
-        layers_to_transform=layers,
-    )
 
 
 def _read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], str]:
@@ -369,7 +230,7 @@ def load_peft_lora(model: nn.Module, path: str | os.PathLike, *, allow_pickle: b
     path = Path(path)
     file = path / CONFIG_NAME
     document = read_json_object(file, f"a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    _check_supported(document)
+    check_peft_supported(document)
     rank = document.get("r")
     if not is_int(rank) or rank < 1:
         raise UserError(f"r={rank!r} in {file} must be a positive integer.")
