@@ -174,17 +174,20 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
             "for a model HF Trainer does not know (not a PreTrainedModel) call smore.save_adapter(model, folder)."
         )
     document = read_json_object(file, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    source = file  # the file the document came from, named if it is damaged
     if "method" not in document:  # another library's layout: smore's document is in the weights file, or none is
         saved = _document_in_weights(Path(path), document)
         config = _config_in_other_layout(document, file) if saved is None else None
         if config is not None:
             return config, document
-        document = saved or document  # neither: config_from_dict below names the missing 'method' key
+        if saved is not None:
+            document, source = saved, Path(path) / WEIGHTS_NAME
     fields = {k: v for k, v in document.items() if k not in ("smore_version", "base_model", "modules")}
     try:
         return config_from_dict(fields), document
     except (TypeError, ValueError) as error:  # a damaged file: name it, whatever the config's own error says
-        raise UserError(f"{file} does not hold a valid adapter config: {error}") from error
+        where = f"the metadata of {source}" if source != file else str(file)
+        raise UserError(f"{where} does not hold a valid adapter config: {error}") from error
 
 
 def _document_in_weights(path: Path, document: dict) -> dict | None:
