@@ -177,8 +177,10 @@ def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
     if not losses:
         param = next(model.parameters())
         return torch.zeros((), device=param.device)
-    detached = [loss for loss in losses if not loss.requires_grad and loss.detach().abs().item() > 0]
-    if detached and model.training and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+    # Only a training forward with autograd can lose the graph; checking that first keeps evaluation calls (which
+    # now compute the aux loss on every labelled forward) free of a host sync per adapter.
+    training = model.training and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    if training and any(not loss.requires_grad and loss.detach().abs().item() > 0 for loss in losses):
         # A routed forward in training mode left its loss without a graph: the routers would not be balanced.
         raise UserError(
             "the adapters' auxiliary losses carry no gradient: the forward ran without autograd, as under "
