@@ -19,6 +19,16 @@ ROWS, LENGTH, STEPS = 4, 8, 3
 ROUTER = "model.layers.0.mlp.gate_proj.delta.router.levels.0.mlp.0.weight"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """HF Trainer and TRL set Accelerate's process-wide state with their own flags; reset it after each test, so that
+    a later `smore train` in the same process (any test file that runs after this one) starts from a clean state."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _rows() -> list[list[int]]:
     generator = torch.Generator().manual_seed(3)
     return torch.randint(4, 20, (ROWS, LENGTH), generator=generator).tolist()  # ids the word tokenizer knows
