@@ -170,19 +170,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, **kwargs) -> None
 
 
 class _CountTorchCalls(TorchFunctionMode):
-    """Counts every torch function and tensor method called (nested calls are not counted twice)."""
+    """Counts every torch function and tensor method called (nested calls are not counted twice); with
+    ``attributes=False`` reads of tensor attributes (``.shape``, ``._version``), which launch nothing, are left out."""
 
-    def __init__(self) -> None:
+    def __init__(self, attributes: bool = True) -> None:
         super().__init__()
         self.calls = 0
+        self.attributes = attributes
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
+        if self.attributes or not _is_attribute(func):
+            self.calls += 1
         return func(*args, **(kwargs or {}))
 
 
-def count_torch_calls(fn) -> int:
-    with torch.no_grad(), _CountTorchCalls() as counter:
+def _is_attribute(func) -> bool:
+    return getattr(func, "__name__", "") == "__get__"
+
+
+def count_torch_calls(fn, *, attributes: bool = True) -> int:
+    with torch.no_grad(), _CountTorchCalls(attributes) as counter:
         fn()
     return counter.calls
 

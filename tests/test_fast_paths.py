@@ -21,6 +21,7 @@ from helpers import (
     readable_mixlora,
     tiny_llama,
 )
+from smore.adapters import smore_decode
 from smore.adapters.base import AdaptedLinear
 from smore.adapters.lora import LoRADelta
 from smore.adapters.smore import build_smore
@@ -100,7 +101,7 @@ def test_smore_sparse_config_takes_the_grouped_path_and_equals_the_dense_one(gat
 
 @pytest.mark.parametrize("gate", GATES)
 def test_smore_grouped_path_does_not_loop_over_tokens(gate):
-    delta = make_delta(3, gate=gate).eval()
+    delta = make_delta(3, gate=gate).train()  # training: eval without autograd takes the decode path
     delta.expert_path = "grouped"
     small, large = torch.randn(2, D_IN, dtype=F64), torch.randn(40, D_IN, dtype=F64)
     assert count_torch_calls(lambda: delta(small)) == count_torch_calls(lambda: delta(large))
@@ -166,3 +167,113 @@ def test_wrapper_dtype_follows_conversions_and_loads():
     wrapper.load_state_dict(state, assign=True)  # new parameter objects, in float32
     assert wrapper.delta_dtype == torch.float32
     assert "_dtype_source" not in dict(wrapper.named_parameters())
+
+
+# -- S'MoRE: the decode path (eval, no autograd, few tokens) against the plain forward -----------------------------
+def plain_forward(delta, x, valid=None):
+    """The forward every other path takes, with the decode path switched off."""
+    old, smore_decode.MAX_TOKENS = smore_decode.MAX_TOKENS, 0
+    try:
+        return delta(x, valid)
+    finally:
+        smore_decode.MAX_TOKENS = old
+
+
+@pytest.mark.parametrize("experts", ["block", "per_level"])
+@pytest.mark.parametrize("levels", [1, 2, 3])
+@pytest.mark.parametrize("shared_pool", [False, True], ids=["own", "pool"])
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("gate", GATES)
+def test_smore_decode_path_equals_plain_forward(gate, position, shared_pool, levels, experts):
+    num_experts = [2] * levels if gate == "dense" else ([3] * levels if shared_pool else [3, 4, 3][:levels])
+    delta = make_delta(
+        levels,
+        num_experts=num_experts,
+        top_k=[[2], [2, 1], [2, 1, 2]][levels - 1],
+        gate=gate,
+        activation="prelu",
+        activation_position=position,
+        shared_pool=shared_pool,
+        alpha=[3.0, 5.0, 2.0][:levels],
+    )
+    randomize_biases_(delta)
+    delta.eval()
+    x = torch.randn(6, D_IN, dtype=F64)
+    valid = torch.tensor([True, True, False, True, True, True])  # padding counts in no statistic
+    with torch.no_grad():
+        delta.__dict__["_folded"] = smore_decode.fold(delta, block=experts == "block")
+        fast = delta(x, valid)
+        assert "_aux_thunk" in delta.__dict__, "the decode path did not run"
+        fast_aux, fast_selection = delta.aux_loss, delta.last_selection
+        slow = plain_forward(delta, x, valid)
+    assert fast.abs().max() > 1e-3
+    assert_close(fast, slow)
+    assert_close(fast_aux, delta.aux_loss)
+    if gate != "dense":
+        assert fast_aux > 0
+    for fast_indices, slow_indices in zip(fast_selection.indices, delta.last_selection.indices):
+        assert torch.equal(fast_indices, slow_indices)
+
+
+def test_smore_decode_tables_follow_updates_loads_and_casts():
+    delta = make_delta(2)
+    randomize_biases_(delta)
+    x = torch.randn(3, D_IN, dtype=F64)
+    optimizer = torch.optim.SGD(delta.parameters(), lr=0.1)
+    for _ in range(2):  # an optimizer step changes the parameters in place
+        delta.train()
+        (delta(x).square().sum() + delta.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        delta.eval()
+        with torch.no_grad():
+            assert_close(delta(x), plain_forward(delta, x))
+    other = make_delta(2, seed=5)
+    randomize_biases_(other)
+    delta.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert_close(delta(x), other.eval()(x))
+        delta.float()
+        assert delta(x.float()).dtype == torch.float32
+        torch.testing.assert_close(delta(x.float()), plain_forward(delta, x.float()))
+
+
+def test_smore_decode_path_only_without_autograd_in_eval():
+    delta = make_delta(2)
+    x = torch.randn(3, D_IN, dtype=F64)
+    for training, grad in ((True, False), (False, True), (True, True)):
+        delta.train(training)
+        with torch.set_grad_enabled(grad):
+            delta(x)
+        assert "_aux_thunk" not in delta.__dict__ and "_folded" not in delta.__dict__
+    delta.eval()
+    with torch.no_grad():
+        delta(torch.randn(smore_decode.MAX_TOKENS + 1, D_IN, dtype=F64))  # prefill: the plain forward
+        assert "_folded" not in delta.__dict__
+        delta(x)
+        assert "_folded" in delta.__dict__
+
+
+@pytest.mark.parametrize("config", [smore.SMoREConfig(num_experts=[4, 4]), smore.SMoREConfig(gate="noisy_topk")])
+def test_smore_decode_path_makes_fewer_torch_calls(config):
+    delta = build_smore(config, 48, 64).eval()
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        delta(x)  # builds the tables once
+    fast = count_torch_calls(lambda: delta(x), attributes=False)
+    slow = count_torch_calls(lambda: plain_forward(delta, x), attributes=False)
+    assert fast <= 0.75 * slow, f"{fast} torch calls on the decode path, {slow} on the plain one"
+
+
+def test_smore_decode_generation_and_labelled_loss_equal_the_plain_forward(monkeypatch):
+    model = smore.adapt(tiny_llama(), smore.SMoREConfig(num_experts=[3, 3], top_k=[2, 1], init="normal"))
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        loss = model(input_ids=ids, labels=ids).loss
+        monkeypatch.setattr(smore_decode, "MAX_TOKENS", 0)
+        plain_tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        plain_loss = model(input_ids=ids, labels=ids).loss
+    assert torch.equal(tokens, plain_tokens)
+    torch.testing.assert_close(loss, plain_loss)

@@ -559,7 +559,11 @@ def check_against_reference(model, state, cfg, *, training: bool, label: str) ->
                     for t in range(x.shape[0])
                 ]
             )
-        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=f"{label}: {name} output")
+        # fp32: the error of an output element grows with the size of the row's largest terms, not its own value
+        scale = float(expected.abs().max().clamp(min=1))
+        torch.testing.assert_close(
+            y, expected, rtol=1e-5, atol=2e-5 * scale, msg=lambda m, name=name: f"{label}: {name} output: {m}"
+        )
         if cfg["gate_type"] != "dense":
             torch.testing.assert_close(
                 module.delta.aux_loss, reference.aux(), rtol=1e-5, atol=1e-7, msg=f"{label}: {name} aux loss"

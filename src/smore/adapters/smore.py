@@ -22,6 +22,8 @@ never over tokens), so the expert cost grows with the experts used, not the expe
 the full message ``x_L`` (width d_L = Σ s_ℓ r_ℓ): that part of the cost is set by the experts owned (SPEC §1.7).
 ``expert_path`` (``"dense"`` or ``"grouped"``) overrides the choice; both give the same outputs and gradients.
 ``smore_reference.py`` holds the same computation as a readable loop over tokens and tree nodes, for tests.
+``smore_decode.py`` runs instead for inference without autograd on a few tokens (decoding): the same Δy from
+tables refolded once per parameter update, in fewer, larger torch calls.
 
 Notation of the S'MoRE paper (SPEC §1.1), level ℓ = 0 is the bottom (leaves), ℓ = L-1 the top:
 
@@ -57,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smore.adapters import smore_decode
 from smore.adapters.method import (
     CostModel,
     Counts,
@@ -337,10 +340,51 @@ class SMoREDelta(nn.Module):
         self.W = nn.ModuleList([nn.Linear(self.widths[i], self.widths[i + 1]) for i in range(1, levels)])
         self.proj = nn.Linear(self.widths[-1], out_features)
         self.prelu_slopes = nn.Parameter(torch.full((levels,), float(prelu_init))) if activation == "prelu" else None
-        self.aux_loss: torch.Tensor | None = None
+        self.aux_loss = None
         self.last_selection: ExpertSelection | None = None  # what the last forward routed (RoutedDelta)
         self.expert_path = "grouped" if uses_grouped_path(self.slots, ranks, total_rank) else "dense"
         self.reset_parameters()
+
+    # -- the load-balancing loss of the last forward, computed when read on the decode path --------------------
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        thunk = self.__dict__.pop("_aux_thunk", None)
+        if thunk is not None:
+            self.__dict__["_aux_loss"] = thunk()
+        return self.__dict__.get("_aux_loss")
+
+    @aux_loss.setter
+    def aux_loss(self, value: torch.Tensor | None) -> None:
+        # Through __dict__: nn.Module.__setattr__ would check for parameters and modules on every forward.
+        self.__dict__.pop("_aux_thunk", None)
+        self.__dict__["_aux_loss"] = value
+
+    def defer_aux_loss(self, logits: list[torch.Tensor], indices: list[torch.Tensor], valid: torch.Tensor | None):
+        """The aux loss of a routing given by per-level logits (N, P, s) and selections (N, P·k), computed by the
+        gates themselves (``forced`` to the selection) the first time :attr:`aux_loss` is read."""
+
+        def compute() -> torch.Tensor:
+            total = logits[0].new_zeros(())
+            for level in reversed(range(self.num_levels)):  # the router's order, so the sum is the same
+                n, parents, s = logits[level].shape
+                flat_valid = None if valid is None else valid.repeat_interleave(parents)
+                gate = self.router.levels[level].gate
+                forced = indices[level].reshape(n * parents, -1)
+                total = total + gate(logits[level].reshape(n * parents, s), valid=flat_valid, forced=forced).aux_loss
+            return total
+
+        self.__dict__.pop("_aux_loss", None)
+        self.__dict__["_aux_thunk"] = compute
+
+    # The decode tables (smore_decode.Folded) follow in-place updates by parameter versions; a move, cast or load
+    # may replace the parameters themselves, so those drop the tables.
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_folded", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_folded", None)
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def slots(self) -> list[int]:
@@ -470,6 +514,8 @@ class SMoREDelta(nn.Module):
         self, x: torch.Tensor, valid: torch.Tensor | None = None, routing: TreeRouting | None = None
     ) -> torch.Tensor:
         """``Δy`` (N, d_out) for tokens ``x`` (N, d_in); ``routing`` overrides the router (tests, enumeration)."""
+        if routing is None and smore_decode.applies(self, x):  # decoding: the same Δy in fewer torch calls
+            return smore_decode.forward(self, x, valid)
         if routing is None:
             routing = self.router(x, valid)
         self.aux_loss = routing.aux_loss
