@@ -72,7 +72,7 @@ class Folded:
     experts_bias: torch.Tensor | None
 
     def current(self) -> bool:
-        return all(p._version == v for p, v in zip(self.params, self.versions))
+        return [p._version for p in self.params] == self.versions
 
 
 def use_block_experts(delta) -> bool:
