@@ -253,3 +253,30 @@ def test_grouped_path_on_cuda_bf16_needs_no_sync_and_matches_dense(case):
     (y_grouped, g_grouped), (y_dense, g_dense) = results
     torch.testing.assert_close(y_grouped, y_dense, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(g_grouped, g_dense, atol=5e-2, rtol=5e-2)
+
+
+def test_grouped_mm_branch_matches_the_split_branch_without_a_sync(monkeypatch):
+    """The torch._grouped_mm branch of ExpertGroups (CUDA only in use; torch runs it on CPU too) against the split
+    branch, with an empty group, outputs and gradients, and no host sync."""
+    from smore.adapters import base
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    generator = torch.Generator().manual_seed(0)
+    experts = torch.tensor([2, 0, 2, 3, 0, 2, 3, 3, 0, 2, 2, 0])  # expert 1 gets no slot
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(base, "_grouped_mm_fits", lambda rows, weight, grouped=grouped: grouped)
+        rows = torch.randn(12, 16, generator=generator).bfloat16().requires_grad_()
+        weight = torch.randn(4, 8, 16, generator=generator).bfloat16().requires_grad_()
+        bias = torch.randn(4, 8, generator=generator).bfloat16().requires_grad_()
+        groups = ExpertGroups(experts, 4)
+        with SyncRecorder() as recorder:
+            out = groups.unsort(groups.linear(groups.sort(rows), weight, bias))
+        out.float().sum().backward()  # a broadcast gradient, which _grouped_mm's backward needs made contiguous
+        results.append((out, rows.grad, weight.grad, bias.grad, len(recorder.in_smore())))
+        generator.manual_seed(0)
+    (*fast, fast_syncs), (*split, split_syncs) = results
+    for got, expected in zip(fast, split):
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.02)
+    assert (fast_syncs, split_syncs) == (0, 1)

@@ -299,6 +299,8 @@ class ExpertGroups:
         if _grouped_mm_fits(rows, weight):
             ends = self.counts.cumsum(0).to(torch.int32)  # group ends, read on the device by the kernel
             out = torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
+            if out.requires_grad:  # its backward refuses a broadcast gradient (a stride of 0, as .sum() gives)
+                out.register_hook(lambda grad: grad.contiguous())
         else:
             chunks = rows.split(self.sizes())
             out = torch.cat([chunk @ weight[e].t() for e, chunk in enumerate(chunks)])
