@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
             models[lora_name], counts[lora_name] = peft_model, common.trainable_parameters(peft_model)
 
     if args.compile is not None:  # the same call for every variant, so the ratios compare like with like
+        # The variants share the model class's forward, and dynamo's recompile limit counts per code object: each
+        # model compiles a prefill, a decode step and a dynamic-length decode step, and past the default limit (8)
+        # the later models would silently run in eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(models))
         models = {name: torch.compile(m, backend=args.compile) for name, m in models.items()}
         logger.info("compiled every model with torch.compile(backend=%r)", args.compile)
 
