@@ -25,6 +25,7 @@ import smore
 from helpers import ADAPTER_CASES, adapted_tiny_llama, tiny_batch
 from smore.adapters.base import AdapterWrapper, ExpertGroups, adapted_modules
 from smore.errors import UserError
+from smore.routing.stats import routing_health, tracking
 
 SMORE_DIR = os.path.dirname(smore.__file__) + os.sep
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -280,3 +281,17 @@ def test_grouped_mm_branch_matches_the_split_branch_without_a_sync(monkeypatch):
     for got, expected in zip(fast, split):
         torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.02)
     assert (fast_syncs, split_syncs) == (0, 1)
+
+
+@pytest.mark.parametrize("case", ["smore-switch", "mixlora", "hydralora"])
+def test_routing_statistics_count_on_the_device_and_reach_the_host_when_read(case):
+    """With routing tracked (as ``smore train`` does), a training step still makes no host sync in smore; the one
+    transfer happens when the health is read."""
+    model = adapted_tiny_llama(case)
+    with tracking(model):
+        with SyncRecorder() as recorder:
+            model(**_labelled_batch()).loss.backward()
+        assert recorder.in_smore() == []
+        with SyncRecorder() as recorder:
+            health = routing_health(model)
+    assert health and recorder.in_smore(), "reading the health is where the counts come to the host"
