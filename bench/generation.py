@@ -8,6 +8,11 @@ reusing the cache (the loop ``generate()`` runs, without its bookkeeping). Eval 
     python bench/generation.py --quick
     python bench/generation.py --json bench/results/generation.json
     python bench/generation.py --device cuda --dtype bfloat16
+    python bench/generation.py --quick --compile          # every model through torch.compile (inductor)
+
+``--compile [BACKEND]`` passes every model (base, S'MoRE, PEFT LoRA) through ``torch.compile`` the same way
+(default backend inductor); the warmup calls absorb the compilation, the cache's growing length included (dynamo
+marks it dynamic at its second length), so keep ``--warmup`` at 1 or more.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ SMORE_CONFIGS = {
 def generate_fn(model, prompt: torch.Tensor, new_tokens: int, device, record: dict[str, list[float]]):
     """Prefill, then ``new_tokens`` greedy decode steps; appends the prefill and decode seconds to ``record``."""
 
-    cache_name = cache_argument(model)  # 'cache' from transformers 5.24, 'past_key_values' before
+    # 'cache' from transformers 5.24, 'past_key_values' before; read on the model a torch.compile wrapper holds
+    cache_name = cache_argument(getattr(model, "_orig_mod", model))
 
     def run() -> None:
         with torch.inference_mode():
@@ -71,7 +77,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 32)")
     p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile every model with this backend (default inductor), all alike",
+    )
     args = p.parse_args(argv)
+    if args.compile is not None and args.warmup < 1:
+        raise SystemExit("--compile needs --warmup 1 or more: the first calls compile, they must not be timed.")
     device, dtype = common.setup(args)
     prompt_len = args.prompt or (16 if args.quick else 128)
     new_tokens = args.new_tokens or (8 if args.quick else 32)
@@ -89,6 +105,14 @@ def main(argv: list[str] | None = None) -> None:
             peft_model = common.peft_lora(copy.deepcopy(base), rank, TARGETS).eval()
             common.cast_peft_adapter(peft_model, dtype)
             models[lora_name], counts[lora_name] = peft_model, common.trainable_parameters(peft_model)
+
+    if args.compile is not None:  # the same call for every variant, so the ratios compare like with like
+        # The variants share the model class's forward, and dynamo's recompile limit counts per code object: each
+        # model compiles a prefill, a decode step and a dynamic-length decode step, and past the default limit (8)
+        # the later models would silently run in eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(models))
+        models = {name: torch.compile(m, backend=args.compile) for name, m in models.items()}
+        logger.info("compiled every model with torch.compile(backend=%r)", args.compile)
 
     results, table = [], []
     for batch_size in [int(b) for b in args.batches.split(",")]:
@@ -137,12 +161,13 @@ def main(argv: list[str] | None = None) -> None:
             )
     title = (
         f"Generation, {len(shapes) // 3}-layer SmolLM2-135M shapes, prompt {prompt_len}, {new_tokens} new tokens, "
-        f"KV cache (median of {repeats})"
+        f"KV cache (median of {repeats})" + (f", torch.compile {args.compile}" if args.compile else "")
     )
     columns = ["batch", "variant", "trainable", "prefill tok/s", "vs base", "vs LoRA", "decode tok/s", "vs base",
                "vs LoRA"]  # fmt: skip
     common.print_table(title, columns, table)
     payload = {"benchmark": "generation", **common.environment(args, device, dtype), "prompt": prompt_len}
+    payload["compile"] = args.compile
     common.write_json(args.json, {**payload, "new_tokens": new_tokens, "results": results})
 
 

@@ -225,3 +225,40 @@ def readable_mixlora(module: AdaptedFFN, x: torch.Tensor) -> torch.Tensor:
             total = total + weight * project("down_proj", hidden)
         outputs.append(total)
     return torch.stack(outputs)
+
+
+def _adapter_cases() -> dict:
+    """One config per method (and per S'MoRE gate), named; values are (config, expert_path or None)."""
+    return {
+        "lora": (smore.LoRAConfig(rank=4), None),
+        "molora": (smore.MoLoRAConfig(num_experts=4, top_k=2, rank=2), None),
+        "hydralora": (smore.HydraLoRAConfig(num_experts=3, rank=2), None),
+        "mixlora": (smore.MixLoRAConfig(num_experts=4, top_k=2, rank=2), "masked"),
+        "mixlora-grouped": (smore.MixLoRAConfig(num_experts=4, top_k=2, rank=2), "grouped"),
+        "trex": (smore.TREXConfig(rank_in=2, rank_out=2), None),
+        "smore-switch": (small_smore(init="normal"), "dense"),
+        "smore-noisy": (small_smore(init="normal", gate="noisy_topk"), "dense"),
+        "smore-dense-gate": (small_smore(init="normal", gate="dense"), "dense"),
+        "smore-pool": (small_smore(init="normal", num_experts=3, ranks=2, shared_pool=True), "dense"),
+        "smore-grouped": (small_smore(init="normal"), "grouped"),
+    }
+
+
+ADAPTER_CASES = tuple(_adapter_cases())
+"""Names of the adapted-model cases :func:`adapted_tiny_llama` builds: every method, every S'MoRE gate, both expert
+paths of the grouped methods."""
+
+
+def adapted_tiny_llama(case: str, *, seed: int = 0, train: bool = True):
+    """The tiny Llama adapted as ``case`` (one of :data:`ADAPTER_CASES`), B randomised so the adapters matter, T-REX's
+    prior fitted; in training mode unless ``train=False``."""
+    config, path = _adapter_cases()[case]
+    model = smore.adapt(tiny_llama(seed), config)
+    randomise(model, seed)
+    if isinstance(config, smore.TREXConfig):
+        smore.fit_prior(model, [tiny_batch(batch=4, seed=s) for s in range(2)])
+    if path is not None:
+        for module in model.modules():
+            if hasattr(module, "expert_path"):
+                module.expert_path = path
+    return model.train(train)

@@ -171,16 +171,20 @@ def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
     """
     if reduction not in ("sum", "mean"):
         raise UserError(f"reduction={reduction!r} is unknown; use 'sum' or 'mean'.")
-    losses = [
-        m.delta.aux_loss for m in adapted_modules(model).values() if getattr(m.delta, "aux_loss", None) is not None
+    routed = [
+        (m.ran_with_grad, m.delta.aux_loss)
+        for m in adapted_modules(model).values()
+        if getattr(m.delta, "aux_loss", None) is not None
     ]
-    if not losses:
+    if not routed:
         param = next(model.parameters())
         return torch.zeros((), device=param.device)
-    # Only a training forward with autograd can lose the graph; checking that first keeps evaluation calls (which
-    # now compute the aux loss on every labelled forward) free of a host sync per adapter.
+    losses = [loss for _, loss in routed]
+    # Only a training forward run without autograd can lose the graph. Each wrapper records whether its forward ran
+    # with autograd, so a loss's value (a host sync) is read only for such a forward: a training step with autograd,
+    # and evaluation calls (which compute the aux loss on every labelled forward), never wait for the device.
     training = model.training and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-    if training and any(not loss.requires_grad and loss.detach().abs().item() > 0 for loss in losses):
+    if training and any(not with_grad and loss.detach().abs().item() > 0 for with_grad, loss in routed):
         # A routed forward in training mode left its loss without a graph: the routers would not be balanced.
         raise UserError(
             "the adapters' auxiliary losses carry no gradient: the forward ran without autograd, as under "
@@ -259,7 +263,12 @@ def _batch_share(kwargs: dict) -> torch.Tensor | float:
         labels = kwargs["labels"][..., 1:]
     if total is None or labels is None:
         return 1.0
-    return (labels != IGNORE_INDEX).sum() / torch.as_tensor(total, device=labels.device).clamp(min=1)
+    count = (labels != IGNORE_INDEX).sum()
+    # A count given as a tensor stays a tensor (moved to the labels' device if needed); a Python number divides as
+    # a number: a tensor built from it on the device would be a transfer in every training step.
+    if torch.is_tensor(total):
+        return count / total.to(labels.device).clamp(min=1)
+    return count / max(total, 1)
 
 
 def _attach_aux(model: nn.Module, state: AdapterState, enabled: bool) -> None:

@@ -130,6 +130,9 @@ class AdapterWrapper(nn.Module):
         # A delta that reads more of the model call than its tokens (T-REX: each token's prior) says so by defining
         # ``call_inputs(context, leading_shape, dtype) -> dict`` of extra keyword arguments for its forward.
         self._call_inputs = getattr(delta, "call_inputs", None)
+        # Whether the last forward ran with autograd on: ``smore.aux_loss`` asks it before it reads a loss's value, so
+        # a training step never waits for the device to tell whether a loss without a graph is 0.
+        self.ran_with_grad = True
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -155,6 +158,7 @@ class AdapterWrapper(nn.Module):
     def _flat_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Tokens as (N, d) in the adapter's dtype, and the context the delta takes: which tokens are real (not
         padding) and whatever else the delta reads from the model call (its ``call_inputs``, e.g. T-REX's prior)."""
+        self.ran_with_grad = torch.is_grad_enabled()
         context: dict = {"valid": None if self.context is None else self.context.valid_for(x.shape[:-1])}
         delta_dtype = self.delta_dtype
         if self._call_inputs is not None:
@@ -248,3 +252,73 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, was in zip(modules, previous):
             m.enabled = was
+
+
+class ExpertGroups:
+    """Routed slots sorted by expert, so that each expert computes for its own slots only (the grouped paths of
+    S'MoRE and MixLoRA).
+
+    ``experts`` (M,) long names the expert of each of M slots. :meth:`sort` puts per-slot rows in expert order,
+    :meth:`linear` applies each expert's own weight to its rows, :meth:`unsort` restores the slots' order. The
+    counts per expert stay on the device (``index_add_``: ``bincount`` asks the device for the largest index).
+
+    On CUDA with bf16 and widths that are multiples of 8, :meth:`linear` is one ``torch._grouped_mm`` over the
+    groups, which reads the group ends from the device: no host sync. Elsewhere the rows are split per expert with
+    ``torch.split``, which needs the group sizes as Python ints: :meth:`sizes` reads them once per grouping, the
+    grouped path's one host sync (the dense paths have none; :func:`torch.compiler.is_compiling` callers take those).
+    """
+
+    def __init__(self, experts: torch.Tensor, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.order = experts.argsort(stable=True)  # (M,): slots grouped by expert, slot order kept within a group
+        self.sorted_experts = experts.index_select(0, self.order)  # (M,): the expert of each sorted slot
+        self.counts = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
+        self.counts.index_add_(0, experts, torch.ones_like(experts))  # (E,): slots per expert
+        self._sizes: list[int] | None = None
+
+    def sort(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-slot rows (M, …) in expert order."""
+        return rows.index_select(0, self.order)
+
+    def unsort(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (M, …) in expert order back in slot order."""
+        positions = torch.arange(len(self.order), device=self.order.device)
+        inverse = torch.empty_like(self.order).scatter_(0, self.order, positions)  # the inverse permutation
+        return rows.index_select(0, inverse)
+
+    def sizes(self) -> list[int]:
+        """Slots per expert as Python ints: the one host sync of the split path (``torch.split`` needs the sizes on
+        the host), read once per grouping however many projections use it."""
+        if self._sizes is None:
+            self._sizes = self.counts.tolist()
+        return self._sizes
+
+    def linear(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight[e] @ row + bias[e]`` for each sorted row (M, d_in) of expert e; ``weight`` (E, d_out, d_in),
+        ``bias`` (E, d_out). Returns (M, d_out)."""
+        if _grouped_mm_fits(rows, weight):
+            ends = self.counts.cumsum(0).to(torch.int32)  # group ends, read on the device by the kernel
+            out = torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
+            if out.requires_grad:  # its backward refuses a broadcast gradient (a stride of 0, as .sum() gives)
+                out.register_hook(lambda grad: grad.contiguous())
+        else:
+            chunks = rows.split(self.sizes())
+            out = torch.cat([chunk @ weight[e].t() for e, chunk in enumerate(chunks)])
+        if bias is not None:
+            out = out + bias.index_select(0, self.sorted_experts)
+        return out
+
+
+GROUPED_MM_ALIGNMENT = 8
+"""``torch._grouped_mm`` needs bf16 widths that are multiples of 8 (16-byte rows)."""
+
+
+def _grouped_mm_fits(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether one ``torch._grouped_mm`` can compute every group: CUDA, bf16, aligned widths."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and rows.is_cuda
+        and rows.dtype == weight.dtype == torch.bfloat16
+        and rows.shape[-1] % GROUPED_MM_ALIGNMENT == 0
+        and weight.shape[1] % GROUPED_MM_ALIGNMENT == 0
+    )

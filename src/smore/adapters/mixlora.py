@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smore.adapters.base import (
     AdaptedFFN,
     AdaptedLinear,
     AdapterWrapper,
+    ExpertGroups,
     ForwardContext,
     ffn_features,
     input_dtype,
@@ -176,6 +176,8 @@ class MixLoRAFFN(nn.Module):
         path = self.expert_path
         if path == "auto":
             path = "grouped" if x.shape[0] >= GROUPED_MIN_TOKENS else "masked"
+        if torch.compiler.is_compiling():
+            path = "masked"  # the grouped path's groups have sizes the compiled graph cannot know
         if path == "grouped":
             return self._grouped_forward(x, base, routing.indices, routing.weights)
         return self._masked_forward(x, base, routing.indices, routing.weights)
@@ -183,7 +185,8 @@ class MixLoRAFFN(nn.Module):
     def _masked_forward(self, x, base, indices, weights) -> torch.Tensor:
         """Every expert's A for every slot, masked to the slot's expert; one stacked-B matmul."""
         weights = weights.unsqueeze(-1)  # (N, k, 1)
-        slot_mask = F.one_hot(indices, self.num_experts).to(x.dtype)  # (N, k, E)
+        # One-hot by scatter: F.one_hot checks the indices' range on the host (a sync on CPU, and a graph break).
+        slot_mask = x.new_zeros(*indices.shape, self.num_experts).scatter_(-1, indices.unsqueeze(-1), 1.0)  # (N, k, E)
         slot_mask = slot_mask.repeat_interleave(self.rank, dim=-1)  # (N, k, E·r): keep the slot's expert block
         base_x = x.to(input_dtype(base.gate_proj, x.dtype))
         gate = base.gate_proj(base_x).to(x.dtype).unsqueeze(1)  # (N, 1, d_ff), shared by the experts
@@ -199,35 +202,32 @@ class MixLoRAFFN(nn.Module):
             y = y + self._up("down_proj", (weights * self._expert_hidden("down_proj", hidden, slot_mask)).sum(dim=1))
         return y  # (N, d)
 
-    def _grouped_lora(self, name: str, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """(α/r) B_e A_e for rows (M, d_in) sorted by expert, ``counts[e]`` rows for expert e: (M, d_out)."""
-        a = self.lora_A[name].view(self.num_experts, self.rank, -1).unbind(0)  # E × (r, d_in)
-        b = self.lora_B[name].view(-1, self.num_experts, self.rank).unbind(1)  # E × (d_out, r)
-        parts = [F.linear(F.linear(chunk, a[e]), b[e]) for e, chunk in enumerate(rows.split(counts))]
-        return torch.cat(parts) * self.scaling
+    def _grouped_lora(self, name: str, rows: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """(α/r) B_e A_e for rows (M, d_in) sorted by expert (``groups``): (M, d_out)."""
+        a = self.lora_A[name].view(self.num_experts, self.rank, -1)  # (E, r, d_in)
+        b = self.lora_B[name].view(-1, self.num_experts, self.rank).transpose(0, 1)  # (E, d_out, r)
+        return groups.linear(groups.linear(rows, a), b) * self.scaling
 
     def _grouped_forward(self, x, base, indices, weights) -> torch.Tensor:
         """The N·k slots sorted by expert; each expert's LoRAs applied to its own slots only."""
         n, k = indices.shape
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # slots grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens = order.div(k, rounding_mode="floor")  # (M = N·k,): the token of each sorted slot
-        slot_weights = weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (M, 1)
+        groups = ExpertGroups(indices.reshape(-1), self.num_experts)  # slots grouped by expert
+        tokens = groups.order.div(k, rounding_mode="floor")  # (M = N·k,): the token of each sorted slot
+        slot_weights = groups.sort(weights.reshape(-1)).unsqueeze(-1)  # (M, 1)
         base_x = x.to(input_dtype(base.gate_proj, x.dtype))
         gate = base.gate_proj(base_x).to(x.dtype).index_select(0, tokens)  # (M, d_ff)
         up = base.up_proj(base_x).to(x.dtype).index_select(0, tokens)
         if "gate_proj" in self.lora_A or "up_proj" in self.lora_A:
             rows = self.dropout(x).index_select(0, tokens)  # (M, d): the LoRA input of each slot
             if "gate_proj" in self.lora_A:
-                gate = gate + self._grouped_lora("gate_proj", rows, counts)
+                gate = gate + self._grouped_lora("gate_proj", rows, groups)
             if "up_proj" in self.lora_A:
-                up = up + self._grouped_lora("up_proj", rows, counts)
+                up = up + self._grouped_lora("up_proj", rows, groups)
         hidden = base.act_fn(gate) * up  # (M, d_ff)
         mixed = x.new_zeros(n, hidden.shape[-1]).index_add(0, tokens, slot_weights * hidden)  # Σ_j p_j h_j
         y = base.down_proj(mixed.to(input_dtype(base.down_proj, x.dtype))).to(x.dtype)
         if "down_proj" in self.lora_A:
-            update = self._grouped_lora("down_proj", self.dropout(hidden), counts)  # (M, d)
+            update = self._grouped_lora("down_proj", self.dropout(hidden), groups)  # (M, d)
             y = y.index_add(0, tokens, slot_weights * update)
         return y  # (N, d)
 

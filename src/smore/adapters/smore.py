@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smore.adapters import smore_decode
+from smore.adapters.base import ExpertGroups
 from smore.adapters.method import (
     CostModel,
     Counts,
@@ -471,18 +472,11 @@ class SMoREDelta(nn.Module):
             pool = 0 if self.shared_pool else level
             index = routing.indices[level]  # (N, F_ℓ)
             n, slots = index.shape
-            flat = index.reshape(-1)
-            order = flat.argsort(stable=True)  # slots grouped by expert
-            counts = torch.bincount(flat, minlength=s).tolist()
-            rows = x.index_select(0, order.div(slots, rounding_mode="floor"))  # (N·F_ℓ, d): each slot's token
-            a = self.A[offset : offset + s * r].view(s, r, -1).unbind(0)
-            a_bias = self.A_bias[offset : offset + s * r].view(s, r).unbind(0)
-            b, b_bias = self.B[pool].unbind(0), self.B_bias[pool].unbind(0)
-            parts = [
-                F.linear(F.linear(chunk, a[e], a_bias[e]), b[e], b_bias[e])  # (n_e, d_{ℓ+1})
-                for e, chunk in enumerate(rows.split(counts))
-            ]
-            u = torch.cat(parts).index_select(0, order.argsort())  # back to (token, slot) order
+            groups = ExpertGroups(index.reshape(-1), s)  # slots sorted by expert
+            rows = x.index_select(0, groups.order.div(slots, rounding_mode="floor"))  # (N·F_ℓ, d): each slot's token
+            a, a_bias = self.A[offset : offset + s * r].view(s, r, -1), self.A_bias[offset : offset + s * r].view(s, r)
+            hidden = groups.linear(rows, a, a_bias)  # (N·F_ℓ, r): A_e x + a_e
+            u = groups.unsort(groups.linear(hidden, self.B[pool], self.B_bias[pool]))  # back to (token, slot) order
             if self.scalings[level] != 1.0:
                 u = u * self.scalings[level]
             outputs.append(u.view(n, slots, -1))
@@ -520,7 +514,9 @@ class SMoREDelta(nn.Module):
             routing = self.router(x, valid)
         self.aux_loss = routing.aux_loss
         self.last_selection = ExpertSelection(routing.indices, tuple(self.num_experts), valid)  # for RoutingTracker
-        if self.expert_path == "grouped":
+        # Under torch.compile the dense path runs: the grouped one sorts slots into groups whose sizes the graph
+        # cannot know.
+        if self.expert_path == "grouped" and not torch.compiler.is_compiling():
             slot_outputs = self._grouped_slot_outputs(x, routing)
         else:
             slot_outputs = self._dense_slot_outputs(x, routing)

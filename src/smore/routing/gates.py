@@ -14,10 +14,26 @@ from torch import nn
 from smore.errors import UserError
 from smore.routing.types import GateOutput
 
+# Padding never counts in routing statistics. The padded rows are weighted by 0 rather than dropped: selecting the
+# rows of a boolean mask (``tensor[valid]``) asks the device how many there are, a host sync per gate and forward,
+# and gives torch.compile a shape that depends on the data.
 
-def _valid_rows(tensor: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Keep the rows of real tokens: padding never counts in routing statistics."""
-    return tensor if valid is None else tensor[valid]
+
+def _valid_rows_only(tensor: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``tensor`` (M, …) with the rows of padding tokens set to 0 (``where``, so no value of a padded row leaks)."""
+    if valid is None:
+        return tensor
+    return torch.where(valid.view(-1, *([1] * (tensor.dim() - 1))), tensor, tensor.new_zeros(()))
+
+
+def _valid_sum(tensor: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Σ over the real rows of ``tensor`` (M, s): (s,)."""
+    return _valid_rows_only(tensor, valid).sum(dim=0)
+
+
+def _valid_count(valid: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor | int:
+    """How many of the M rows are real: a 0-dim tensor of ``like``'s dtype (never read on the host), or M."""
+    return rows if valid is None else valid.sum().to(like.dtype)
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -102,13 +118,14 @@ class SwitchGate(Gate):
     def _aux(self, probs: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if self.balance_weight == 0:
             return probs.new_zeros(())
-        probs, indices = _valid_rows(probs, valid), _valid_rows(indices, valid)
-        if probs.shape[0] == 0:
-            return probs.new_zeros(())
+        slot_weights = _valid_rows_only(torch.ones_like(indices, dtype=probs.dtype), valid)  # 1 per real slot
         counts = torch.zeros(self.num_experts, device=probs.device, dtype=probs.dtype)
-        counts.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices, dtype=probs.dtype).reshape(-1))
-        share = counts / indices.shape[0]  # f_j: slots sent to expert j per row, Σ_j f_j = k
-        mean_prob = probs.mean(dim=0)  # P_j
+        counts.scatter_add_(0, indices.reshape(-1), slot_weights.reshape(-1))
+        rows = _valid_count(valid, indices.shape[0], probs)
+        if torch.is_tensor(rows):
+            rows = rows.clamp(min=1)  # no real row: counts and sums are 0, and so is the loss
+        share = counts / rows  # f_j: slots sent to expert j per row, Σ_j f_j = k
+        mean_prob = _valid_sum(probs, valid) / rows  # P_j
         return self.balance_weight * self.num_experts * (share * mean_prob).sum()
 
 
@@ -146,21 +163,21 @@ class NoisyTopKGate(Gate):
     def _aux(self, gates, clean, noisy, noise_std, top_values, valid) -> torch.Tensor:
         if self.balance_weight == 0:
             return gates.new_zeros(())
-        importance = _valid_rows(gates, valid).sum(dim=0)
+        importance = _valid_sum(gates, valid)
         if noise_std is not None and self.top_k < self.num_experts:
-            load = _valid_rows(self._prob_in_top_k(clean, noisy, noise_std, top_values), valid).sum(dim=0)
+            load = _valid_sum(self._prob_in_top_k(clean, noisy, noise_std, top_values), valid)
         else:  # no noise (eval): Shazeer's count of the gates that are positive, as the authors' gate counts it;
             # with k = 1 the gate is the raw cosine logit, so a selection with a logit <= 0 adds no load.
-            load = (_valid_rows(gates, valid) > 0).to(gates.dtype).sum(dim=0)
+            load = _valid_sum((gates > 0).to(gates.dtype), valid)
         return self.balance_weight * (cv_squared(importance) + cv_squared(load))
 
     def _prob_in_top_k(self, clean, noisy, noise_std, top_values) -> torch.Tensor:
         """Smooth P(expert j in top-k) under re-drawn noise, from the (k+1)-th and k-th noisy logits (Shazeer)."""
         threshold_if_in = top_values[:, self.top_k : self.top_k + 1]
         threshold_if_out = top_values[:, self.top_k - 1 : self.top_k]
-        normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
-        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        # The standard normal CDF as one function: torch.distributions.Normal validates its arguments, a host sync.
+        prob_if_in = torch.special.ndtr((clean - threshold_if_in) / noise_std)
+        prob_if_out = torch.special.ndtr((clean - threshold_if_out) / noise_std)
         return torch.where(noisy > threshold_if_in, prob_if_in, prob_if_out)
 
 
