@@ -33,7 +33,7 @@ RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 TREATMENT_PREFIX = "smore"
 """Methods whose name starts with this are S'MoRE variants, compared against every other trained method."""
-READING = "Reading: an interval containing 0 is no difference; a difference inside its interval's noise is no win."
+READING = "Reading: an interval containing 0 is no difference, whatever the sign of the mean."
 
 
 def correctness(row: dict[str, Any], metric: str) -> np.ndarray | None:
@@ -231,7 +231,7 @@ def plot_accuracy(
     if not all_bootstrap:
         kind += ", or mean ± 1.96·SE over seeds for runs without per-question results"
     axis.set_title(f"{title}\n95 % intervals: {kind}" if title else f"95 % intervals: {kind}", fontsize=9)
-    axis.legend(fontsize=8, ncol=min(len(methods), 4), loc="lower center", bbox_to_anchor=(0.5, 1.12))
+    axis.legend(fontsize=8, ncol=min(len(methods), 7), loc="lower center", bbox_to_anchor=(0.5, 1.12))
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     path = Path(path)

@@ -14,8 +14,27 @@ by log-likelihood and by generation, in the format the model was trained in (``-
   ``loglik`` lm-evaluation-harness' cloze ``acc``. For models large enough to answer by letter.
 
 The base model is scored once per task. Writes ``results.jsonl`` (one line per
-run, appended as each finishes, so an interrupted comparison resumes where it stopped) and ``table.md``: mean ± std
-over seeds per method and task, with trainable parameters, as the paper's table.
+run, appended as each finishes, so an interrupted comparison resumes where it stopped; each line holds the metrics
+and, per accuracy, the 0/1 correctness of every scored question in order), ``table.md`` (mean ± std over seeds per
+method and task, with trainable parameters, as the paper's table; then the learning-rate choice and the paired
+differences) and ``accuracy.png`` (accuracy per method and task with 95 % bootstrap intervals over questions and
+seeds). A resumed comparison may add tasks, methods or seeds; any other changed setting is refused.
+
+Methods are ``smore.METHODS`` names, each sized to the demo S'MoRE's (4-4) trainable parameters, and the S'MoRE shapes
+of ``SMORE_VARIANTS`` (``smore_2_2``, ``smore_4_4``), so both can be in one table.
+
+**Learning rate per method** (``--learning-rates 3e-4,1e-3,3e-3``): every method trains once per candidate on the
+training questions of ``--lr-task`` (default the first task) less the first ``--dev-size`` (seed ``--lr-seed``), is
+scored on those ``dev-size`` questions (never scored in the grid, and the grid's runs train on them as before), and
+keeps the candidate of best accuracy (the first scoring's: ``acc`` by default; ties: the smaller) for all its runs.
+The sweep's lines go to ``lr_sweep.jsonl``, resumable as ``results.jsonl``. Without it, ``--learning-rate`` is every
+method's.
+
+**Paired statistics** (``comparison_stats.py``): every S'MoRE variant (a method named ``smore...``) against every other
+trained method, per task and overall, on the same questions: the mean difference in ``acc`` (points), a bootstrap
+95 % interval resampling questions and seeds within each task (2,000 resamples, fixed seed), and the (task, seed)
+pairs won / tied / lost. An interval containing 0 is no difference. Lines from before (without per-question results)
+still tabulate, without paired statistics.
 
 Held-out questions are never trained on:
 
@@ -34,6 +53,20 @@ winogrande     WinoGrande validation after the first   the first ``holdout`` val
 CPU, the embedded SmolLM2-135M-Instruct, one task, two seeds, the demo's 50 steps (about two hours on 2 cores)::
 
     python bench/paper_comparison.py --tasks arc_easy --seeds 0,1 --steps 50 --limit 150
+
+Issue 17's grid (3 tasks × 6 methods × 3 seeds at 50 steps, 200 scored questions per task, the learning rate chosen
+per method on 100 ARC-Easy training questions), in the background at the lowest priority; the same command resumes
+it after an interruption, in this or a later session, without retraining what finished::
+
+    nohup nice -n 19 python bench/paper_comparison.py --tasks arc_easy,obqa,csqa \
+        --methods lora,molora,hydralora,mixlora,smore_2_2,smore_4_4 --seeds 0,1,2 --steps 50 --batch-size 8 \
+        --micro-batch-size 8 --limit 200 --holdout 200 --scoring loglik --learning-rates 3e-4,1e-3,3e-3 \
+        --dev-size 100 --output-dir bench/results/paper_comparison_issue17 > paper_comparison_issue17.log 2>&1 &
+
+Its cost on the 2 cores, from ``BENCHMARKS.md``'s runs (training 50 steps ≈ 7 min; log-likelihood scoring ≈ 2.7 min
+per 150 questions): 54 grid runs × ≈ 11 min (training + 200 questions) ≈ 10 h, 18 sweep runs × ≈ 9 min (training + 100
+questions) ≈ 2.7 h, 3 base scorings ≈ 0.2 h: **about 13 hours** of CPU, more while other jobs share the cores. Adding
+the generative scoring (``--scoring loglik,answer``, about 2 min more a run) would add about 2 hours.
 
 A GPU and a bigger model: only the config changes (``--model``, ``--precision bf16``, ``--steps``, ``--batch-size``),
 or a YAML file with the same keys (``--config comparison.yaml``).
@@ -447,8 +480,13 @@ def _list(kind):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with any of the keys below")
-    kinds = {"tasks": _list(str), "methods": _list(str), "seeds": _list(int), "scoring": _list(str),
-             "learning_rates": _list(float)}
+    kinds = {
+        "tasks": _list(str),
+        "methods": _list(str),
+        "seeds": _list(int),
+        "scoring": _list(str),
+        "learning_rates": _list(float),
+    }
     for f in fields(ComparisonConfig):
         kind = kinds.get(f.name, {"int": int, "float": float}.get(str(f.type), str))
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
