@@ -1,0 +1,128 @@
+"""Distribution: the shipped Accelerate configs load, engines that cannot form here are refused (not silently
+replaced), every trainable parameter gets a gradient even when an expert gets no token (so DDP never waits for an
+unused one), a user error found on the main process ends every process with the same message, and a checkpoint
+records its launch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import smore
+from helpers import counting_workspace, tiny_batch, tiny_llama
+from smore.errors import UserError
+from smore.registry import config_from_dict, get_method
+from smore.routing.stats import RoutingTracker
+from smore.training.engines import ENGINES, check_engine_device, requested_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROUTED = {
+    "smore-dense": {"method": "smore", "num_experts": [3, 3], "top_k": [1, 1], "ranks": [2, 2], "router_dims": [8, 8]},
+    "smore-grouped": {
+        "method": "smore",
+        "num_experts": [8, 8],
+        "top_k": [1, 1],
+        "ranks": [4, 4],
+        "router_dims": [8, 8],
+    },
+    "lora": {"method": "lora", "rank": 2},
+    "molora": {"method": "molora", "num_experts": 8, "top_k": 1, "rank": 2},
+    "hydralora": {"method": "hydralora", "num_experts": 4, "rank": 2},
+    "mixlora": {"method": "mixlora", "num_experts": 8, "top_k": 1, "rank": 2},
+    "trex": {"method": "trex", "rank_in": 2, "rank_out": 2, "target_modules": ["up_proj", "down_proj"]},
+}
+"""The seven variants, with many experts and top-1 routing so that a short batch leaves some expert without a
+token."""
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+def test_the_shipped_accelerate_configs_load_in_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    engine = ENGINES[name]
+    config = load_config_from_file(str(ROOT / engine.config_file))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(name, "DEEPSPEED")
+    assert str(config.distributed_type).endswith(expected)
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_engines_that_need_gpus_are_refused_on_a_cpu_machine_by_name():
+    assert requested_engine({}).name == "ddp"
+    assert requested_engine({"ACCELERATE_USE_FSDP": "true"}).name == "fsdp"
+    zero3 = requested_engine({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert zero3.name == "deepspeed-zero3"
+    for engine in (requested_engine({"ACCELERATE_USE_FSDP": "true"}), zero3):
+        with pytest.raises(UserError, match=rf"{engine.name}, which needs CUDA GPUs.*configs/accelerate/ddp.yaml"):
+            check_engine_device(engine, cuda=False)
+        check_engine_device(engine, cuda=True)
+    check_engine_device(ENGINES["ddp"], cuda=False)
+    with pytest.raises(UserError, match="stage 1"):
+        requested_engine({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED))
+def test_every_trainable_parameter_gets_a_gradient_when_an_expert_gets_no_token(name):
+    """DDP raises "parameters that were not used" for a parameter without a gradient; stacked experts give the
+    unused ones zeros instead."""
+    model = smore.adapt(tiny_llama(), config_from_dict(dict(ROUTED[name])))
+    batch = tiny_batch(batch=1, length=3)
+    state = get_method(ROUTED[name]["method"]).state
+    if state is not None and state.prepare is not None:  # T-REX's prior, fitted as the trainer does
+        state.prepare(model, [tiny_batch(batch=4, length=6)], 0)
+    model.train()
+    tracker = RoutingTracker(model)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    tracker.close()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    counts = [c for levels in tracker.counts.values() for c in levels if c.dtype == torch.long]
+    if name in ("smore-dense", "smore-grouped", "molora", "mixlora"):
+        assert any((c == 0).any() for c in counts)  # the case under test did happen: an expert got no token
+
+
+def test_the_grouped_and_dense_smore_variants_take_their_paths():
+    for name, path in (("smore-dense", "dense"), ("smore-grouped", "grouped")):
+        model = smore.adapt(tiny_llama(), config_from_dict(dict(ROUTED[name])))
+        paths = {m.delta.expert_path for m in model.modules() if hasattr(getattr(m, "delta", None), "expert_path")}
+        assert paths == {path}, name
+
+
+def _launch(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_refusal_on_the_main_process_ends_every_process_with_its_message(tmp_path):
+    workspace = counting_workspace(tmp_path / "ws")
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "run_config.yaml").write_text("model: another\n")  # a folder of another run, no checkpoint
+    document = {
+        "model": str(workspace / "model"),
+        "output_dir": str(output),
+        "adapter": {"method": "lora", "rank": 2},
+        "data": {"train_file": str(workspace / "train.jsonl"), "max_length": 48},
+        "train": {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(document))
+    completed = _launch(["-m", "smore.cli", "train", str(path)], tmp_path)
+    log = completed.stdout + completed.stderr
+    assert completed.returncode != 0
+    refusals = [line for line in log.splitlines() if "already holds files of another run" in line]
+    assert len(refusals) == 2 and len(set(refusals)) == 1, log[-3000:]  # both ranks, the same line
+    assert "Connection closed" not in log, log[-3000:]
+    frames = [line for line in log.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "/smore/" in f], log[-3000:]  # only the launcher's own report, no smore traceback
+    assert "exitcode: 2" in log, log[-3000:]
+    assert (output / "run_config.yaml").read_text() == "model: another\n"
