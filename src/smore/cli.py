@@ -9,8 +9,6 @@ smore analyze {params,flexibility,overhead} parameter, FLOP and structural-flexi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import logging
 import os
 import sys
@@ -110,39 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _library_logs_to_stderr() -> None:
-    """Keep stdout for the command's own output (``--json`` is parsed by scripts).
-
-    DeepSpeed's logger writes to the ``sys.stdout`` of the moment it is imported, and transformers and Accelerate
-    import it as soon as it is installed (``save_pretrained``, ``Accelerator``); its first line, "Setting
-    accelerator to CPU", would then open the JSON a script reads. Its logger's handler is pointed at stderr (it is
-    imported here with stdout pointed at stderr, so that nothing its import logs reaches stdout either)."""
-    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None:
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed.utils.logging  # noqa: F401
-    for handler in logging.getLogger("DeepSpeed").handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
-            handler.setStream(_Stderr())
-
-
-class _Stderr:
-    """The ``sys.stderr`` of the moment of each write (a handler keeps its stream; the process may swap stderr)."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    _library_logs_to_stderr()
     try:
         return args.func(args)
     except (
