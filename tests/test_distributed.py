@@ -205,3 +205,32 @@ def test_a_checkpoint_of_another_engine_is_refused_and_another_world_size_is_log
         _check_launch_of(Path("checkpoint-2"), {"engine": "ddp", "processes": 2}, alone, 2)
     assert "written by 2 process(es), this launch has 1" in caplog.text and "step 3" in caplog.text
     _check_launch_of(Path("checkpoint-2"), {}, alone, 2)  # written before the keys existed: plain DDP
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP and DeepSpeed form only on CUDA GPUs")
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed-zero2", "deepspeed-zero3"])
+def test_gpu_engines_train_and_save_the_full_adapter(tmp_path, name):
+    """For the GPU machine (not yet run): each engine trains S'MoRE and saves the gathered adapter (the shapes of a
+    one-process run), not a shard."""
+    from safetensors.torch import load_file
+
+    from smore.training.config import run_config_from_dict
+    from smore.training.trainer import train
+
+    workspace = counting_workspace(tmp_path / "ws")
+    single = train(run_config_from_dict(_document(workspace, tmp_path / "single", ROUTED["smore-grouped"])))
+    document = _document(workspace, tmp_path / name, ROUTED["smore-grouped"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(document))
+    processes = str(min(2, torch.cuda.device_count()))
+    flags = ["--config_file", str(ROOT / ENGINES[name].config_file), "--num_processes", processes]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--main_process_port", "0"]
+    completed = subprocess.run(
+        [*command, "-m", "smore.cli", "train", str(path)], capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    a = load_file(str(single.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
