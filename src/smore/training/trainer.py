@@ -51,6 +51,13 @@ from smore.resources import check_model_source, check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import RESUMABLE, OptimConfig, RunConfig, config_changes
+from smore.training.engines import (
+    check_engine_device,
+    configure_deepspeed,
+    formed_engine,
+    mark_zero3_leaves,
+    requested_engine,
+)
 from smore.training.loss import response_loss
 
 logger = logging.getLogger(__name__)
@@ -425,6 +432,7 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
     opt, main, output = config.train, accelerator.is_main_process, Path(config.output_dir)
     model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
     trainable, optimizer, scheduler = _optimization(model, opt, total_steps)
+    _engine_setup(accelerator, model, opt)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     start_step, history = 0, []
@@ -436,6 +444,7 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
             scheduler=scheduler,
         )
         start_step, history = progress["step"], progress["history"]
+        _check_launch_of(resume_from, progress, accelerator, start_step)
         logger.info("resuming %s from step %d of %d", output, start_step, total_steps)
 
     log = _Logger(output, main, resumed_at=start_step)
@@ -463,6 +472,40 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
         tracker=tracker,
         bar=bar,
     )
+
+
+def _engine_setup(accelerator, model: nn.Module, opt: OptimConfig) -> None:
+    """What DeepSpeed needs before ``prepare``: the run's batch split in its config and, under ZeRO-3, the routed
+    adapter modules as leaf modules. (Not yet run on GPUs: Accelerate forms DeepSpeed only there.)"""
+    engine = formed_engine(accelerator)
+    if engine.startswith("deepspeed"):
+        accumulation = opt.global_batch_size // (opt.micro_batch_size * accelerator.num_processes)
+        configure_deepspeed(accelerator, opt.micro_batch_size, accumulation, opt.max_grad_norm)
+    if engine == "deepspeed-zero3":
+        mark_zero3_leaves(model)
+
+
+def _check_launch_of(checkpoint: Path, progress: dict[str, Any], accelerator, step: int) -> None:
+    """A checkpoint continues under the engine that wrote it; with another number of processes it continues too,
+    and the log says how. Checkpoints written before these keys existed came from plain DDP."""
+    engine, processes = progress.get("engine", "ddp"), progress.get("processes")
+    if engine != formed_engine(accelerator):
+        raise UserError(
+            f"--resume: {checkpoint} was written under {engine}, this launch runs {formed_engine(accelerator)}; "
+            f"their optimizer states differ, so resume it with the {engine} launch it came from, or start over "
+            "with --overwrite."
+        )
+    if processes is not None and processes != accelerator.num_processes:
+        logger.warning(
+            "%s was written by %d process(es), this launch has %d: the data order depends only on the seed and the "
+            "step, so step %d takes the same global batch as it would have, now split over %d process(es); the "
+            "result equals the uninterrupted run up to floating-point summation order.",
+            checkpoint.name,
+            processes,
+            accelerator.num_processes,
+            step + 1,
+            accelerator.num_processes,
+        )
 
 
 def _remove_fresh_start(output: Path, existed: bool) -> None:
@@ -551,6 +594,8 @@ def _accelerator(config: RunConfig):
         )
     # Launched as several processes without a GPU, Accelerate needs cpu=True to form a gloo group (MULTI_CPU);
     # otherwise every process would believe it is alone.
+    engine = requested_engine()
+    check_engine_device(engine, torch.cuda.is_available())
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[opt.precision], cpu=multi_cpu
@@ -560,13 +605,25 @@ def _accelerator(config: RunConfig):
             f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate formed a group of "
             f"{accelerator.num_processes}; check the launcher and the backend."
         )
+    if formed_engine(accelerator) != engine.name:
+        raise UserError(
+            f"this launch asks for {engine.name} but Accelerate formed {formed_engine(accelerator)}; check the "
+            f"launcher's config ({engine.config_file} is the shipped one)."
+        )
     processes = accelerator.num_processes
     if opt.global_batch_size % (opt.micro_batch_size * processes):
         raise UserError(
             f"train.global_batch_size={opt.global_batch_size} must be a multiple of micro_batch_size × processes = "
-            f"{opt.micro_batch_size} × {processes}."
+            f"{opt.micro_batch_size} × {processes}; launch {_fitting_processes(opt)} processes or change the batch "
+            "sizes."
         )
     return accelerator
+
+
+def _fitting_processes(opt: OptimConfig) -> str:
+    """Process counts that split this global batch evenly, for the refusal's advice."""
+    fits = [n for n in range(1, 65) if opt.global_batch_size % (opt.micro_batch_size * n) == 0]
+    return ", ".join(map(str, fits[:6])) + (" …" if len(fits) > 6 else "")
 
 
 def _datasets(config: RunConfig) -> tuple[SFTDataset, SFTDataset | None, int]:
@@ -594,16 +651,34 @@ def _records(key: str, source: str):
 def _claim_output(config: RunConfig, accelerator, *, resume: bool, overwrite: bool, total_steps: int) -> Path | None:
     """The main process prepares ``output_dir`` and records the run config there; every process learns the
     checkpoint to resume from (``None``: a fresh start)."""
-    main = accelerator.is_main_process
-    resume_from = _prepare_output(config, resume=resume, overwrite=overwrite, total_steps=total_steps) if main else None
-    accelerator.wait_for_everyone()
     output = Path(config.output_dir)
-    if not main and resume:
-        found = checkpoints(output)
-        resume_from = found[-1] if found else None
-    if main:
+
+    def claim() -> str | None:
+        found = _prepare_output(config, resume=resume, overwrite=overwrite, total_steps=total_steps)
         (output / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return resume_from
+        return None if found is None else str(found)
+
+    resume_from = _main_decides(accelerator, claim)
+    return None if resume_from is None else Path(resume_from)
+
+
+def _main_decides(accelerator, decide):
+    """Run ``decide`` on the main process and give every process its result, or its refusal: a UserError found on
+    the main process (an output folder of another run) ends every process with the same message, rather than the
+    others with the process group's "Connection closed by peer" when the main one exits."""
+    from accelerate.utils import broadcast_object_list
+
+    verdict: list = [None, None]  # (refusal, result)
+    if accelerator.is_main_process:
+        try:
+            verdict = [None, decide()]
+        except UserError as error:
+            verdict = [str(error), None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(verdict, from_process=0)
+    if verdict[0] is not None:
+        raise UserError(verdict[0])
+    return verdict[1]
 
 
 def _optimization(model: nn.Module, opt: OptimConfig, total_steps: int):
@@ -759,7 +834,12 @@ def _save(run: _Run, step: int) -> None:
             save_adapter=lambda path: save_adapter(model, path),
             optimizer=run.optimizer,
             scheduler=run.scheduler,
-            progress={"step": step, "history": run.history},
+            progress={
+                "step": step,
+                "history": run.history,
+                "processes": run.processes,
+                "engine": formed_engine(run.accelerator),
+            },
             run_config=run.config.to_dict(),
         )
         prune_checkpoints(run.output, run.opt.keep_checkpoints)

@@ -1,0 +1,113 @@
+"""Which distributed engine a launch asked for, which one Accelerate formed, and what each needs from the trainer.
+
+``accelerate launch --config_file configs/accelerate/X.yaml`` says what it wants through the environment
+(``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_ZERO_STAGE``). Accelerate 1.15
+forms FSDP and DeepSpeed only on GPUs: on a CPU machine an FSDP launch runs as plain DDP and a ZeRO launch as a
+group of one, so the trainer refuses them there instead of running something else than was asked. Plain DDP (one
+process included) is ``ddp``; a checkpoint records its engine, and a resume under another one is refused (their
+optimizer states are laid out differently).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from smore.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    config_file: str
+    """The shipped Accelerate config that launches it."""
+    needs_gpu: bool
+
+
+ENGINES = {
+    "ddp": Engine("ddp", "configs/accelerate/ddp.yaml", needs_gpu=False),
+    "fsdp": Engine("fsdp", "configs/accelerate/fsdp.yaml", needs_gpu=True),
+    "deepspeed-zero2": Engine("deepspeed-zero2", "configs/accelerate/zero2.yaml", needs_gpu=True),
+    "deepspeed-zero3": Engine("deepspeed-zero3", "configs/accelerate/zero3.yaml", needs_gpu=True),
+}
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "false").lower() in ("true", "1", "yes")
+
+
+def requested_engine(env: Mapping[str, str] = os.environ) -> Engine:
+    """The engine the launcher's environment asks for."""
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        name = f"deepspeed-zero{stage}"
+        if name not in ENGINES:
+            raise UserError(
+                f"DeepSpeed ZeRO stage {stage} is not supported; use zero_stage 2 or 3 "
+                "(configs/accelerate/zero2.yaml, zero3.yaml)."
+            )
+        return ENGINES[name]
+    if _flag(env, "ACCELERATE_USE_FSDP"):
+        return ENGINES["fsdp"]
+    return ENGINES["ddp"]
+
+
+def check_engine_device(engine: Engine, cuda: bool) -> None:
+    """Refuse an engine that cannot form on this machine, before Accelerate quietly forms another."""
+    if engine.needs_gpu and not cuda:
+        raise UserError(
+            f"this launch asks for {engine.name}, which needs CUDA GPUs: Accelerate forms it only on GPUs, and on "
+            "this CPU machine would run something else (FSDP as plain DDP, ZeRO as a group of one). Launch with "
+            "`accelerate launch --config_file configs/accelerate/ddp.yaml` (or --multi_gpu --num_processes N) here, "
+            f"and {engine.config_file} on a GPU machine."
+        )
+
+
+def formed_engine(accelerator) -> str:
+    """The engine Accelerate formed."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp"
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float | None) -> None:
+    """Write the run's batch split into DeepSpeed's config, whatever the launcher's config file said (DeepSpeed checks
+    train_batch_size = micro × accumulation × processes itself); a value replaced is logged."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * accelerator.num_processes,
+        "gradient_clipping": max_grad_norm or 0.0,
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given not in ("auto", value):
+            logger.info("DeepSpeed config: %s=%r replaced by %r (from train.* of the run config)", key, given, value)
+        config[key] = value
+
+
+def mark_zero3_leaves(model: nn.Module) -> list[str]:
+    """Register the routed adapter modules as ZeRO-3 leaf modules: DeepSpeed then gathers all their experts at once,
+    rather than hooking each expert, which hangs when an expert gets no token on one rank. Returns their class
+    names."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from smore.routing.stats import routed_deltas
+
+    classes = sorted({type(delta) for delta in routed_deltas(model).values()}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+        logger.info("ZeRO-3 leaf modules: %s", ", ".join(c.__name__ for c in classes))
+    return [c.__name__ for c in classes]
