@@ -35,6 +35,10 @@ INVALID = [  # (overrides of the default two-level config, regex the message mus
     ({"shared_pool": True, "num_experts": [4, 2], "top_k": [1, 1]}, "shared_pool"),
     ({"shared_pool": True, "ranks": [8, 4]}, "shared_pool"),
     ({"shared_pool": "yes"}, "shared_pool"),
+    # recompute is a switch
+    ({"recompute": "yes"}, "recompute"),
+    ({"recompute": 1}, "recompute"),
+    ({"recompute": None}, "recompute"),
     # unknown choices
     ({"activation": "gelu"}, "activation"),
     ({"gate": "top2"}, "gate"),
