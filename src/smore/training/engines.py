@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from smore.errors import UserError
+from smore.routing.stats import routed_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def mark_zero3_leaves(model: nn.Module) -> list[str]:
     rather than hooking each expert, which hangs when an expert gets no token on one rank. Returns their class
     names."""
     from deepspeed.utils import set_z3_leaf_modules
-
-    from smore.routing.stats import routed_deltas
 
     classes = sorted({type(delta) for delta in routed_deltas(model).values()}, key=lambda c: c.__name__)
     if classes:
