@@ -460,9 +460,13 @@ class SMoREDelta(nn.Module):
         b, b_bias = self.B[pool], self.B_bias[pool]  # (s, d_{ℓ+1}, r), (s, d_{ℓ+1})
         return torch.baddbmm(b_bias.unsqueeze(1), a, b.transpose(1, 2), beta=scaling, alpha=scaling)
 
-    def _dense_slot_outputs(self, x: torch.Tensor, routing: TreeRouting) -> list[torch.Tensor]:
-        """Per level, U of the routed slots (N, F_ℓ, d_{ℓ+1}), gathered from every expert's output."""
-        down = F.linear(x, self.A, self.A_bias)  # (N, R): every expert's A x + a in one matmul
+    def _dense_slot_outputs(
+        self, x: torch.Tensor, routing: TreeRouting, down: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per level, U of the routed slots (N, F_ℓ, d_{ℓ+1}), gathered from every expert's output; ``down`` is
+        ``A x + a`` when the caller computed it already."""
+        if down is None:
+            down = F.linear(x, self.A, self.A_bias)  # (N, R): every expert's A x + a in one matmul
         pool_outputs = self._all_experts(down, 0, 1.0) if self.shared_pool else None  # one pool: B once for all
         outputs = []
         for level in range(self.num_levels):
@@ -514,20 +518,29 @@ class SMoREDelta(nn.Module):
         n, slots, width = terms.shape
         return terms.reshape(n, slots // self.fanouts[level], self.fanouts[level], width).sum(dim=2)
 
-    def _message(
-        self, x: torch.Tensor, valid: torch.Tensor | None, routing: TreeRouting | None
-    ) -> tuple[torch.Tensor, TreeRouting]:
-        """Route (unless ``routing`` is given), compute the routed slots' expert outputs and combine them level by
-        level: the top message x_L (N, d_L) and the routing used. Pure (no attribute is set), so that it can be
-        recomputed in backward."""
-        if routing is None:
-            routing = self.router(x, valid)
+    def _grouped(self) -> bool:
         # Under torch.compile the dense path runs: the grouped one sorts slots into groups whose sizes the graph
         # cannot know.
-        if self.expert_path == "grouped" and not torch.compiler.is_compiling():
+        return self.expert_path == "grouped" and not torch.compiler.is_compiling()
+
+    def _message(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None,
+        routing: TreeRouting | None,
+        router_down: torch.Tensor | None = None,
+        down: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, TreeRouting]:
+        """Route (unless ``routing`` is given), compute the routed slots' expert outputs and combine them level by
+        level: the top message x_L (N, d_L) and the routing used. ``router_down`` (D x + d) and ``down`` (A x + a)
+        are the products of x when the caller computed them. Pure (no attribute is set), so that it can be
+        recomputed in backward."""
+        if routing is None:
+            routing = self.router(x, valid, down=router_down)
+        if self._grouped():
             slot_outputs = self._grouped_slot_outputs(x, routing)
         else:
-            slot_outputs = self._dense_slot_outputs(x, routing)
+            slot_outputs = self._dense_slot_outputs(x, routing, down)
         message = None
         for level, u in enumerate(slot_outputs):  # bottom-up: (N, F_ℓ, d_{ℓ+1}) slots into their parents
             message = self.combine(level, u, routing.weights[level], message)
@@ -542,10 +555,13 @@ class SMoREDelta(nn.Module):
         if self.recompute and self.training and torch.is_grad_enabled():
             # Autograd would keep every slot's expert output, σ input and α product and the router's activations,
             # all per token: 1.2-1.5x the activations of a LoRA of the same size. The checkpoint keeps only its
-            # inputs (x is kept by the base layer anyway) and reruns _message in backward, with the RNG state of
-            # this call so that the noisy gate draws the same noise and routes the same way.
+            # inputs and reruns _message in backward, with the RNG state of this call so that the noisy gate draws
+            # the same noise and routes the same way. The two products that read x (A x + a, D x + d) stay outside:
+            # they are narrow (R and d_down columns) to keep and the costliest part to rerun.
+            router_down = self.router.down_proj(x) if routing is None else None
+            down = None if self._grouped() else F.linear(x, self.A, self.A_bias)
             message, routing = checkpoint(
-                self._message, x, valid, routing, use_reentrant=False, preserve_rng_state=True
+                self._message, x, valid, routing, router_down, down, use_reentrant=False, preserve_rng_state=True
             )
         else:
             message, routing = self._message(x, valid, routing)

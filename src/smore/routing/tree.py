@@ -103,12 +103,17 @@ class TreeRouter(nn.Module):
         return [level.gate.fanout for level in self.levels]
 
     def forward(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, forced: list[torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        forced: list[torch.Tensor] | None = None,
+        down: torch.Tensor | None = None,
     ) -> TreeRouting:
         """Route tokens ``x`` (N, d). ``valid`` (N,) bool excludes padding from the statistics. ``forced``, one
-        (N, F_ℓ) index tensor per level (bottom first), imposes the selection, to enumerate routing trees."""
+        (N, F_ℓ) index tensor per level (bottom first), imposes the selection, to enumerate routing trees. ``down``
+        is ``down_proj(x)`` when the caller computed it already."""
         n = x.shape[0]
-        context = self.down_proj(x).unsqueeze(1)  # (N, P=1, d_down): one virtual root per token
+        context = (self.down_proj(x) if down is None else down).unsqueeze(1)  # (N, P=1, d_down): one root per token
         indices, weights, probs = [], [], []
         aux = x.new_zeros(())
         for level in reversed(range(len(self.levels))):
