@@ -51,7 +51,7 @@ class LevelTables:
     handed_down: dict[int, torch.Tensor]
     """Ancestor level j → (s_j, d_g,ℓ): the first router layer applied to each key of level j."""
     score: torch.Tensor | None
-    """(d_g, s): ``(K W₂)ᵀ`` for dot-product gates; ``None`` for the noisy gate (cosine scores)."""
+    """(s, d_g): ``K W₂`` for dot-product gates (a linear map of the hidden layer); ``None`` for the noisy gate."""
     score_bias: torch.Tensor | None
     """(s,): ``K b₂``, or ``None`` for the noisy gate."""
     cosine_keys: torch.Tensor | None
@@ -66,7 +66,7 @@ class Folded:
     versions: list[int]
     token_weight: torch.Tensor  # (R + Σ_ℓ d_g,ℓ, d_in): [A; W₁,ℓ D for every level]
     token_bias: torch.Tensor
-    router_widths: list[int]  # d_g,ℓ per level, the column blocks after the R columns of A
+    token_widths: list[int]  # R, then d_g,ℓ per level: the column blocks of the token matmul
     levels: list[LevelTables]
     experts: torch.Tensor | None  # (R, Σ_ℓ s_ℓ d_{ℓ+1}) block-sparse γ Bᵀ, or None for the per-level path
     experts_bias: torch.Tensor | None
@@ -104,7 +104,7 @@ def fold(delta, block: bool | None = None) -> Folded:
             tables.append(LevelTables(handed_down, None, None, scored_keys(level_router)))
         else:
             keys = level_router.keys
-            tables.append(LevelTables(handed_down, (keys @ second.weight).t(), keys @ second.bias, None))
+            tables.append(LevelTables(handed_down, keys @ second.weight, keys @ second.bias, None))
     experts = experts_bias = None
     if use_block_experts(delta) if block is None else block:
         experts, experts_bias = block_experts(delta)
@@ -114,7 +114,7 @@ def fold(delta, block: bool | None = None) -> Folded:
         versions=[p._version for p in params],
         token_weight=torch.cat(rows),
         token_bias=torch.cat(biases),
-        router_widths=router_dims,
+        token_widths=[delta.A.shape[0], *router_dims],
         levels=tables,
         experts=experts,
         experts_bias=experts_bias,
@@ -160,15 +160,17 @@ def select(gate, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(gate, NoisyTopKGate):  # no noise outside training: top-k of the cosine logits
         chosen, indices = logits.topk(gate.top_k, dim=-1)
         return indices, chosen.softmax(dim=-1) if gate.top_k > 1 else chosen
-    weights, indices = logits.softmax(dim=-1).topk(gate.top_k, dim=-1)  # Switch
-    return indices, weights / weights.sum(dim=-1, keepdim=True) if gate.renormalize else weights
+    if gate.renormalize:  # Switch: the renormalised top-k of the softmax is the softmax of the top-k logits
+        chosen, indices = logits.topk(gate.top_k, dim=-1)
+        return indices, chosen.softmax(dim=-1)
+    weights, indices = logits.softmax(dim=-1).topk(gate.top_k, dim=-1)
+    return indices, weights
 
 
-def route(delta, folded: Folded, router_part: torch.Tensor):
-    """Top-down routing from the folded router columns (N, Σ d_g): per level (bottom first) indices and α (N, F_ℓ),
-    and the logits (N, F_{ℓ+1}, s_ℓ) the deferred aux loss needs."""
-    n = router_part.shape[0]
-    token_terms = router_part.split(folded.router_widths, dim=-1)
+def route(delta, folded: Folded, token_terms: list[torch.Tensor]):
+    """Top-down routing from the folded router columns (N, d_g,ℓ) of each level: per level (bottom first) indices
+    and α (N, F_ℓ), and the logits (N, F_{ℓ+1}, s_ℓ) the deferred aux loss needs."""
+    n = token_terms[0].shape[0]
     levels = delta.num_levels
     indices, weights, logits_by_level = [None] * levels, [None] * levels, [None] * levels
     slots = [1]  # F_{ℓ+1} for the level being routed, built top-down
@@ -184,8 +186,7 @@ def route(delta, folded: Folded, router_part: torch.Tensor):
             query = level_router.mlp[2](hidden)
             logits = F.normalize(query, dim=-1) @ table.cosine_keys.t()
         else:
-            logits = torch.addmm(table.score_bias, hidden.reshape(-1, hidden.shape[-1]), table.score)
-            logits = logits.view(n, -1, table.score.shape[1])
+            logits = F.linear(hidden, table.score, table.score_bias)  # (N, F_{ℓ+1}, s)
         chosen, alpha = select(level_router.gate, logits)
         indices[level], weights[level] = chosen.reshape(n, -1), alpha.reshape(n, -1)
         logits_by_level[level] = logits
@@ -210,10 +211,9 @@ def slot_outputs(delta, folded: Folded, down: torch.Tensor, indices: list[torch.
 def forward(delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Δy (N, d_out), equal to :meth:`SMoREDelta.forward` in eval mode; sets the same side outputs."""
     folded = tables(delta)
-    projected = torch.addmm(folded.token_bias, x, folded.token_weight.t())  # (N, R + Σ d_g)
-    total_rank = delta.A.shape[0]
-    down, router_part = projected[:, :total_rank], projected[:, total_rank:]
-    indices, weights, logits = route(delta, folded, router_part)
+    projected = F.linear(x, folded.token_weight, folded.token_bias)  # (N, R + Σ d_g)
+    down, *token_terms = projected.split(folded.token_widths, dim=-1)
+    indices, weights, logits = route(delta, folded, token_terms)
     delta.defer_aux_loss(logits, indices, valid)
     delta.last_selection = ExpertSelection(tuple(indices), tuple(delta.num_experts), valid)
     message = None
