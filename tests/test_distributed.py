@@ -20,7 +20,7 @@ from helpers import counting_workspace, tiny_batch, tiny_llama
 from smore.errors import UserError
 from smore.registry import config_from_dict, get_method
 from smore.routing.stats import RoutingTracker
-from smore.training.engines import ENGINES, check_engine_device, requested_engine
+from smore.training.engines import ENGINES, check_engine_device, gathered_state_dict, requested_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,38 @@ def test_engines_that_need_gpus_are_refused_on_a_cpu_machine_by_name():
     check_engine_device(ENGINES["ddp"], cuda=False)
     with pytest.raises(UserError, match="stage 1"):
         requested_engine({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
+
+
+class _Accelerator:
+    """What gathered_state_dict reads of an Accelerator: the engine it formed and its gathering call."""
+
+    def __init__(self, kind: str, gathered: dict | None = None) -> None:
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = getattr(DistributedType, kind)
+        self.gathered, self.calls = gathered, 0
+
+    def get_state_dict(self, model):
+        self.calls += 1
+        return self.gathered
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "MULTI_CPU", "NO"])
+def test_sharded_engines_save_the_adapter_from_the_gathered_state_dict(tmp_path, kind):
+    """Under FSDP (and ZeRO-3) a process's own tensors are shards: the adapter file must come from the gathered
+    state dict, the same file one process writes; elsewhere the model's own tensors are whole and nothing gathers."""
+    model = smore.adapt(tiny_llama(), smore.SMoREConfig(num_experts=[2, 2], top_k=[1, 1], init="normal"))
+    whole = {key: value + 1.0 for key, value in model.state_dict().items()}  # what the shards gather into
+    accelerator = _Accelerator(kind, whole)
+    gathered = gathered_state_dict(accelerator, model)
+    assert accelerator.calls == (1 if kind == "FSDP" else 0)
+    smore.save_adapter(model, tmp_path / "adapter", state_dict=gathered)
+    loaded = smore.load_adapter(tiny_llama(), tmp_path / "adapter")
+    source = whole if kind == "FSDP" else model.state_dict()
+    adapter = {key: value for key, value in loaded.state_dict().items() if ".delta." in key}
+    assert len(adapter) > 10
+    for key, value in adapter.items():
+        torch.testing.assert_close(value, source[key], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(ROUTED))

@@ -82,6 +82,19 @@ def formed_engine(accelerator) -> str:
     return "ddp"
 
 
+SHARDED = ("fsdp", "deepspeed-zero3")
+"""Engines whose processes each hold only a shard of every parameter."""
+
+
+def gathered_state_dict(accelerator, model: nn.Module) -> dict | None:
+    """The whole model's state dict gathered from every process's shards under FSDP and ZeRO-3, so the adapter
+    file is the same as one process writes; ``None`` elsewhere (each process holds whole tensors). A collective:
+    every process calls it, the main one writes."""
+    if formed_engine(accelerator) not in SHARDED:
+        return None
+    return accelerator.get_state_dict(model)
+
+
 def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float | None) -> None:
     """Write the run's batch split into DeepSpeed's config, whatever the launcher's config file said (DeepSpeed checks
     train_batch_size = micro × accumulation × processes itself); a value replaced is logged."""

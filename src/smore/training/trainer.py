@@ -55,6 +55,7 @@ from smore.training.engines import (
     check_engine_device,
     configure_deepspeed,
     formed_engine,
+    gathered_state_dict,
     mark_zero3_leaves,
     requested_engine,
 )
@@ -828,10 +829,11 @@ def _save(run: _Run, step: int) -> None:
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:  # never write a checkpoint that cannot be resumed from
         raise UserError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
+    gathered = gathered_state_dict(run.accelerator, run.model)  # on every process: a collective under sharding
     if run.main:
         save_checkpoint(
             run.output / f"checkpoint-{step}",
-            save_adapter=lambda path: save_adapter(model, path),
+            save_adapter=lambda path: save_adapter(model, path, state_dict=gathered),
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             progress={
@@ -855,8 +857,9 @@ def _finish(run: _Run) -> TrainResult:
             run.history[-1]["eval_loss"] = run.last_eval
     _save(run, run.total_steps)
     adapter_dir = run.output / "adapter"
+    gathered = gathered_state_dict(run.accelerator, run.model)
     if run.main:
-        save_adapter(run.unwrapped, adapter_dir)
+        save_adapter(run.unwrapped, adapter_dir, state_dict=gathered)
         write_training_format(adapter_dir, run.dataset.training_format)  # smore eval --adapter scores it so
         if run.history:
             plot_losses(run.history, run.output / "logs" / "loss.png")
