@@ -26,7 +26,7 @@ from smore.adapters.base import AdaptedLinear
 from smore.adapters.lora import LoRADelta
 from smore.adapters.smore import build_smore
 from smore.adapters.smore_reference import reference_forward
-from smore.routing.gates import SwitchGate
+from smore.routing.gates import DenseGate, SwitchGate
 
 F64 = torch.float64
 
@@ -196,12 +196,18 @@ def test_smore_decode_path_equals_plain_forward(gate, position, shared_pool, lev
         shared_pool=shared_pool,
         alpha=[3.0, 5.0, 2.0][:levels],
     )
+    assert_decode_equals_plain(delta, block=experts == "block", paths=False)
+
+
+def assert_decode_equals_plain(delta, block: bool, paths: bool) -> None:
+    """The decode path in the given layouts against the plain forward: Δy, aux loss and the selection."""
     randomize_biases_(delta)
     delta.eval()
     x = torch.randn(6, D_IN, dtype=F64)
     valid = torch.tensor([True, True, False, True, True, True])  # padding counts in no statistic
     with torch.no_grad():
-        delta.__dict__["_folded"] = smore_decode.fold(delta, block=experts == "block")
+        delta.__dict__["_folded"] = smore_decode.fold(delta, block=block, paths=paths)
+        assert (delta.__dict__["_folded"].paths is not None) == paths
         fast = delta(x, valid)
         assert "_aux_thunk" in delta.__dict__, "the decode path did not run"
         fast_aux, fast_selection = delta.aux_loss, delta.last_selection
@@ -209,10 +215,53 @@ def test_smore_decode_path_equals_plain_forward(gate, position, shared_pool, lev
     assert fast.abs().max() > 1e-3
     assert_close(fast, slow)
     assert_close(fast_aux, delta.aux_loss)
-    if gate != "dense":
+    if not isinstance(delta.router.levels[0].gate, DenseGate):
         assert fast_aux > 0
+    assert len(fast_selection.indices) == delta.num_levels
     for fast_indices, slow_indices in zip(fast_selection.indices, delta.last_selection.indices):
         assert torch.equal(fast_indices, slow_indices)
+
+
+@pytest.mark.parametrize("experts", ["block", "per_level"])
+@pytest.mark.parametrize("activation", ["prelu", "tanh", "identity"])
+@pytest.mark.parametrize("levels", [1, 2, 3])
+@pytest.mark.parametrize("shared_pool", [False, True], ids=["own", "pool"])
+@pytest.mark.parametrize("gate, top_k", [("dense", 3), ("switch", 1), ("switch", 2), ("noisy_topk", 2)])
+def test_smore_decode_every_path_layout_equals_plain_forward(gate, top_k, shared_pool, levels, activation, experts):
+    """Routing every path of the tree, α = 0 off the selected ones, is the slot-by-slot forward."""
+    delta = make_delta(
+        levels,
+        num_experts=[3] * levels,
+        top_k=[top_k] * levels,
+        router_dims=[4] * levels,
+        gate=gate,
+        activation=activation,
+        shared_pool=shared_pool,
+        alpha=[3.0, 5.0, 2.0][:levels],
+    )
+    assert smore_decode.use_paths(delta)
+    assert_decode_equals_plain(delta, block=experts == "block", paths=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"num_experts": [4, 4]}, True),
+        ({"num_experts": [3, 3], "gate": "noisy_topk"}, True),
+        ({"num_experts": [3, 4]}, False),  # the rows of the levels would not stack
+        ({"top_k": [2, 1]}, False),
+        ({"router_dims": [32, 16]}, False),
+        ({"activation_position": "child"}, False),  # α multiplies u, not σ(u + W x)
+        ({"num_experts": [8, 8, 8]}, False),  # 512 leaves: more work than the slot-by-slot calls it saves
+        ({"router_activation": "prelu"}, False),  # a learnable slope per level
+    ],
+)
+def test_smore_decode_takes_every_path_only_for_small_uniform_trees(overrides, expected):
+    delta = build_smore(smore.SMoREConfig(**overrides), 48, 64).eval()
+    assert smore_decode.use_paths(delta) == expected
+    with torch.no_grad():
+        delta(torch.randn(2, 48))
+    assert (delta.__dict__["_folded"].paths is not None) == expected
 
 
 def test_smore_decode_tables_follow_updates_loads_and_casts():

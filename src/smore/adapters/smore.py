@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
@@ -370,11 +371,12 @@ class SMoREDelta(nn.Module):
         self.__dict__.pop("_aux_thunk", None)
         self.__dict__["_aux_loss"] = value
 
-    def defer_aux_loss(self, logits: list[torch.Tensor], indices: list[torch.Tensor], valid: torch.Tensor | None):
-        """The aux loss of a routing given by per-level logits (N, P, s) and selections (N, P·k), computed by the
-        gates themselves (``forced`` to the selection) the first time :attr:`aux_loss` is read."""
+    def defer_aux_loss(self, routing: Callable[[], tuple[list, list]], valid: torch.Tensor | None) -> None:
+        """The aux loss of a routing that ``routing()`` gives as per-level logits (N, P, s) and selections (N, P·k),
+        computed by the gates themselves (``forced`` to the selection) the first time :attr:`aux_loss` is read."""
 
         def compute() -> torch.Tensor:
+            logits, indices = routing()
             total = logits[0].new_zeros(())
             for level in reversed(range(self.num_levels)):  # the router's order, so the sum is the same
                 n, parents, s = logits[level].shape

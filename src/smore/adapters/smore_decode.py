@@ -13,6 +13,13 @@ can be refolded into fewer, larger products, computed once per parameter update 
 - every expert's ``γ (B (A x + a) + b)`` of every level is **one matmul** by a block-sparse matrix when that matrix
   is no larger than ``A`` (small trees), else one batched matmul per level as in training.
 
+For small uniform trees (:func:`use_paths`: at most :data:`MAX_PATHS` leaves, the same gate and sizes on every
+level, σ everywhere) the router does not wait for the level above: it scores **every path** of the tree at once.
+Each row of one batched matmul is a level and a choice of ancestors, whose handed-down keys are constants folded
+into the token matmul's bias; unselected experts get α = 0, and the tree combination becomes one small batched
+matmul per level over all paths. That is a fixed 27 torch calls per adapter and token against 43 slot by slot,
+for a few more FLOPs (every path of a 4-4 tree: 5 router rows instead of 3).
+
 The load-balancing loss is left as a thunk (:meth:`SMoREDelta.defer_aux_loss`) computed by the gates themselves
 only when something reads it (a labelled evaluation call), so generation pays nothing for it. The tree combination
 and W_proj are the training code's. Used only when :func:`applies`; ``tests/test_fast_paths.py`` checks it against
@@ -21,13 +28,17 @@ the plain forward for every gate, variant and depth.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from smore.routing.gates import DenseGate, NoisyTopKGate
-from smore.routing.stats import ExpertSelection
+from smore.routing.stats import DeferredSelection, ExpertSelection
 
 MAX_TOKENS = 64
 """Above this many tokens per call (prefill, scoring) the plain forward is as fast: its calls are amortised."""
@@ -59,6 +70,30 @@ class LevelTables:
 
 
 @dataclass
+class PathTables:
+    """The router and tree of :func:`forward_paths`: one row per (level, ancestors) of the tree, levels top first,
+    within a level the ancestors' experts in mixed radix, the top ancestor most significant."""
+
+    blocks: list[int]
+    """Rows per level, top first: 1, s_{L-1}, s_{L-1} s_{L-2}, …, ∏_{j≥1} s_j."""
+    router_dim: int
+    query: torch.Tensor | None
+    """(rows, d_g, d_g) W₂ᵀ of the row's level, for the noisy gate (which scores cosines of the query); else None."""
+    query_bias: torch.Tensor | None
+    score: torch.Tensor
+    """(rows, d_g, s): (K W₂)ᵀ of the row's level for dot-product gates, the normalised keysᵀ for the noisy gate."""
+    score_bias: torch.Tensor | None
+    """(rows, 1, s): K b₂, dot-product gates only."""
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    """The router activation (the same module type on every level, without parameters)."""
+    select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    dense: bool
+    """The dense gate weights every expert: its α needs no scatter."""
+    sigma: list[Callable[[torch.Tensor], torch.Tensor] | None]
+    """σ of each level (None: identity)."""
+
+
+@dataclass
 class Folded:
     """The refolded matrices of one :class:`SMoREDelta`, valid while its parameters keep their versions."""
 
@@ -70,6 +105,7 @@ class Folded:
     levels: list[LevelTables]
     experts: torch.Tensor | None  # (R, Σ_ℓ s_ℓ d_{ℓ+1}) block-sparse γ Bᵀ, or None for the per-level path
     experts_bias: torch.Tensor | None
+    paths: PathTables | None = None  # every path at once (small uniform trees), else slot by slot
 
     def current(self) -> bool:
         return [p._version for p in self.params] == self.versions
@@ -82,9 +118,32 @@ def use_block_experts(delta) -> bool:
     return columns <= delta.in_features
 
 
+MAX_PATHS = 64
+"""Up to this many leaves (∏ s_ℓ), routing every path costs less than the slot-by-slot calls it replaces."""
+
+
+def use_paths(delta) -> bool:
+    """Every path at once needs rows that stack: the same number of experts, router width, gate and fanout on every
+    level, σ on every level (``activation_position="all"``, so α multiplies whole terms) and a router activation
+    without a per-level parameter."""
+    levels = delta.router.levels
+
+    def signature(level_router) -> tuple:
+        gate = level_router.gate
+        return type(gate), gate.num_experts, gate.fanout, getattr(gate, "renormalize", None), level_router.keys.shape
+
+    return (
+        delta.activation_position == "all"
+        and math.prod(delta.num_experts) <= MAX_PATHS
+        and all(signature(level) == signature(levels[0]) for level in levels)
+        and not isinstance(levels[0].mlp[1], nn.PReLU)
+    )
+
+
 @torch.no_grad()
-def fold(delta, block: bool | None = None) -> Folded:
-    """Build the tables of :class:`Folded` from the current parameters; ``block`` forces the expert layout."""
+def fold(delta, block: bool | None = None, paths: bool | None = None) -> Folded:
+    """Build the tables of :class:`Folded` from the current parameters; ``block`` forces the expert layout and
+    ``paths`` the routing layout."""
     router = delta.router
     d_down = router.down_proj.out_features
     router_dims = [level.keys.shape[1] for level in router.levels]
@@ -109,7 +168,7 @@ def fold(delta, block: bool | None = None) -> Folded:
     if use_block_experts(delta) if block is None else block:
         experts, experts_bias = block_experts(delta)
     params = list(delta.parameters())
-    return Folded(
+    folded = Folded(
         params=params,
         versions=[p._version for p in params],
         token_weight=torch.cat(rows),
@@ -119,6 +178,59 @@ def fold(delta, block: bool | None = None) -> Folded:
         experts=experts,
         experts_bias=experts_bias,
     )
+    if use_paths(delta) if paths is None else paths:
+        fold_paths(delta, folded)
+    return folded
+
+
+def fold_paths(delta, folded: Folded) -> None:
+    """Turn ``folded`` into the every-path layout: the token matmul gives the pre-activation of every router row
+    (the row's level's columns, its ancestors' handed-down keys added to the bias), and :class:`PathTables`."""
+    levels, sizes = delta.num_levels, delta.num_experts
+    d_g = delta.router.levels[0].keys.shape[1]
+    down_rows, *level_rows = folded.token_weight.split(folded.token_widths)
+    down_bias, *level_biases = folded.token_bias.split(folded.token_widths)
+    weights, biases, blocks, row_levels = [down_rows], [down_bias], [], []
+    for level in reversed(range(levels)):
+        count = math.prod(sizes[level + 1 :])  # one row per choice of the ancestors' experts
+        hidden = level_biases[level].expand(count, d_g).clone()
+        stride = 1
+        for ancestor in range(level + 1, levels):  # mixed radix, the lowest ancestor least significant
+            picked = torch.arange(count, device=hidden.device).div(stride, rounding_mode="floor") % sizes[ancestor]
+            hidden += folded.levels[level].handed_down[ancestor][picked]
+            stride *= sizes[ancestor]
+        weights.append(level_rows[level].repeat(count, 1))
+        biases.append(hidden.reshape(-1))
+        blocks.append(count)
+        row_levels += [level] * count
+    folded.token_weight, folded.token_bias = torch.cat(weights), torch.cat(biases)
+    folded.token_widths = [down_rows.shape[0], sum(blocks) * d_g]
+    per_row = [folded.levels[level] for level in row_levels]
+    seconds = [delta.router.levels[level].mlp[2] for level in row_levels]
+    noisy = per_row[0].score is None
+    top = delta.router.levels[0]
+    gate = top.gate
+    folded.paths = PathTables(
+        blocks=blocks,
+        router_dim=d_g,
+        query=torch.stack([second.weight.t() for second in seconds]) if noisy else None,
+        query_bias=torch.stack([second.bias.unsqueeze(0) for second in seconds]) if noisy else None,
+        score=torch.stack([(t.cosine_keys if noisy else t.score).t() for t in per_row]),
+        score_bias=None if noisy else torch.stack([t.score_bias.unsqueeze(0) for t in per_row]),
+        activation=top.mlp[1].forward,
+        select=functools.partial(select, gate),
+        dense=isinstance(gate, DenseGate),
+        sigma=[level_sigma(delta, level) for level in range(levels)],
+    )
+
+
+def level_sigma(delta, level: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """σ of ``level`` as one call (None: the identity), without :meth:`SMoREDelta.sigma`'s dispatch on the name."""
+    if delta.activation == "identity":
+        return None
+    if delta.activation in ("tanh", "relu"):
+        return torch.tanh if delta.activation == "tanh" else F.relu
+    return functools.partial(delta.sigma, level=level)  # prelu: the slope of this level, cast to the input's dtype
 
 
 def scored_keys(level_router) -> torch.Tensor:
@@ -194,29 +306,94 @@ def route(delta, folded: Folded, token_terms: list[torch.Tensor]):
     return indices, weights, logits_by_level
 
 
-def slot_outputs(delta, folded: Folded, down: torch.Tensor, indices: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per level, U of the routed slots (N, F_ℓ, d_{ℓ+1})."""
+def expert_outputs(delta, folded: Folded, down: torch.Tensor) -> list[torch.Tensor]:
+    """Per level, U of every expert (N, s_ℓ, d_{ℓ+1}), γ_ℓ included."""
     n = down.shape[0]
     if folded.experts is not None:
         every = torch.addmm(folded.experts_bias, down, folded.experts)  # (N, Σ_ℓ s_ℓ d_{ℓ+1})
         sizes = [s * delta.widths[level + 1] for level, s in enumerate(delta.num_experts)]
-        per_level = [u.view(n, s, -1) for u, s in zip(every.split(sizes, dim=-1), delta.num_experts)]
-    else:
-        per_level = [
-            delta._all_experts(down, level, delta.scalings[level]).transpose(0, 1) for level in range(delta.num_levels)
-        ]  # (N, s_ℓ, d_{ℓ+1}) each
+        return [u.view(n, s, -1) for u, s in zip(every.split(sizes, dim=-1), delta.num_experts)]
+    if delta.shared_pool:  # one pool: B once, scaled per level
+        pool = delta._all_experts(down, 0, 1.0).transpose(0, 1)
+        return [pool if gamma == 1.0 else pool * gamma for gamma in delta.scalings]
+    return [delta._all_experts(down, level, delta.scalings[level]).transpose(0, 1) for level in range(delta.num_levels)]
+
+
+def slot_outputs(delta, folded: Folded, down: torch.Tensor, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per level, U of the routed slots (N, F_ℓ, d_{ℓ+1})."""
+    per_level = expert_outputs(delta, folded, down)
     return [u.gather(1, index.unsqueeze(-1).expand(-1, -1, u.shape[-1])) for u, index in zip(per_level, indices)]
 
 
 def forward(delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Δy (N, d_out), equal to :meth:`SMoREDelta.forward` in eval mode; sets the same side outputs."""
     folded = tables(delta)
+    if folded.paths is not None:
+        return forward_paths(delta, folded, x, valid)
     projected = F.linear(x, folded.token_weight, folded.token_bias)  # (N, R + Σ d_g)
     down, *token_terms = projected.split(folded.token_widths, dim=-1)
     indices, weights, logits = route(delta, folded, token_terms)
-    delta.defer_aux_loss(logits, indices, valid)
+    delta.defer_aux_loss(lambda: (logits, indices), valid)
     delta.last_selection = ExpertSelection(tuple(indices), tuple(delta.num_experts), valid)
     message = None
     for level, u in enumerate(slot_outputs(delta, folded, down, indices)):
         message = delta.combine(level, u, weights[level], message)
     return delta.proj(message.squeeze(1))
+
+
+def route_paths(paths: PathTables, pre_activation: torch.Tensor):
+    """Score every router row for tokens whose rows' pre-activations are (N, rows · d_g): logits, the gate's
+    selection (rows, N, k) and α of every expert (rows, N, s), 0 where not selected."""
+    n = pre_activation.shape[0]
+    hidden = paths.activation(pre_activation.view(n, -1, paths.router_dim).transpose(0, 1))  # (rows, N, d_g)
+    if paths.query is None:
+        logits = torch.baddbmm(paths.score_bias, hidden, paths.score)  # (rows, N, s)
+    else:  # cosine: normalise the query of each row, then score it against the normalised keys
+        logits = torch.bmm(F.normalize(torch.baddbmm(paths.query_bias, hidden, paths.query), dim=-1), paths.score)
+    indices, alpha = paths.select(logits)
+    weights = alpha if paths.dense else torch.zeros_like(logits).scatter_(-1, indices, alpha)
+    return logits, indices, weights
+
+
+def routed_slots(paths: PathTables, sizes: list[int], logits: torch.Tensor, indices: torch.Tensor):
+    """What the slot-by-slot router would have returned, read off the rows of the selected paths: per level
+    (bottom first) the logits (N, F_{ℓ+1}, s) and the selection (N, F_ℓ). Only the aux loss and the routing
+    statistics ask for it, so generation never computes it."""
+    n = logits.shape[1]
+    tokens = torch.arange(n, device=logits.device).unsqueeze(1)
+    rows = torch.zeros(n, 1, dtype=torch.long, device=logits.device)  # each parent slot's row in its level's block
+    slot_logits, slot_indices = [], []
+    for level, (block_logits, block_indices) in zip(
+        reversed(range(len(sizes))), zip(logits.split(paths.blocks), indices.split(paths.blocks))
+    ):
+        picked = block_indices[rows, tokens]  # (N, F_{ℓ+1}, k)
+        slot_logits.insert(0, block_logits[rows, tokens])
+        slot_indices.insert(0, picked.reshape(n, -1))
+        rows = (rows.unsqueeze(-1) * sizes[level] + picked).reshape(n, -1)  # the children's rows, parent-major
+    return slot_logits, slot_indices
+
+
+def forward_paths(delta, folded: Folded, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`forward` for the every-path layout: route every path, then combine every path bottom-up, α = 0
+    dropping the experts nobody selected."""
+    paths = folded.paths
+    n = x.shape[0]
+    down, pre_activation = F.linear(x, folded.token_weight, folded.token_bias).split_with_sizes(folded.token_widths, -1)
+    logits, indices, weights = route_paths(paths, pre_activation)
+    sizes = delta.num_experts
+    routed = functools.cache(lambda: routed_slots(paths, sizes, logits, indices))
+    delta.defer_aux_loss(routed, valid)
+    delta.__dict__["last_selection"] = DeferredSelection(lambda: tuple(routed()[1]), tuple(sizes), valid)
+    alphas = weights.transpose(0, 1).split_with_sizes(paths.blocks, 1)[::-1]  # bottom first, (N, P_ℓ, s_ℓ)
+    message = None
+    for level, u in enumerate(expert_outputs(delta, folded, down)):  # u: (N, s_ℓ, d_{ℓ+1})
+        sigma, alpha = paths.sigma[level], alphas[level]
+        if message is None:  # the leaves of every path: (N, P_0, d_1)
+            message = torch.bmm(alpha, u if sigma is None else sigma(u))
+            continue
+        carried = delta.W[level - 1](message)  # (N, P_{ℓ-1}, d_{ℓ+1}), the children of each parent in a row
+        parents = alpha.shape[1]
+        value = u.unsqueeze(1) + carried.view(n, parents, sizes[level], -1)  # (N, P_ℓ, s_ℓ, d_{ℓ+1})
+        value = value if sigma is None else sigma(value)
+        message = (alpha.unsqueeze(-2) @ value).squeeze(-2)  # (N, P_ℓ, d_{ℓ+1})
+    return delta.proj(message.view(n, -1))

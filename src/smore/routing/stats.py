@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, runtime_checkable
@@ -48,6 +48,26 @@ class ExpertSelection:
     @property
     def dense(self) -> bool:
         return bool(self.weights)
+
+
+class DeferredSelection(ExpertSelection):
+    """An :class:`ExpertSelection` whose indices are computed the first time they are read: the decode path's
+    every-path router has no per-slot selection of its own, and generation never reads it."""
+
+    def __init__(self, indices: Callable[[], tuple[torch.Tensor, ...]], sizes: tuple[int, ...], valid) -> None:
+        # The frozen dataclass's fields, set as its own __init__ would; indices stay a thunk until read.
+        object.__setattr__(self, "_indices", indices)
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "valid", valid)
+        object.__setattr__(self, "weights", ())
+
+    @property
+    def indices(self) -> tuple[torch.Tensor, ...]:
+        value = self._indices
+        if callable(value):
+            value = value()
+            object.__setattr__(self, "_indices", value)
+        return value
 
 
 DENSE_DEAD_SHARE = 0.01
