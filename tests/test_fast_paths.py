@@ -179,15 +179,21 @@ def plain_forward(delta, x, valid=None):
         smore_decode.MAX_TOKENS = old
 
 
+# The router rows are pushed through D (folded) when they are no more than d_down, else applied after it.
+ROUTER_ROWS = pytest.mark.parametrize("down_proj_dim", [4, 64], ids=["router_after_D", "router_folded"])
+
+
+@ROUTER_ROWS
 @pytest.mark.parametrize("experts", ["block", "per_level"])
 @pytest.mark.parametrize("levels", [1, 2, 3])
 @pytest.mark.parametrize("shared_pool", [False, True], ids=["own", "pool"])
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("gate", GATES)
-def test_smore_decode_path_equals_plain_forward(gate, position, shared_pool, levels, experts):
+def test_smore_decode_path_equals_plain_forward(gate, position, shared_pool, levels, experts, down_proj_dim):
     num_experts = [2] * levels if gate == "dense" else ([3] * levels if shared_pool else [3, 4, 3][:levels])
     delta = make_delta(
         levels,
+        down_proj_dim=down_proj_dim,
         num_experts=num_experts,
         top_k=[[2], [2, 1], [2, 1, 2]][levels - 1],
         gate=gate,
@@ -207,7 +213,12 @@ def assert_decode_equals_plain(delta, block: bool, paths: bool) -> None:
     valid = torch.tensor([True, True, False, True, True, True])  # padding counts in no statistic
     with torch.no_grad():
         delta.__dict__["_folded"] = smore_decode.fold(delta, block=block, paths=paths)
-        assert (delta.__dict__["_folded"].paths is not None) == paths
+        folded = delta.__dict__["_folded"]
+        assert (folded.paths is not None) == paths
+        if delta.router.down_proj.out_features == 64:
+            assert folded.router_weight is None, "the router rows were not folded into the token matmul"
+        elif delta.num_levels > 1:  # at least 2 · 3 router rows, more than d_down = 4
+            assert folded.router_weight is not None, "the router rows were folded into the token matmul"
         fast = delta(x, valid)
         assert "_aux_thunk" in delta.__dict__, "the decode path did not run"
         fast_aux, fast_selection = delta.aux_loss, delta.last_selection
@@ -222,15 +233,19 @@ def assert_decode_equals_plain(delta, block: bool, paths: bool) -> None:
         assert torch.equal(fast_indices, slow_indices)
 
 
+@ROUTER_ROWS
 @pytest.mark.parametrize("experts", ["block", "per_level"])
 @pytest.mark.parametrize("activation", ["prelu", "tanh", "identity"])
 @pytest.mark.parametrize("levels", [1, 2, 3])
 @pytest.mark.parametrize("shared_pool", [False, True], ids=["own", "pool"])
 @pytest.mark.parametrize("gate, top_k", [("dense", 3), ("switch", 1), ("switch", 2), ("noisy_topk", 2)])
-def test_smore_decode_every_path_layout_equals_plain_forward(gate, top_k, shared_pool, levels, activation, experts):
+def test_smore_decode_every_path_layout_equals_plain_forward(
+    gate, top_k, shared_pool, levels, activation, experts, down_proj_dim
+):
     """Routing every path of the tree, α = 0 off the selected ones, is the slot-by-slot forward."""
     delta = make_delta(
         levels,
+        down_proj_dim=down_proj_dim,
         num_experts=[3] * levels,
         top_k=[top_k] * levels,
         router_dims=[4] * levels,

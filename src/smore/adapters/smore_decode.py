@@ -99,13 +99,17 @@ class Folded:
 
     params: list[torch.Tensor]
     versions: list[int]
-    token_weight: torch.Tensor  # (R + Σ_ℓ d_g,ℓ, d_in): [A; W₁,ℓ D for every level]
-    token_bias: torch.Tensor
-    token_widths: list[int]  # R, then d_g,ℓ per level: the column blocks of the token matmul
     levels: list[LevelTables]
+    router_dims: list[int]  # d_g,ℓ per level: the blocks of the router rows, slot by slot
     experts: torch.Tensor | None  # (R, Σ_ℓ s_ℓ d_{ℓ+1}) block-sparse γ Bᵀ, or None for the per-level path
     experts_bias: torch.Tensor | None
     paths: PathTables | None = None  # every path at once (small uniform trees), else slot by slot
+    # The token matmul (:func:`set_router_rows`): [A; W_rows D] or [A; D], then W_rows after it in the second case.
+    token_weight: torch.Tensor | None = None
+    token_bias: torch.Tensor | None = None
+    token_widths: list[int] | None = None  # R, then the router columns
+    router_weight: torch.Tensor | None = None  # (K, d_down) router rows applied to D x + d, when not folded in
+    router_bias: torch.Tensor | None = None
 
     def current(self) -> bool:
         return [p._version for p in self.params] == self.versions
@@ -147,12 +151,10 @@ def fold(delta, block: bool | None = None, paths: bool | None = None) -> Folded:
     router = delta.router
     d_down = router.down_proj.out_features
     router_dims = [level.keys.shape[1] for level in router.levels]
-    rows, biases, tables = [delta.A], [delta.A_bias], []
+    w_downs, tables = [], []
     for level, level_router in enumerate(router.levels):
         first, second = level_router.mlp[0], level_router.mlp[2]
-        w_down = first.weight[:, :d_down]  # the columns that read D x
-        rows.append(w_down @ router.down_proj.weight)
-        biases.append(w_down @ router.down_proj.bias + first.bias)
+        w_downs.append(first.weight[:, :d_down])  # the columns that read D x
         handed_down, column = {}, d_down
         for ancestor in reversed(range(level + 1, delta.num_levels)):  # z = [D x; k_{L-1}; …; k_{ℓ+1}]
             width = router_dims[ancestor]
@@ -171,40 +173,61 @@ def fold(delta, block: bool | None = None, paths: bool | None = None) -> Folded:
     folded = Folded(
         params=params,
         versions=[p._version for p in params],
-        token_weight=torch.cat(rows),
-        token_bias=torch.cat(biases),
-        token_widths=[delta.A.shape[0], *router_dims],
         levels=tables,
+        router_dims=router_dims,
         experts=experts,
         experts_bias=experts_bias,
     )
+    first_biases = [level_router.mlp[0].bias for level_router in router.levels]
     if use_paths(delta) if paths is None else paths:
-        fold_paths(delta, folded)
+        weights, biases = fold_paths(delta, folded, w_downs, first_biases)
+    else:
+        weights, biases = w_downs, first_biases
+    set_router_rows(delta, folded, torch.cat(weights), torch.cat(biases))
     return folded
 
 
-def fold_paths(delta, folded: Folded) -> None:
-    """Turn ``folded`` into the every-path layout: the token matmul gives the pre-activation of every router row
-    (the row's level's columns, its ancestors' handed-down keys added to the bias), and :class:`PathTables`."""
+def set_router_rows(delta, folded: Folded, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """The token matmul and the router's first layer, for router rows ``weight (K, d_down) (D x + d) + bias``.
+
+    Decoding reads every weight once per token, so the cheaper layout is the one with fewer bytes: pushing the rows
+    through D (one matmul, K rows of d_in) when K ≤ d_down, else D in the token matmul and the K rows after it."""
+    down = delta.router.down_proj
+    rows = weight.shape[0]
+    if rows <= down.out_features:
+        folded.token_weight = torch.cat([delta.A, weight @ down.weight])
+        folded.token_bias = torch.cat([delta.A_bias, weight @ down.bias + bias])
+        folded.token_widths = [delta.A.shape[0], rows]
+    else:
+        folded.token_weight = torch.cat([delta.A, down.weight])
+        folded.token_bias = torch.cat([delta.A_bias, down.bias])
+        folded.token_widths = [delta.A.shape[0], down.out_features]
+        folded.router_weight, folded.router_bias = weight, bias
+
+
+def router_rows(folded: Folded, tail: torch.Tensor) -> torch.Tensor:
+    """The router rows' pre-activations (N, K) from the token matmul's columns after A's."""
+    return tail if folded.router_weight is None else F.linear(tail, folded.router_weight, folded.router_bias)
+
+
+def fold_paths(delta, folded: Folded, w_downs: list[torch.Tensor], first_biases: list[torch.Tensor]):
+    """The every-path layout: :class:`PathTables` in ``folded``, and the router rows (weights on D x + d and
+    biases, one block of d_g rows per path row) with each row's ancestors' handed-down keys in its bias."""
     levels, sizes = delta.num_levels, delta.num_experts
     d_g = delta.router.levels[0].keys.shape[1]
-    down_rows, *level_rows = folded.token_weight.split(folded.token_widths)
-    down_bias, *level_biases = folded.token_bias.split(folded.token_widths)
-    weights, biases, blocks, row_levels = [down_rows], [down_bias], [], []
+    weights, biases, blocks, row_levels = [], [], [], []
     for level in reversed(range(levels)):
         count = math.prod(sizes[level + 1 :])  # one row per choice of the ancestors' experts
-        hidden = level_biases[level].expand(count, d_g).clone()
+        hidden = first_biases[level].expand(count, d_g).clone()
         stride = 1
         for ancestor in range(level + 1, levels):  # mixed radix, the lowest ancestor least significant
             picked = torch.arange(count, device=hidden.device).div(stride, rounding_mode="floor") % sizes[ancestor]
             hidden += folded.levels[level].handed_down[ancestor][picked]
             stride *= sizes[ancestor]
-        weights.append(level_rows[level].repeat(count, 1))
+        weights.append(w_downs[level].repeat(count, 1))
         biases.append(hidden.reshape(-1))
         blocks.append(count)
         row_levels += [level] * count
-    folded.token_weight, folded.token_bias = torch.cat(weights), torch.cat(biases)
-    folded.token_widths = [down_rows.shape[0], sum(blocks) * d_g]
     per_row = [folded.levels[level] for level in row_levels]
     seconds = [delta.router.levels[level].mlp[2] for level in row_levels]
     noisy = per_row[0].score is None
@@ -222,6 +245,7 @@ def fold_paths(delta, folded: Folded) -> None:
         dense=isinstance(gate, DenseGate),
         sigma=[level_sigma(delta, level) for level in range(levels)],
     )
+    return weights, biases
 
 
 def level_sigma(delta, level: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -330,8 +354,8 @@ def forward(delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     folded = tables(delta)
     if folded.paths is not None:
         return forward_paths(delta, folded, x, valid)
-    projected = F.linear(x, folded.token_weight, folded.token_bias)  # (N, R + Σ d_g)
-    down, *token_terms = projected.split(folded.token_widths, dim=-1)
+    down, tail = F.linear(x, folded.token_weight, folded.token_bias).split_with_sizes(folded.token_widths, -1)
+    token_terms = router_rows(folded, tail).split(folded.router_dims, dim=-1)
     indices, weights, logits = route(delta, folded, token_terms)
     delta.defer_aux_loss(lambda: (logits, indices), valid)
     delta.last_selection = ExpertSelection(tuple(indices), tuple(delta.num_experts), valid)
@@ -378,8 +402,8 @@ def forward_paths(delta, folded: Folded, x: torch.Tensor, valid: torch.Tensor | 
     dropping the experts nobody selected."""
     paths = folded.paths
     n = x.shape[0]
-    down, pre_activation = F.linear(x, folded.token_weight, folded.token_bias).split_with_sizes(folded.token_widths, -1)
-    logits, indices, weights = route_paths(paths, pre_activation)
+    down, tail = F.linear(x, folded.token_weight, folded.token_bias).split_with_sizes(folded.token_widths, -1)
+    logits, indices, weights = route_paths(paths, router_rows(folded, tail))
     sizes = delta.num_experts
     routed = functools.cache(lambda: routed_slots(paths, sizes, logits, indices))
     delta.defer_aux_loss(routed, valid)
