@@ -78,12 +78,14 @@ class PathTables:
     """Rows per level, top first: 1, s_{L-1}, s_{L-1} s_{L-2}, …, ∏_{j≥1} s_j."""
     router_dim: int
     query: torch.Tensor | None
-    """(rows, d_g, d_g) W₂ᵀ of the row's level, for the noisy gate (which scores cosines of the query); else None."""
+    """(rows · d_g, rows · d_g) block-diagonal W₂ of each row's level, for the noisy gate (which scores cosines of
+    the query); else None."""
     query_bias: torch.Tensor | None
     score: torch.Tensor
-    """(rows, d_g, s): (K W₂)ᵀ of the row's level for dot-product gates, the normalised keysᵀ for the noisy gate."""
+    """(rows · s, rows · d_g) block-diagonal: K W₂ of each row's level for dot-product gates, the normalised keys
+    for the noisy gate. One matmul scores every row, and the logits come out token-major, as α is needed."""
     score_bias: torch.Tensor | None
-    """(rows, 1, s): K b₂, dot-product gates only."""
+    """(rows · s,): K b₂ of each row's level, dot-product gates only."""
     activation: Callable[[torch.Tensor], torch.Tensor]
     """The router activation (the same module type on every level, without parameters)."""
     select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -91,6 +93,9 @@ class PathTables:
     """The dense gate weights every expert: its α needs no scatter."""
     sigma: list[Callable[[torch.Tensor], torch.Tensor] | None]
     """σ of each level (None: identity)."""
+    carry: list[tuple[torch.Tensor, torch.Tensor]]
+    """(weight, bias) of W_ℓ for ℓ ≥ 1, and of W_proj: called as F.linear, without a module call each."""
+    proj: tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -141,7 +146,17 @@ def use_paths(delta) -> bool:
         and math.prod(delta.num_experts) <= MAX_PATHS
         and all(signature(level) == signature(levels[0]) for level in levels)
         and not isinstance(levels[0].mlp[1], nn.PReLU)
+        and path_router_size(delta) <= delta.A.numel()
     )
+
+
+def path_router_size(delta) -> int:
+    """Elements of the block-diagonal router matrices of every path: kept no larger than A, so that their zeros
+    cost less than the calls they save."""
+    sizes, d_g = delta.num_experts, delta.router.levels[0].keys.shape[1]
+    rows = sum(math.prod(sizes[level + 1 :]) for level in range(len(sizes)))
+    noisy = isinstance(delta.router.levels[0].gate, NoisyTopKGate)
+    return rows * d_g * rows * (sizes[0] + (d_g if noisy else 0))
 
 
 @torch.no_grad()
@@ -236,14 +251,16 @@ def fold_paths(delta, folded: Folded, w_downs: list[torch.Tensor], first_biases:
     folded.paths = PathTables(
         blocks=blocks,
         router_dim=d_g,
-        query=torch.stack([second.weight.t() for second in seconds]) if noisy else None,
-        query_bias=torch.stack([second.bias.unsqueeze(0) for second in seconds]) if noisy else None,
-        score=torch.stack([(t.cosine_keys if noisy else t.score).t() for t in per_row]),
-        score_bias=None if noisy else torch.stack([t.score_bias.unsqueeze(0) for t in per_row]),
+        query=torch.block_diag(*[second.weight for second in seconds]) if noisy else None,
+        query_bias=torch.cat([second.bias for second in seconds]) if noisy else None,
+        score=torch.block_diag(*[t.cosine_keys if noisy else t.score for t in per_row]),
+        score_bias=None if noisy else torch.cat([t.score_bias for t in per_row]),
         activation=top.mlp[1].forward,
         select=functools.partial(select, gate),
         dense=isinstance(gate, DenseGate),
         sigma=[level_sigma(delta, level) for level in range(levels)],
+        carry=[(w.weight, w.bias) for w in delta.W],
+        proj=(delta.proj.weight, delta.proj.bias),
     )
     return weights, biases
 
@@ -366,14 +383,14 @@ def forward(delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 
 def route_paths(paths: PathTables, pre_activation: torch.Tensor):
-    """Score every router row for tokens whose rows' pre-activations are (N, rows · d_g): logits, the gate's
-    selection (rows, N, k) and α of every expert (rows, N, s), 0 where not selected."""
+    """Score every router row for tokens whose rows' pre-activations are (N, rows · d_g): logits (N, rows, s), the
+    gate's selection (N, rows, k) and α of every expert (N, rows, s), 0 where not selected."""
     n = pre_activation.shape[0]
-    hidden = paths.activation(pre_activation.view(n, -1, paths.router_dim).transpose(0, 1))  # (rows, N, d_g)
-    if paths.query is None:
-        logits = torch.baddbmm(paths.score_bias, hidden, paths.score)  # (rows, N, s)
-    else:  # cosine: normalise the query of each row, then score it against the normalised keys
-        logits = torch.bmm(F.normalize(torch.baddbmm(paths.query_bias, hidden, paths.query), dim=-1), paths.score)
+    hidden = paths.activation(pre_activation)
+    if paths.query is not None:  # cosine: normalise each row's query, then score it against the normalised keys
+        query = F.linear(hidden, paths.query, paths.query_bias).view(n, -1, paths.router_dim)
+        hidden = F.normalize(query, dim=-1).view(n, -1)
+    logits = F.linear(hidden, paths.score, paths.score_bias).view(n, sum(paths.blocks), -1)
     indices, alpha = paths.select(logits)
     weights = alpha if paths.dense else torch.zeros_like(logits).scatter_(-1, indices, alpha)
     return logits, indices, weights
@@ -383,15 +400,15 @@ def routed_slots(paths: PathTables, sizes: list[int], logits: torch.Tensor, indi
     """What the slot-by-slot router would have returned, read off the rows of the selected paths: per level
     (bottom first) the logits (N, F_{ℓ+1}, s) and the selection (N, F_ℓ). Only the aux loss and the routing
     statistics ask for it, so generation never computes it."""
-    n = logits.shape[1]
+    n = logits.shape[0]
     tokens = torch.arange(n, device=logits.device).unsqueeze(1)
     rows = torch.zeros(n, 1, dtype=torch.long, device=logits.device)  # each parent slot's row in its level's block
     slot_logits, slot_indices = [], []
     for level, (block_logits, block_indices) in zip(
-        reversed(range(len(sizes))), zip(logits.split(paths.blocks), indices.split(paths.blocks))
+        reversed(range(len(sizes))), zip(logits.split(paths.blocks, 1), indices.split(paths.blocks, 1))
     ):
-        picked = block_indices[rows, tokens]  # (N, F_{ℓ+1}, k)
-        slot_logits.insert(0, block_logits[rows, tokens])
+        picked = block_indices[tokens, rows]  # (N, F_{ℓ+1}, k)
+        slot_logits.insert(0, block_logits[tokens, rows])
         slot_indices.insert(0, picked.reshape(n, -1))
         rows = (rows.unsqueeze(-1) * sizes[level] + picked).reshape(n, -1)  # the children's rows, parent-major
     return slot_logits, slot_indices
@@ -408,16 +425,17 @@ def forward_paths(delta, folded: Folded, x: torch.Tensor, valid: torch.Tensor | 
     routed = functools.cache(lambda: routed_slots(paths, sizes, logits, indices))
     delta.defer_aux_loss(routed, valid)
     delta.__dict__["last_selection"] = DeferredSelection(lambda: tuple(routed()[1]), tuple(sizes), valid)
-    alphas = weights.transpose(0, 1).split_with_sizes(paths.blocks, 1)[::-1]  # bottom first, (N, P_ℓ, s_ℓ)
+    alphas = weights.split_with_sizes(paths.blocks, 1)[::-1]  # bottom first, (N, P_ℓ, s_ℓ)
     message = None
     for level, u in enumerate(expert_outputs(delta, folded, down)):  # u: (N, s_ℓ, d_{ℓ+1})
         sigma, alpha = paths.sigma[level], alphas[level]
-        if message is None:  # the leaves of every path: (N, P_0, d_1)
-            message = torch.bmm(alpha, u if sigma is None else sigma(u))
-            continue
-        carried = delta.W[level - 1](message)  # (N, P_{ℓ-1}, d_{ℓ+1}), the children of each parent in a row
-        parents = alpha.shape[1]
-        value = u.unsqueeze(1) + carried.view(n, parents, sizes[level], -1)  # (N, P_ℓ, s_ℓ, d_{ℓ+1})
-        value = value if sigma is None else sigma(value)
-        message = (alpha.unsqueeze(-2) @ value).squeeze(-2)  # (N, P_ℓ, d_{ℓ+1})
-    return delta.proj(message.view(n, -1))
+        if message is not None:  # add W_ℓ of the children's messages (N, P_{ℓ-1}, d_{ℓ+1}), s_ℓ of them per parent
+            carried = F.linear(message, *paths.carry[level - 1])
+            parents = alpha.shape[1]
+            u = u + carried if parents == 1 else u.unsqueeze(1) + carried.view(n, parents, sizes[level], -1)
+        value = u if sigma is None else sigma(u)
+        if value.dim() == 3:  # one parent per token, or the leaves: (N, P_ℓ, d_{ℓ+1})
+            message = torch.bmm(alpha, value)
+        else:
+            message = (alpha.unsqueeze(-2) @ value).squeeze(-2)
+    return F.linear(message.view(n, -1), *paths.proj)
