@@ -97,7 +97,9 @@ def gathered_state_dict(accelerator, model: nn.Module) -> dict | None:
 
 def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float | None) -> None:
     """Write the run's batch split into DeepSpeed's config, whatever the launcher's config file said (DeepSpeed checks
-    train_batch_size = micro × accumulation × processes itself); a value replaced is logged."""
+    train_batch_size = micro × accumulation × processes itself); a value replaced is logged. With the loss passed
+    unscaled (:func:`backward_options`), ``gradient_accumulation_steps`` is bookkeeping only (samples counted, the
+    batch-size check): the update is taken where the trainer marks the last micro-batch."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     wanted = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -110,6 +112,17 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, m
         if given not in ("auto", value):
             logger.info("DeepSpeed config: %s=%r replaced by %r (from train.* of the run config)", key, given, value)
         config[key] = value
+
+
+def backward_options(accelerator) -> dict[str, bool]:
+    """What ``accelerator.backward`` must pass on for the trainer's loss, already normalised by the global batch's
+    response tokens: under DeepSpeed, ``scale_wrt_gas=False``, since ``DeepSpeedEngine.backward`` would otherwise
+    divide it once more by its ``gradient_accumulation_steps`` (the micro-batches per process and step, see
+    :func:`configure_deepspeed`); elsewhere nothing (Accelerate divides by its own ``gradient_accumulation_steps``,
+    which the trainer leaves at 1, and ``loss.backward`` takes no such option)."""
+    from accelerate.utils import DistributedType
+
+    return {"scale_wrt_gas": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
 
 
 def mark_zero3_leaves(model: nn.Module) -> list[str]:

@@ -52,6 +52,7 @@ from smore.routing.stats import LevelHealth, RoutingTracker
 from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
 from smore.training.config import RESUMABLE, OptimConfig, RunConfig, config_changes
 from smore.training.engines import (
+    backward_options,
     check_engine_device,
     configure_deepspeed,
     formed_engine,
@@ -713,23 +714,34 @@ def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
 
 def _accumulate(run: _Run, step: int, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches, gradients synchronised once at the last one; returns this
-    process's share of the step's cross-entropy and aux loss."""
+    process's share of the step's cross-entropy and aux loss.
+
+    Accelerate's ``sync_gradients`` flag says which backward is the last: DDP and FSDP skip their reduction under
+    ``no_sync`` before it, and under DeepSpeed (where ``no_sync`` does nothing for ZeRO-2/3) Accelerate's engine
+    wrapper passes the flag on as DeepSpeed's accumulation boundary and calls ``engine.step()`` (clip, update) only
+    when it is set; left at its default (True), DeepSpeed would update after every micro-batch. The loss goes
+    unscaled to DeepSpeed (:func:`~smore.training.engines.backward_options`): it is already a share of the step."""
     accelerator, processes, device = run.accelerator, run.processes, run.accelerator.device
     local_tokens = torch.tensor(sum(_response_tokens(b) for b in micro), device=device)
     step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
     if step_tokens == 0:
         raise UserError(f"step {step}: no token of the global batch carries loss; check the data's responses.")
     step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
-    for index, batch in enumerate(micro):
-        weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
-        batch = {k: v.to(device) for k, v in batch.items()}
-        sync = index == len(micro) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model), accelerator.autocast():
-            loss = response_loss(run.model, batch)
-            aux = aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
-            accelerator.backward((loss + aux) * weight)
-        step_loss += loss.detach() * weight / processes
-        step_aux += aux.detach() * weight / processes
+    options = backward_options(accelerator)
+    try:
+        for index, batch in enumerate(micro):
+            weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = index == len(micro) - 1
+            accelerator.gradient_state._set_sync_gradients(sync)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(run.model), accelerator.autocast():
+                loss = response_loss(run.model, batch)
+                aux = aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
+                accelerator.backward((loss + aux) * weight, **options)
+            step_loss += loss.detach() * weight / processes
+            step_aux += aux.detach() * weight / processes
+    finally:  # the optimizer step, clipping and whatever runs between steps see a synchronised state
+        accelerator.gradient_state._set_sync_gradients(True)
     return step_loss, step_aux
 
 
@@ -742,7 +754,10 @@ def _finite_everywhere(run: _Run, loss: torch.Tensor) -> bool:
 
 def _optimizer_step(run: _Run, step: int) -> bool:
     """Step ``step`` (0-based): accumulate, clip, update. A non-finite loss or gradient on any process never reaches
-    the weights: the update is skipped (False) or the run stops (``train.on_nonfinite``)."""
+    the weights: the update is skipped (False) or the run stops (``train.on_nonfinite``). Under DeepSpeed the engine
+    clips and updates within the last micro-batch's backward (the optimizer's ``step`` is then a no-op), so there a
+    non-finite loss still stops or counts the step but comes after DeepSpeed's own update (fp16's loss scaler skips
+    overflowing steps itself)."""
     opt, accelerator = run.opt, run.accelerator
     micro = _micro_batches(run, step)
     step_loss, step_aux = _accumulate(run, step, micro)
