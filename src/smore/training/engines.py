@@ -95,6 +95,42 @@ def gathered_state_dict(accelerator, model: nn.Module) -> dict | None:
     return accelerator.get_state_dict(model)
 
 
+def gathered_optimizer_state(accelerator, model: nn.Module, optimizer) -> dict | None:
+    """Under FSDP, the optimizer's state gathered from every process's shards, in the layout of one process's
+    ``optimizer.state_dict()`` (state keyed by the parameter's index in the param groups), so a checkpoint's
+    optimizer file is the one a single process writes; ``None`` elsewhere. A collective: every process calls it; the
+    main process gets the state (on the CPU), the others an empty one."""
+    if formed_engine(accelerator) != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+    if not full:  # not the main process: cpu_offload leaves the gathered state on the main one only
+        return {}
+    index = {name: i for i, name in enumerate(name for group in full["param_groups"] for name in group["params"])}
+    return {
+        "state": {index[name]: values for name, values in full["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in full["param_groups"]],
+    }
+
+
+def restore_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state (one process's layout) into this run's optimizer: under FSDP every process
+    takes its shards of the whole state (a collective); elsewhere ``optimizer.load_state_dict``."""
+    if formed_engine(accelerator) != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**group, "params": [order[int(i)] for i in group["params"]]} for group in state["param_groups"]]
+    full = {"state": {order[int(i)]: values for i, values in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
 def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float | None) -> None:
     """Write the run's batch split into DeepSpeed's config, whatever the launcher's config file said (DeepSpeed checks
     train_batch_size = micro × accumulation × processes itself); a value replaced is logged. With the loss passed

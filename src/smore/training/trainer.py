@@ -49,16 +49,26 @@ from smore.plots import plot_expert_load, plot_losses
 from smore.registry import get_method
 from smore.resources import check_model_source, check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
-from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
+from smore.training.checkpoint import (
+    checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    read_run_config,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from smore.training.config import RESUMABLE, OptimConfig, RunConfig, config_changes
 from smore.training.engines import (
+    SHARDED,
     backward_options,
     check_engine_device,
     configure_deepspeed,
     formed_engine,
+    gathered_optimizer_state,
     gathered_state_dict,
     mark_zero3_leaves,
     requested_engine,
+    restore_optimizer_state,
 )
 from smore.training.loss import response_loss
 
@@ -433,6 +443,11 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
     dataset, eval_set, pad = data
     opt, main, output = config.train, accelerator.is_main_process, Path(config.output_dir)
     model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
+    sharded = formed_engine(accelerator) in SHARDED
+    if resume_from is not None and sharded:
+        # FSDP and ZeRO-3 shard the parameters in prepare: the adapter goes into the whole model before it.
+        verify_checkpoint(resume_from)
+        restore_adapter(model, resume_from / "adapter")
     trainable, optimizer, scheduler = _optimization(model, opt, total_steps)
     _engine_setup(accelerator, model, opt)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -441,9 +456,10 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
     if resume_from is not None:
         progress = load_checkpoint(
             resume_from,
-            load_adapter_weights=lambda path: restore_adapter(unwrapped, path),
+            load_adapter_weights=(lambda path: None) if sharded else (lambda path: restore_adapter(unwrapped, path)),
             optimizer=optimizer,
             scheduler=scheduler,
+            restore_optimizer=lambda state: restore_optimizer_state(accelerator, model, optimizer, state),
         )
         start_step, history = progress["step"], progress["history"]
         _check_launch_of(resume_from, progress, accelerator, start_step)
@@ -845,6 +861,7 @@ def _save(run: _Run, step: int) -> None:
     if bad:  # never write a checkpoint that cannot be resumed from
         raise UserError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
     gathered = gathered_state_dict(run.accelerator, run.model)  # on every process: a collective under sharding
+    optimizer_state = gathered_optimizer_state(run.accelerator, run.model, run.optimizer)  # FSDP: a collective too
     if run.main:
         save_checkpoint(
             run.output / f"checkpoint-{step}",
@@ -858,6 +875,7 @@ def _save(run: _Run, step: int) -> None:
                 "engine": formed_engine(run.accelerator),
             },
             run_config=run.config.to_dict(),
+            optimizer_state=optimizer_state,
         )
         prune_checkpoints(run.output, run.opt.keep_checkpoints)
     run.accelerator.wait_for_everyone()
