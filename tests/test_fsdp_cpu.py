@@ -184,10 +184,7 @@ def _probe(tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
 @pytest.mark.slow
 def test_fsdp2_on_two_gloo_processes_gathers_the_one_process_adapter_and_optimizer_state(tmp_path):
     completed, output = _probe(tmp_path)
-    if completed.returncode != 0 and not torch.cuda.is_available():
-        error = [line for line in completed.stderr.splitlines() if "Error" in line]
-        pytest.skip(f"FSDP2 does not run on CPU with gloo in torch {torch.__version__}: {error[-1:]}")
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.returncode == 0, completed.stderr[-4000:]  # FSDP2 runs on CPU over gloo in torch 2.13
     result = torch.load(output)
     adapter, reference = result["adapter"], result["reference_adapter"]
     assert adapter.keys() == reference.keys() and len(adapter) > 10
