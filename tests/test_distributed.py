@@ -5,6 +5,7 @@ records its launch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 import smore
-from helpers import counting_workspace, tiny_batch, tiny_llama
+from helpers import counting_workspace, randomise, tiny_batch, tiny_llama
 from smore.errors import UserError
 from smore.registry import config_from_dict, get_method
 from smore.routing.stats import RoutingTracker
@@ -53,6 +54,8 @@ def test_the_shipped_accelerate_configs_load_in_accelerate(name):
     assert str(config.distributed_type).endswith(expected)
     if name.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+        # smore train sets DeepSpeed's accumulation itself (and "auto" here would break Accelerate's int() of it)
+        assert "gradient_accumulation_steps" not in config.deepspeed_config
 
 
 def test_engines_that_need_gpus_are_refused_on_a_cpu_machine_by_name():
@@ -239,6 +242,140 @@ def test_a_checkpoint_of_another_engine_is_refused_and_another_world_size_is_log
         _check_launch_of(Path("checkpoint-2"), {"engine": "ddp", "processes": 2}, alone, 2)
     assert "written by 2 process(es), this launch has 1" in caplog.text and "step 3" in caplog.text
     _check_launch_of(Path("checkpoint-2"), {}, alone, 2)  # written before the keys existed: plain DDP
+
+
+class _RecordingEngine:
+    """DeepSpeed's engine as Accelerate's wrapper drives it, after deepspeed 0.19.8 (runtime/engine.py): ``backward``
+    divides the loss by ``gradient_accumulation_steps`` unless ``scale_wrt_gas=False``, ``step`` updates (and zeroes
+    the gradients) only at the accumulation boundary the wrapper set. Records every call and each update's
+    gradients."""
+
+    def __init__(self, module: torch.nn.Module, accumulation: int) -> None:
+        self.module, self.accumulation = module, accumulation
+        self.boundary: bool | None = None
+        self.calls: list[tuple] = []
+        self.updates: list[dict[str, torch.Tensor]] = []
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        self.boundary = is_boundary
+
+    def backward(self, loss, retain_graph=False, scale_wrt_gas=True):
+        self.calls.append(("backward", self.boundary, scale_wrt_gas))
+        (loss / self.accumulation if scale_wrt_gas else loss).backward(retain_graph=retain_graph)
+
+    def step(self):
+        self.calls.append(("step", self.boundary))
+        if self.boundary:
+            grads = {n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None}
+            self.updates.append(grads)
+            self.module.zero_grad(set_to_none=True)
+
+
+class _DeepSpeedAccelerator:
+    """An Accelerator as formed under ZeRO-2 with one process, as far as the trainer's accumulation reads it: its
+    ``backward`` and ``no_sync`` are Accelerate's own code, its engine wrapper Accelerate's, over the recording
+    engine; the gradient state is Accelerate's."""
+
+    from accelerate import Accelerator as _Real
+
+    use_distributed, is_fsdp2, num_processes, process_index = True, False, 1, 0
+    device = torch.device("cpu")
+    backward, no_sync = _Real.backward, _Real.no_sync
+
+    def __init__(self, engine: _RecordingEngine) -> None:
+        from types import SimpleNamespace
+
+        from accelerate.state import GradientState
+        from accelerate.utils import DistributedType
+        from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+        self.distributed_type = DistributedType.DEEPSPEED
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
+        self.gradient_state = GradientState()
+        self.deepspeed_engine_wrapped = DeepSpeedEngineWrapper(engine)
+        self.gradient_accumulation_steps = engine.accumulation  # prepare() takes DeepSpeed's value
+
+    @property
+    def sync_gradients(self) -> bool:
+        return self.gradient_state.sync_gradients
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def _accumulation_case():
+    """A LoRA-adapted tiny Llama, three micro-batches of one step (different response lengths), and the step's
+    gradient computed on their concatenation: the mean cross-entropy over all their response tokens."""
+    from smore.constants import IGNORE_INDEX
+    from smore.training.loss import response_loss
+
+    model = smore.adapt(tiny_llama(), smore.LoRAConfig(rank=2))
+    randomise(model)  # B non-zero, so that A gets a gradient too
+    model.train()
+    micro = []
+    for seed, prompt in ((1, 2), (2, 5), (3, 4)):
+        batch = tiny_batch(batch=1, length=8, seed=seed)
+        labels = batch["input_ids"].clone()
+        labels[:, :prompt] = IGNORE_INDEX
+        micro.append({**batch, "labels": labels})
+    whole = {key: torch.cat([b[key] for b in micro]) for key in micro[0]}
+    response_loss(model, whole).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return model, micro, expected
+
+
+def _accumulation_run(accelerator, model):
+    from types import SimpleNamespace
+
+    from smore.training.config import OptimConfig
+
+    opt = OptimConfig(global_batch_size=3, micro_batch_size=1)
+    return SimpleNamespace(accelerator=accelerator, processes=1, model=model, unwrapped=model, opt=opt)
+
+
+def test_deepspeed_takes_one_unscaled_update_per_step_at_the_last_micro_batch():
+    """Through Accelerate 1.15's own backward and DeepSpeed engine wrapper: DeepSpeed must update once per optimizer
+    step, after the last micro-batch, with the gradient of the whole step (the loss is already normalised by the
+    step's tokens, so not divided again by DeepSpeed's accumulation steps); and Accelerate's sync flag is left set.
+    Before: the flag stayed True, so the wrapper called engine.step() after every micro-batch, each update with a
+    third of a micro-batch's share."""
+    from smore.training.trainer import _accumulate
+
+    model, micro, expected = _accumulation_case()
+    engine = _RecordingEngine(model, accumulation=len(micro))
+    accelerator = _DeepSpeedAccelerator(engine)
+    _accumulate(_accumulation_run(accelerator, model), 0, micro)
+    assert engine.calls == [
+        ("backward", False, False),
+        ("backward", False, False),
+        ("backward", True, False),
+        ("step", True),
+    ]
+    assert len(engine.updates) == 1 and engine.updates[0].keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(engine.updates[0][name], grad, rtol=1e-5, atol=1e-7)
+    assert accelerator.sync_gradients
+
+
+def test_plain_accumulation_keeps_its_gradient_and_leaves_the_sync_flag_set():
+    """Without DeepSpeed nothing extra reaches ``loss.backward`` and the accumulated gradient is the step's."""
+    from accelerate import Accelerator
+
+    from smore.training.engines import backward_options
+    from smore.training.trainer import _accumulate
+
+    model, micro, expected = _accumulation_case()
+    accelerator = Accelerator(cpu=True)
+    assert backward_options(accelerator) == {}
+    _accumulate(_accumulation_run(accelerator, model), 0, micro)
+    assert accelerator.sync_gradients
+    for name, p in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu

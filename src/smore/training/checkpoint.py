@@ -56,8 +56,7 @@ def _fault_point(directory: Path, stage: str) -> None:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def _optimizer_parts(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for param_id, values in state["state"].items():
         for key, value in values.items():
@@ -80,13 +79,22 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 
 def save_checkpoint(
-    directory: Path, *, save_adapter, optimizer, scheduler, progress: dict[str, Any], run_config: dict[str, Any]
+    directory: Path,
+    *,
+    save_adapter,
+    optimizer,
+    scheduler,
+    progress: dict[str, Any],
+    run_config: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``directory`` (atomically: a temporary folder renamed at the end).
 
-    Refuses (``ValueError``, nothing written) an optimizer state that is not finite: it could not be resumed from.
+    ``optimizer_state`` replaces ``optimizer.state_dict()`` when given: the state gathered from every process's shards
+    under FSDP (:func:`smore.training.engines.gathered_optimizer_state`). Refuses (``ValueError``, nothing written) an
+    optimizer state that is not finite: it could not be resumed from.
     """
-    tensors, optimizer_meta = _optimizer_parts(optimizer)
+    tensors, optimizer_meta = _optimizer_parts(optimizer.state_dict() if optimizer_state is None else optimizer_state)
     bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
         raise UserError(f"{directory.name}: optimizer state {bad[:3]} is not finite; no checkpoint written.")
@@ -156,10 +164,14 @@ def verify_checkpoint(directory: Path) -> None:
             )
 
 
-def load_checkpoint(directory: Path, *, load_adapter_weights, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(
+    directory: Path, *, load_adapter_weights, optimizer, scheduler, restore_optimizer=None
+) -> dict[str, Any]:
     """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint; returns its progress record.
 
-    Every hash is checked before anything is restored; a damaged file raises a ``ValueError`` naming it."""
+    ``restore_optimizer(state)``, when given, loads the optimizer's state instead of ``optimizer.load_state_dict``
+    (under FSDP: each process's shards, :func:`smore.training.engines.restore_optimizer_state`). Every hash is
+    checked before anything is restored; a damaged file raises a ``ValueError`` naming it."""
     verify_checkpoint(directory)
     load_adapter_weights(directory / "adapter")
     state_file, tensors_file = directory / STATE, directory / "optimizer.safetensors"
@@ -168,7 +180,7 @@ def load_checkpoint(directory: Path, *, load_adapter_weights, optimizer, schedul
     try:
         rng = tensors.pop("rng.torch")
         cuda = [tensors.pop(key) for key in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=_index)]
-        optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+        (restore_optimizer or optimizer.load_state_dict)(_optimizer_state(tensors, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         version, internal, gauss = state["rng_python"]
         python_rng = (version, tuple(internal), gauss)

@@ -95,9 +95,47 @@ def gathered_state_dict(accelerator, model: nn.Module) -> dict | None:
     return accelerator.get_state_dict(model)
 
 
+def gathered_optimizer_state(accelerator, model: nn.Module, optimizer) -> dict | None:
+    """Under FSDP, the optimizer's state gathered from every process's shards, in the layout of one process's
+    ``optimizer.state_dict()`` (state keyed by the parameter's index in the param groups), so a checkpoint's
+    optimizer file is the one a single process writes; ``None`` elsewhere. A collective: every process calls it; the
+    main process gets the state (on the CPU), the others an empty one."""
+    if formed_engine(accelerator) != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+    if not full:  # not the main process: cpu_offload leaves the gathered state on the main one only
+        return {}
+    index = {name: i for i, name in enumerate(name for group in full["param_groups"] for name in group["params"])}
+    return {
+        "state": {index[name]: values for name, values in full["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in full["param_groups"]],
+    }
+
+
+def restore_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state (one process's layout) into this run's optimizer: under FSDP every process
+    takes its shards of the whole state (a collective); elsewhere ``optimizer.load_state_dict``."""
+    if formed_engine(accelerator) != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**group, "params": [order[int(i)] for i in group["params"]]} for group in state["param_groups"]]
+    full = {"state": {order[int(i)]: values for i, values in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
 def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float | None) -> None:
     """Write the run's batch split into DeepSpeed's config, whatever the launcher's config file said (DeepSpeed checks
-    train_batch_size = micro × accumulation × processes itself); a value replaced is logged."""
+    train_batch_size = micro × accumulation × processes itself); a value replaced is logged. With the loss passed
+    unscaled (:func:`backward_options`), ``gradient_accumulation_steps`` is bookkeeping only (samples counted, the
+    batch-size check): the update is taken where the trainer marks the last micro-batch."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     wanted = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -110,6 +148,17 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, m
         if given not in ("auto", value):
             logger.info("DeepSpeed config: %s=%r replaced by %r (from train.* of the run config)", key, given, value)
         config[key] = value
+
+
+def backward_options(accelerator) -> dict[str, bool]:
+    """What ``accelerator.backward`` must pass on for the trainer's loss, already normalised by the global batch's
+    response tokens: under DeepSpeed, ``scale_wrt_gas=False``, since ``DeepSpeedEngine.backward`` would otherwise
+    divide it once more by its ``gradient_accumulation_steps`` (the micro-batches per process and step, see
+    :func:`configure_deepspeed`); elsewhere nothing (Accelerate divides by its own ``gradient_accumulation_steps``,
+    which the trainer leaves at 1, and ``loss.backward`` takes no such option)."""
+    from accelerate.utils import DistributedType
+
+    return {"scale_wrt_gas": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
 
 
 def mark_zero3_leaves(model: nn.Module) -> list[str]:

@@ -49,15 +49,26 @@ from smore.plots import plot_expert_load, plot_losses
 from smore.registry import get_method
 from smore.resources import check_model_source, check_training_memory
 from smore.routing.stats import LevelHealth, RoutingTracker
-from smore.training.checkpoint import checkpoints, load_checkpoint, prune_checkpoints, read_run_config, save_checkpoint
+from smore.training.checkpoint import (
+    checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    read_run_config,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from smore.training.config import RESUMABLE, OptimConfig, RunConfig, config_changes
 from smore.training.engines import (
+    SHARDED,
+    backward_options,
     check_engine_device,
     configure_deepspeed,
     formed_engine,
+    gathered_optimizer_state,
     gathered_state_dict,
     mark_zero3_leaves,
     requested_engine,
+    restore_optimizer_state,
 )
 from smore.training.loss import response_loss
 
@@ -432,6 +443,11 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
     dataset, eval_set, pad = data
     opt, main, output = config.train, accelerator.is_main_process, Path(config.output_dir)
     model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
+    sharded = formed_engine(accelerator) in SHARDED
+    if resume_from is not None and sharded:
+        # FSDP and ZeRO-3 shard the parameters in prepare: the adapter goes into the whole model before it.
+        verify_checkpoint(resume_from)
+        restore_adapter(model, resume_from / "adapter")
     trainable, optimizer, scheduler = _optimization(model, opt, total_steps)
     _engine_setup(accelerator, model, opt)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -440,9 +456,10 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
     if resume_from is not None:
         progress = load_checkpoint(
             resume_from,
-            load_adapter_weights=lambda path: restore_adapter(unwrapped, path),
+            load_adapter_weights=(lambda path: None) if sharded else (lambda path: restore_adapter(unwrapped, path)),
             optimizer=optimizer,
             scheduler=scheduler,
+            restore_optimizer=lambda state: restore_optimizer_state(accelerator, model, optimizer, state),
         )
         start_step, history = progress["step"], progress["history"]
         _check_launch_of(resume_from, progress, accelerator, start_step)
@@ -713,23 +730,34 @@ def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
 
 def _accumulate(run: _Run, step: int, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches, gradients synchronised once at the last one; returns this
-    process's share of the step's cross-entropy and aux loss."""
+    process's share of the step's cross-entropy and aux loss.
+
+    Accelerate's ``sync_gradients`` flag says which backward is the last: DDP and FSDP skip their reduction under
+    ``no_sync`` before it, and under DeepSpeed (where ``no_sync`` does nothing for ZeRO-2/3) Accelerate's engine
+    wrapper passes the flag on as DeepSpeed's accumulation boundary and calls ``engine.step()`` (clip, update) only
+    when it is set; left at its default (True), DeepSpeed would update after every micro-batch. The loss goes
+    unscaled to DeepSpeed (:func:`~smore.training.engines.backward_options`): it is already a share of the step."""
     accelerator, processes, device = run.accelerator, run.processes, run.accelerator.device
     local_tokens = torch.tensor(sum(_response_tokens(b) for b in micro), device=device)
     step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
     if step_tokens == 0:
         raise UserError(f"step {step}: no token of the global batch carries loss; check the data's responses.")
     step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
-    for index, batch in enumerate(micro):
-        weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
-        batch = {k: v.to(device) for k, v in batch.items()}
-        sync = index == len(micro) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model), accelerator.autocast():
-            loss = response_loss(run.model, batch)
-            aux = aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
-            accelerator.backward((loss + aux) * weight)
-        step_loss += loss.detach() * weight / processes
-        step_aux += aux.detach() * weight / processes
+    options = backward_options(accelerator)
+    try:
+        for index, batch in enumerate(micro):
+            weight = _response_tokens(batch) / step_tokens * processes  # DDP averages over processes: undo it
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = index == len(micro) - 1
+            accelerator.gradient_state._set_sync_gradients(sync)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(run.model), accelerator.autocast():
+                loss = response_loss(run.model, batch)
+                aux = aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
+                accelerator.backward((loss + aux) * weight, **options)
+            step_loss += loss.detach() * weight / processes
+            step_aux += aux.detach() * weight / processes
+    finally:  # the optimizer step, clipping and whatever runs between steps see a synchronised state
+        accelerator.gradient_state._set_sync_gradients(True)
     return step_loss, step_aux
 
 
@@ -742,7 +770,10 @@ def _finite_everywhere(run: _Run, loss: torch.Tensor) -> bool:
 
 def _optimizer_step(run: _Run, step: int) -> bool:
     """Step ``step`` (0-based): accumulate, clip, update. A non-finite loss or gradient on any process never reaches
-    the weights: the update is skipped (False) or the run stops (``train.on_nonfinite``)."""
+    the weights: the update is skipped (False) or the run stops (``train.on_nonfinite``). Under DeepSpeed the engine
+    clips and updates within the last micro-batch's backward (the optimizer's ``step`` is then a no-op), so there a
+    non-finite loss still stops or counts the step but comes after DeepSpeed's own update (fp16's loss scaler skips
+    overflowing steps itself)."""
     opt, accelerator = run.opt, run.accelerator
     micro = _micro_batches(run, step)
     step_loss, step_aux = _accumulate(run, step, micro)
@@ -830,6 +861,7 @@ def _save(run: _Run, step: int) -> None:
     if bad:  # never write a checkpoint that cannot be resumed from
         raise UserError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
     gathered = gathered_state_dict(run.accelerator, run.model)  # on every process: a collective under sharding
+    optimizer_state = gathered_optimizer_state(run.accelerator, run.model, run.optimizer)  # FSDP: a collective too
     if run.main:
         save_checkpoint(
             run.output / f"checkpoint-{step}",
@@ -843,6 +875,7 @@ def _save(run: _Run, step: int) -> None:
                 "engine": formed_engine(run.accelerator),
             },
             run_config=run.config.to_dict(),
+            optimizer_state=optimizer_state,
         )
         prune_checkpoints(run.output, run.opt.keep_checkpoints)
     run.accelerator.wait_for_everyone()
