@@ -83,6 +83,7 @@ class ForwardContext:
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
+        self._valid: tuple = (None, 0, None)  # valid_for's answer in this call: (mask, steps, valid)
         self.state = None  # the method's model-level state (its Method.state attaches it), or None
         self._signatures: dict[int, inspect.Signature] = {}
 
@@ -102,6 +103,7 @@ class ForwardContext:
         arguments = self.arguments(module, args, kwargs)
         mask = arguments.get("attention_mask")
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._valid = (None, 0, None)  # a new call: even the same mask object may have changed in place
         if self.state is not None:
             self.state.on_call(module, arguments)
 
@@ -113,7 +115,15 @@ class ForwardContext:
         steps = leading_shape[1]
         if steps > mask.shape[1]:
             return None
-        return mask[:, mask.shape[1] - steps :].reshape(-1).bool()
+        if torch.compiler.is_compiling():  # the graph computes it once anyway; a Python cache would only add guards
+            return mask[:, mask.shape[1] - steps :].reshape(-1).bool()
+        # Every adapter of the call asks with the same shape: slice the mask once per call, not once per adapter
+        # (three torch calls each, which is what a decoding step costs LoRA for a whole adapter).
+        cached_mask, cached_steps, valid = self._valid
+        if cached_mask is not mask or cached_steps != steps:
+            valid = mask[:, mask.shape[1] - steps :].reshape(-1).bool()
+            self._valid = (mask, steps, valid)
+        return valid
 
 
 class AdapterWrapper(nn.Module):
@@ -163,7 +173,9 @@ class AdapterWrapper(nn.Module):
         delta_dtype = self.delta_dtype
         if self._call_inputs is not None:
             context.update(self._call_inputs(self.context, x.shape[:-1], delta_dtype))
-        return x.reshape(-1, x.shape[-1]).to(delta_dtype), context
+        tokens = x.reshape(-1, x.shape[-1])
+        # A cast only when needed: even a no-op .to() is a torch call, and decoding pays each call per adapter.
+        return (tokens if tokens.dtype == delta_dtype else tokens.to(delta_dtype)), context
 
 
 class AdaptedLinear(AdapterWrapper):
@@ -192,8 +204,8 @@ class AdaptedLinear(AdapterWrapper):
         if not self.enabled:
             return y
         tokens, context = self._flat_inputs(x)
-        dy = self.delta(tokens, **context)  # (N, d_out)
-        return y + dy.reshape(*x.shape[:-1], -1).to(y.dtype)
+        dy = self.delta(tokens, **context).reshape(*x.shape[:-1], -1)  # (…, d_out)
+        return y + (dy if dy.dtype == y.dtype else dy.to(y.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, enabled={self.enabled}"

@@ -93,9 +93,12 @@ class PathTables:
     """The dense gate weights every expert: its α needs no scatter."""
     sigma: list[Callable[[torch.Tensor], torch.Tensor] | None]
     """σ of each level (None: identity)."""
-    carry: list[tuple[torch.Tensor, torch.Tensor]]
-    """(weight, bias) of W_ℓ for ℓ ≥ 1, and of W_proj: called as F.linear, without a module call each."""
+    carry: list[torch.Tensor]
+    """W_ℓ's weight for ℓ ≥ 1, called as F.linear, without a module call each."""
+    carry_bias: list[torch.Tensor | None]
+    """W_ℓ's bias, or None where it is folded into the block-sparse experts' bias (U_ℓ + w_ℓ)."""
     proj: tuple[torch.Tensor, torch.Tensor]
+    """W_proj's (weight, bias)."""
 
 
 @dataclass
@@ -259,9 +262,17 @@ def fold_paths(delta, folded: Folded, w_downs: list[torch.Tensor], first_biases:
         select=functools.partial(select, gate),
         dense=isinstance(gate, DenseGate),
         sigma=[level_sigma(delta, level) for level in range(levels)],
-        carry=[(w.weight, w.bias) for w in delta.W],
+        carry=[w.weight for w in delta.W],
+        carry_bias=[None if folded.experts is not None else w.bias for w in delta.W],
         proj=(delta.proj.weight, delta.proj.bias),
     )
+    if folded.experts is not None:  # W_ℓ's bias joins U_ℓ's, since every value of level ℓ adds both
+        folded.experts_bias = folded.experts_bias.clone()
+        start = sizes[0] * delta.widths[1]
+        for level, w in enumerate(delta.W, start=1):
+            width = sizes[level] * delta.widths[level + 1]
+            folded.experts_bias[start : start + width].view(sizes[level], -1).add_(w.bias)
+            start += width
     return weights, biases
 
 
@@ -426,16 +437,22 @@ def forward_paths(delta, folded: Folded, x: torch.Tensor, valid: torch.Tensor | 
     delta.defer_aux_loss(routed, valid)
     delta.__dict__["last_selection"] = DeferredSelection(lambda: tuple(routed()[1]), tuple(sizes), valid)
     alphas = weights.split_with_sizes(paths.blocks, 1)[::-1]  # bottom first, (N, P_ℓ, s_ℓ)
-    message = None
+    value = alpha_below = None
     for level, u in enumerate(expert_outputs(delta, folded, down)):  # u: (N, s_ℓ, d_{ℓ+1})
         sigma, alpha = paths.sigma[level], alphas[level]
-        if message is not None:  # add W_ℓ of the children's messages (N, P_{ℓ-1}, d_{ℓ+1}), s_ℓ of them per parent
-            carried = F.linear(message, *paths.carry[level - 1])
+        if value is not None:
+            # W_ℓ Σ α v = Σ α W_ℓ v: W_ℓ runs on the values of the level below before their α mix them, so that on
+            # the leaves it runs once per expert, shared by every path, and the mix and the sum with U are one call.
+            projected = F.linear(value, paths.carry[level - 1])  # no bias: Σ α is not 1 for every gate
+            if paths.carry_bias[level - 1] is not None:  # else already in U's bias
+                u = u + paths.carry_bias[level - 1]
             parents = alpha.shape[1]
-            u = u + carried if parents == 1 else u.unsqueeze(1) + carried.view(n, parents, sizes[level], -1)
-        value = u if sigma is None else sigma(u)
-        if value.dim() == 3:  # one parent per token, or the leaves: (N, P_ℓ, d_{ℓ+1})
-            message = torch.bmm(alpha, value)
-        else:
-            message = (alpha.unsqueeze(-2) @ value).squeeze(-2)
-    return F.linear(message.view(n, -1), *paths.proj)
+            if projected.dim() == 3 and parents == 1:
+                u = torch.baddbmm(u, alpha_below, projected)
+            else:
+                below = alpha_below.unsqueeze(-2) if projected.dim() == 4 else alpha_below
+                carried = (below @ projected).squeeze(-2) if projected.dim() == 4 else torch.bmm(below, projected)
+                u = u + carried if parents == 1 else u.unsqueeze(1) + carried.view(n, parents, sizes[level], -1)
+        value = u if sigma is None else sigma(u)  # (N, s_ℓ, d) shared by the parents, or (N, P_ℓ, s_ℓ, d)
+        alpha_below = alpha
+    return F.linear(torch.bmm(alpha_below, value).view(n, -1), *paths.proj)  # the top level has one parent
