@@ -493,6 +493,32 @@ def test_deepspeed_takes_one_unscaled_update_per_step_at_the_last_micro_batch():
     assert accelerator.sync_gradients
 
 
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_under_deepspeed_a_non_finite_loss_stops_before_the_engine_updates(monkeypatch, policy):
+    """DeepSpeed updates inside the step's last backward and releases the gradients, so the trainer's check after
+    it would come too late: the step's loss is checked before that backward, and the engine never steps on it."""
+    from smore.training import trainer
+
+    model, micro, _ = _accumulation_case()
+    engine = _RecordingEngine(model, accumulation=len(micro))
+    accelerator = _DeepSpeedAccelerator(engine)
+    calls = []
+    real = trainer.response_loss
+
+    def nan_on_the_second(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(trainer, "response_loss", nan_on_the_second)
+    run = _accumulation_run(accelerator, model)
+    run.opt = run.opt.__class__(global_batch_size=3, micro_batch_size=1, on_nonfinite=policy)
+    with pytest.raises(UserError, match=r"step 1: .*not finite; stopped \(under deepspeed-zero2 a step cannot be"):
+        trainer._accumulate(run, 0, micro)
+    assert engine.calls == [("backward", False, False), ("backward", False, False)]  # no boundary, no update
+    assert not engine.updates and accelerator.sync_gradients
+
+
 def test_plain_accumulation_keeps_its_gradient_and_leaves_the_sync_flag_set():
     """Without DeepSpeed nothing extra reaches ``loss.backward`` and the accumulated gradient is the step's."""
     from accelerate import Accelerator

@@ -816,8 +816,11 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 
 def _all_finite(accelerator, local: torch.Tensor) -> bool:
-    """``local`` (a boolean) holds on every process: one all-reduce, the same answer everywhere."""
-    return bool(accelerator.reduce(local.float().to(accelerator.device), reduction="min"))
+    """``local`` (a boolean) holds on every process: one all-reduce, the same answer everywhere. A maximum of the
+    failures, since Accelerate's ``reduce`` knows only sum, mean and max (any other name sums: a "min" of the flags
+    let one process's failure through when another's check passed)."""
+    failed = (~local.bool()).float().to(accelerator.device)
+    return not bool(accelerator.reduce(failed, reduction="max"))
 
 
 def _finite_everywhere(run: _Run, loss: torch.Tensor) -> bool:
