@@ -137,33 +137,148 @@ def _launch(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _every_process_refused(completed: subprocess.CompletedProcess, expected: str) -> str:
+    """The launch ended on a UserError that every process raised with the same message: exit code 2, the message
+    (which contains ``expected``), no other refusal, no process left behind with the process group's "Connection
+    closed by peer" and no smore traceback. Returns the message."""
+    log = completed.stdout + completed.stderr
+    assert completed.returncode != 0, log[-3000:]
+    refusals = [line for line in log.splitlines() if line.startswith("ERROR smore")]
+    # Both ranks raise the same refusal; the launcher stops the slower one as soon as the first exits, so its line
+    # may not get out: at least one, and never a different one.
+    assert refusals and len(set(refusals)) == 1, log[-3000:]
+    assert expected in refusals[0], log[-3000:]
+    assert "Connection closed" not in log, log[-3000:]
+    frames = [line for line in log.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "/smore/" in f], log[-3000:]  # only the launcher's own report, no smore traceback
+    assert "exitcode: 2" in log and "exitcode: 1" not in log, log[-3000:]
+    return refusals[0]
+
+
+def _refused_on_every_rank(tmp_path, message: str) -> None:
+    """Each process of a distributed_runs.py launch wrote the same refusal (not killed by the launcher on the way)."""
+    written = [(tmp_path / f"refused.rank{rank}.txt") for rank in (0, 1)]
+    assert [f.read_text() if f.exists() else None for f in written] == [message.removeprefix("ERROR smore: ")] * 2
+
+
+def _run_file(tmp_path, document: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
 @pytest.mark.slow
 def test_a_refusal_on_the_main_process_ends_every_process_with_its_message(tmp_path):
     workspace = counting_workspace(tmp_path / "ws")
     output = tmp_path / "run"
     output.mkdir()
     (output / "run_config.yaml").write_text("model: another\n")  # a folder of another run, no checkpoint
-    document = {
-        "model": str(workspace / "model"),
-        "output_dir": str(output),
-        "adapter": {"method": "lora", "rank": 2},
-        "data": {"train_file": str(workspace / "train.jsonl"), "max_length": 48},
-        "train": {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2},
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(document))
-    completed = _launch(["-m", "smore.cli", "train", str(path)], tmp_path)
-    log = completed.stdout + completed.stderr
-    assert completed.returncode != 0
-    refusals = [line for line in log.splitlines() if "already holds files of another run" in line]
-    # Both ranks raise the same refusal; the launcher stops the slower one as soon as the first exits, so its line
-    # may not get out: at least one, and never a different one.
-    assert refusals and len(set(refusals)) == 1, log[-3000:]
-    assert "Connection closed" not in log, log[-3000:]
-    frames = [line for line in log.splitlines() if line.strip().startswith("File ")]
-    assert not [f for f in frames if "/smore/" in f], log[-3000:]  # only the launcher's own report, no smore traceback
-    assert "exitcode: 2" in log, log[-3000:]
+    document = _document(workspace, output, {"method": "lora", "rank": 2}, max_steps=1, micro_batch_size=2)
+    completed = _launch(["-m", "smore.cli", "train", str(_run_file(tmp_path, document))], tmp_path)
+    _every_process_refused(completed, "already holds files of another run")
     assert (output / "run_config.yaml").read_text() == "model: another\n"
+
+
+@pytest.mark.slow
+def test_a_bad_data_file_ends_every_process_with_its_message(tmp_path):
+    """Found by every process (a malformed file), and found by one only (a file that one machine lacks): every
+    process ends with the same message, which names the process that found it."""
+    workspace = counting_workspace(tmp_path / "ws")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "count", "output": "one two"}\nnot json\n')
+    document = _document(workspace, tmp_path / "run", {"method": "lora", "rank": 2}, max_steps=1)
+    document["data"]["train_file"] = str(bad)
+    completed = _launch(["-m", "smore.cli", "train", str(_run_file(tmp_path, document))], tmp_path)
+    message = _every_process_refused(completed, "data.train_file")
+    assert "process 1" not in message
+    assert not (tmp_path / "run").exists()
+
+    missing = str(tmp_path / "only-on-rank-0.jsonl")
+    document = _document(workspace, tmp_path / "run1", {"method": "lora", "rank": 2}, max_steps=1)
+    jobs = [{"config": document, "rank_config": {"1": {"data": {"train_file": missing}}}}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    completed = _launch([str(ROOT / "tests" / "distributed_runs.py"), str(tmp_path / "jobs.json")], tmp_path)
+    message = _every_process_refused(completed, f"process 1 of 2: data.train_file={missing!r}: no such file")
+    _refused_on_every_rank(tmp_path, message)
+    assert not (tmp_path / "run1").exists()  # refused before the output folder was claimed
+
+
+@pytest.mark.slow
+def test_a_refusal_while_the_main_process_saves_ends_every_process(tmp_path):
+    """The main process writes checkpoints alone while the others wait: a refusal there reaches them too."""
+    workspace = counting_workspace(tmp_path / "ws")
+    document = _document(workspace, tmp_path / "run", {"method": "lora", "rank": 2}, max_steps=2, save_every=1)
+    (tmp_path / "jobs.json").write_text(json.dumps([{"config": document, "refuse_save_on_rank": 0}]))
+    completed = _launch([str(ROOT / "tests" / "distributed_runs.py"), str(tmp_path / "jobs.json")], tmp_path)
+    _refused_on_every_rank(tmp_path, _every_process_refused(completed, "checkpoint refused on this process only"))
+
+
+@pytest.mark.slow
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused_by_every_process(tmp_path):
+    workspace = counting_workspace(tmp_path / "ws")
+    document = _document(workspace, tmp_path / "run", {"method": "lora", "rank": 2}, global_batch_size=3)
+    completed = _launch(["-m", "smore.cli", "train", str(_run_file(tmp_path, document))], tmp_path)
+    message = _every_process_refused(completed, "train.global_batch_size=3 must be a multiple of")
+    assert "micro_batch_size × processes = 1 × 2" in message and "launch 1, 3 processes" in message, message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_engine_is_refused_by_every_process_and_nothing_is_lost(tmp_path):
+    """A --resume of a checkpoint written under FSDP by a DDP launch: refused before anything is written or loaded,
+    the checkpoint and the run's files unchanged."""
+    import hashlib
+
+    from smore.training.config import run_config_from_dict
+    from smore.training.trainer import train
+
+    workspace = counting_workspace(tmp_path / "ws")
+    output = tmp_path / "run"
+    document = _document(workspace, output, {"method": "lora", "rank": 2}, max_steps=2, save_every=1)
+    train(run_config_from_dict(document))
+    checkpoint = output / "checkpoint-2"
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["progress"]["engine"] = "fsdp"  # as a GPU FSDP run writes it; its manifest kept consistent
+    state_file.write_text(json.dumps(state))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["trainer_state.json"] = hashlib.sha256(state_file.read_bytes()).hexdigest()
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
+    document["train"]["max_steps"] = 4
+    command = ["-m", "smore.cli", "train", str(_run_file(tmp_path, document)), "--resume"]
+    message = _every_process_refused(_launch(command, tmp_path), "was written under fsdp, this launch runs ddp")
+    assert "--overwrite" in message
+    assert {p: p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()} == before
+
+
+def test_the_data_order_of_a_step_does_not_depend_on_the_number_of_processes(monkeypatch):
+    """Why a resume with another number of processes continues the run: step k takes the same global batch (the
+    seed's order of its epoch), only split otherwise; across an epoch boundary too."""
+    from types import SimpleNamespace
+
+    from smore.training import trainer
+    from smore.training.config import OptimConfig
+
+    monkeypatch.setattr(trainer, "_batches", lambda dataset, indices, size, pad: indices)
+    opt = OptimConfig(global_batch_size=4, micro_batch_size=1, seed=7)
+
+    def step_examples(processes: int, step: int) -> list[list[int]]:
+        def mine(rank: int) -> list[int]:
+            accelerator = SimpleNamespace(process_index=rank)
+            run = SimpleNamespace(
+                opt=opt, steps_per_epoch=3, dataset=range(13), pad=0, processes=processes, accelerator=accelerator
+            )
+            return trainer._micro_batches(run, step)
+
+        return [mine(rank) for rank in range(processes)]
+
+    seen = []
+    for step in range(2, 7):  # the steps after a checkpoint at step 2: the rest of epoch 0, then epoch 1
+        one, (first, second) = step_examples(1, step), step_examples(2, step)
+        assert one[0] == first + second and len(set(first) | set(second)) == 4, step
+        seen.append(one[0])
+    assert seen[0] != seen[1] and set(seen[1]) != set(seen[4])  # the steps differ; epoch 1 is reshuffled
 
 
 def _document(workspace, output, adapter: dict, **train) -> dict:
@@ -187,10 +302,11 @@ def _document(workspace, output, adapter: dict, **train) -> dict:
 
 
 @pytest.mark.slow
-def test_every_method_under_two_process_ddp_equals_one_process(tmp_path):
+def test_every_method_under_two_process_ddp_equals_one_process(tmp_path, caplog):
     """Every variant trained by 2 gloo processes (one launch) reaches the adapter of one process with the same global
-    batch, on data where some expert gets no token on a rank; and a 1-process checkpoint resumed by 2 processes
-    continues like the uninterrupted 1-process run."""
+    batch, on data where some expert gets no token on a rank; and a 1-process checkpoint resumed by 2 processes, and
+    a 2-process checkpoint resumed by 1 process, continue like the uninterrupted 1-process run (the same step, the
+    same remaining examples)."""
     from safetensors.torch import load_file
 
     from smore.training.config import run_config_from_dict
@@ -202,6 +318,8 @@ def test_every_method_under_two_process_ddp_equals_one_process(tmp_path):
     train(run_config_from_dict(resumed))  # 2 steps in one process, then 2 more in two
     resumed["train"]["max_steps"] = 4
     jobs.append({"config": resumed, "resume": True})
+    shrunk = _document(workspace, tmp_path / "shrunk", ROUTED["smore-grouped"], save_every=1)
+    jobs.append({"config": shrunk})  # 2 steps in two processes, then 2 more in one
     jobs_file = tmp_path / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     completed = _launch([str(ROOT / "tests" / "distributed_runs.py"), str(jobs_file)], tmp_path)
@@ -225,6 +343,20 @@ def test_every_method_under_two_process_ddp_equals_one_process(tmp_path):
     )
     a, b = weights(uninterrupted.output_dir), weights(tmp_path / "resumed")
     worst["resumed"] = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert (
+        json.loads((tmp_path / "shrunk" / "checkpoint-2" / "trainer_state.json").read_text())["progress"]["processes"]
+        == 2
+    )
+    shrunk["train"]["max_steps"] = 4
+    with caplog.at_level("WARNING"):
+        continued = train(run_config_from_dict(shrunk), resume=True)
+    assert "written by 2 process(es), this launch has 1" in caplog.text and "step 3" in caplog.text
+    assert [row["step"] for row in continued.history] == [1, 2, 3, 4]
+    c = weights(tmp_path / "shrunk")
+    worst["shrunk"] = max(float((a[k] - c[k]).abs().max()) for k in a)
+    # steps 3 and 4 took the examples of the uninterrupted run's steps 3 and 4: the same losses
+    for row, expected in zip(continued.history[2:], uninterrupted.history[2:], strict=True):
+        assert abs(row["step_loss"] - expected["step_loss"]) < 1e-4, (row, expected)
     assert max(worst.values()) < 1e-4, worst
 
 
@@ -359,6 +491,32 @@ def test_deepspeed_takes_one_unscaled_update_per_step_at_the_last_micro_batch():
     for name, grad in expected.items():
         torch.testing.assert_close(engine.updates[0][name], grad, rtol=1e-5, atol=1e-7)
     assert accelerator.sync_gradients
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_under_deepspeed_a_non_finite_loss_stops_before_the_engine_updates(monkeypatch, policy):
+    """DeepSpeed updates inside the step's last backward and releases the gradients, so the trainer's check after
+    it would come too late: the step's loss is checked before that backward, and the engine never steps on it."""
+    from smore.training import trainer
+
+    model, micro, _ = _accumulation_case()
+    engine = _RecordingEngine(model, accumulation=len(micro))
+    accelerator = _DeepSpeedAccelerator(engine)
+    calls = []
+    real = trainer.response_loss
+
+    def nan_on_the_second(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(trainer, "response_loss", nan_on_the_second)
+    run = _accumulation_run(accelerator, model)
+    run.opt = run.opt.__class__(global_batch_size=3, micro_batch_size=1, on_nonfinite=policy)
+    with pytest.raises(UserError, match=r"step 1: .*not finite; stopped \(under deepspeed-zero2 a step cannot be"):
+        trainer._accumulate(run, 0, micro)
+    assert engine.calls == [("backward", False, False), ("backward", False, False)]  # no boundary, no update
+    assert not engine.updates and accelerator.sync_gradients
 
 
 def test_plain_accumulation_keeps_its_gradient_and_leaves_the_sync_flag_set():

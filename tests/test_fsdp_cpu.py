@@ -165,6 +165,78 @@ def _worker(output: Path) -> None:
     dist.destroy_process_group()
 
 
+def _nonfinite_worker(output: Path) -> None:
+    """The trainer's own optimizer step (``_optimizer_step``, over a real Accelerate process group) on an FSDP2
+    model whose gradients are DTensor shards: a clean step, a step whose loss is NaN on rank 1 only, a step whose
+    gradient is NaN in rank 0's shard only, a clean step, then the NaN loss again under ``on_nonfinite=stop``. Each
+    rank writes what each step did and whether its shards moved."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from smore.errors import UserError
+    from smore.training import trainer
+    from smore.training.config import OptimConfig
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)  # a gloo group of 2 (MULTI_CPU): the one fully_shard uses
+    rank = accelerator.process_index
+    model = _sharded(_model())
+    mine = {key: value[rank * 2 : (rank + 1) * 2] for key, value in _batch().items()}
+    trainer._micro_batches = lambda run, step: [mine]
+    poison = {"loss": (1, 4), "grad": (2,)}  # steps: a NaN loss on rank 1, a NaN in rank 0's gradient shard
+    model.lm_head.register_forward_hook(
+        lambda module, args, out: out * float("nan") if rank == 1 and state["step"] in poison["loss"] else out
+    )
+    accumulate = trainer._accumulate
+
+    def poisoned(run, step, micro):
+        result = accumulate(run, step, micro)
+        if rank == 0 and step in poison["grad"]:
+            shard = next(p.grad.to_local() for p in run.trainable if p.grad.to_local().numel())
+            shard.view(-1)[0] = float("nan")
+        return result
+
+    trainer._accumulate = poisoned
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(hasattr(p, "to_local") for p in trainable)  # the case under test: sharded DTensor parameters
+    optimizer = _optimizer(model)
+    opt = OptimConfig(global_batch_size=4, micro_batch_size=2, max_grad_norm=None, learning_rate=1e-2)
+    run = SimpleNamespace(
+        opt=opt,
+        accelerator=accelerator,
+        processes=2,
+        model=model,
+        unwrapped=model,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
+        skipped=0,
+        bar=tqdm(disable=True),
+        window=[],
+        tokens_seen=0,
+        started=time.perf_counter(),
+        grad_norm=None,
+    )
+    state, record = {"step": 0}, []
+    for step in range(5):
+        state["step"] = step
+        if step == 4:
+            run.opt = OptimConfig(global_batch_size=4, micro_batch_size=2, max_grad_norm=None, on_nonfinite="stop")
+        before = [p.to_local().detach().clone() for p in trainable]
+        try:
+            stepped = trainer._optimizer_step(run, step)
+        except UserError as error:
+            stepped = str(error)
+        moved = any(not torch.equal(a, p.to_local()) for a, p in zip(before, trainable, strict=True))
+        record.append({"stepped": stepped, "moved": moved, "skipped": run.skipped})
+    Path(f"{output}.rank{rank}.json").write_text(json.dumps(record))
+    accelerator.end_training()
+
+
 def _gathered_named_state(model, optimizer, options) -> dict[str, torch.Tensor]:
     """The gathered optimizer state keyed ``state.<parameter name>.<key>`` (a collective)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -173,12 +245,37 @@ def _gathered_named_state(model, optimizer, options) -> dict[str, torch.Tensor]:
     return {f"state.{name}.{key}": value for name, values in state.items() for key, value in values.items()}
 
 
-def _probe(tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def _probe(tmp_path: Path, mode: str = "gather") -> tuple[subprocess.CompletedProcess, Path]:
     output = tmp_path / "gathered.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
-    completed = subprocess.run([*command, str(output)], env=env, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run([*command, str(output), mode], env=env, capture_output=True, text=True, timeout=600)
     return completed, output
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_under_fsdp2_is_skipped_or_stopped_on_both_processes_alike(tmp_path):
+    """The non-finite check reads each process's gradient shards (DTensor.to_local): a NaN on one process only, in
+    its loss or in its gradient shard, skips the step on both (neither shard moves), and under stop ends both with
+    the same message. Before: the check mixed DTensor gradients with a plain tensor and failed."""
+    import json
+
+    completed, output = _probe(tmp_path, "nonfinite")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    records = [json.loads(Path(f"{output}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1], records
+    steps = records[0]
+    assert [(s["stepped"], s["moved"]) for s in steps[:4]] == [
+        (True, True),
+        (False, False),
+        (False, False),
+        (True, True),
+    ]
+    assert steps[3]["skipped"] == 2
+    assert (
+        steps[4]["stepped"].startswith("step 5: the loss or a gradient is not finite; stopped")
+        and not steps[4]["moved"]
+    )
 
 
 @pytest.mark.slow
@@ -219,4 +316,4 @@ def test_fsdp2_on_two_gloo_processes_gathers_the_one_process_adapter_and_optimiz
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py
-    _worker(Path(sys.argv[1]))
+    (_nonfinite_worker if sys.argv[2:] == ["nonfinite"] else _worker)(Path(sys.argv[1]))

@@ -244,3 +244,14 @@ def read_run_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise UserError(f"{file} holds no run_config mapping; the file is damaged.")
     return config
+
+
+def read_progress(directory: Path) -> dict[str, Any]:
+    """A checkpoint's progress record (its step, history, and the number of processes and the engine that wrote
+    it), read without restoring anything: what ``--resume`` checks before it writes or loads; a damaged state file
+    raises a ``ValueError`` naming it."""
+    file = directory / STATE
+    progress = read_json_object(file, "a checkpoint folder holds trainer_state.json").get("progress")
+    if not isinstance(progress, dict):
+        raise UserError(f"{file} holds no progress mapping; the file is damaged.")
+    return progress

@@ -14,7 +14,13 @@ Distribution is Accelerate's (``accelerate launch`` / ``torchrun``: DDP; FSDP an
 own configs). The loss is normalised by the number of response tokens of the whole global batch (all processes and
 accumulation steps), so the gradient is the same however the batch is split; each micro-batch's aux loss gets the
 same weight as its cross-entropy (its share of the step's tokens). The data order depends only on the seed and the
-epoch, so ``--resume`` continues exactly where a run stopped.
+epoch, so ``--resume`` continues exactly where a run stopped; with another number of processes too: step k takes
+the same global batch (the examples ``[k' * B, (k' + 1) * B)`` of its epoch's seeded permutation, k' its position in
+the epoch), only split into other per-process slices, so the optimizer step, the remaining examples and, up to
+floating-point summation order, the result are those of the uninterrupted run.
+
+A user error found by one process ends every process with the same message: what can be refused is decided
+together (:func:`_decided_together`) before the next collective, so no process is left waiting in one.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from smore.training.checkpoint import (
     checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    read_progress,
     read_run_config,
     save_checkpoint,
     verify_checkpoint,
@@ -402,21 +409,10 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
     before the model loads; the model, optimizer and scheduler are restored from the checkpoint when resuming. A
     fresh start that fails here (the model does not load, the method's state cannot be prepared) leaves no files."""
     opt = config.train
-    check_model_source(config.model)  # a missing folder, not transformers' "Repo id must be in the form ..."
     accelerator = _accelerator(config)
     main = accelerator.is_main_process
-    dataset, eval_set, pad = _datasets(config)
-    steps_per_epoch = _steps_per_epoch(config, len(dataset), accelerator.num_processes, warn=main)
-    state = get_method(config.adapter.method).state
-    if state is not None and state.check_data is not None:  # e.g. T-REX needs a prompt per cluster of its prior
-        state.check_data(config.adapter, len(dataset))
-    check_training_memory(
-        config.model,
-        opt.micro_batch_size,
-        config.data.max_length,
-        lengths=[len(e["input_ids"]) for e in dataset.examples],
-        gradient_checkpointing=opt.gradient_checkpointing,
-    )  # refuse now, not an hour in
+    # Every process reads the model and the data itself (another machine may lack a file): what one refuses ends all.
+    dataset, eval_set, pad, steps_per_epoch = _decided_together(accelerator, lambda: _inputs(config, accelerator))
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
     output = Path(config.output_dir)
     existed = output.exists()
@@ -438,16 +434,42 @@ def _setup(config: RunConfig, *, resume: bool, overwrite: bool) -> _Run:
         raise
 
 
+def _inputs(config: RunConfig, accelerator) -> tuple[SFTDataset, SFTDataset | None, int, int]:
+    """This process's datasets, padding id and steps per epoch, with what can be refused before the model loads."""
+    opt = config.train
+    check_model_source(config.model)  # a missing folder, not transformers' "Repo id must be in the form ..."
+    dataset, eval_set, pad = _datasets(config)
+    steps_per_epoch = _steps_per_epoch(
+        config, len(dataset), accelerator.num_processes, warn=accelerator.is_main_process
+    )
+    state = get_method(config.adapter.method).state
+    if state is not None and state.check_data is not None:  # e.g. T-REX needs a prompt per cluster of its prior
+        state.check_data(config.adapter, len(dataset))
+    check_training_memory(
+        config.model,
+        opt.micro_batch_size,
+        config.data.max_length,
+        lengths=[len(e["input_ids"]) for e in dataset.examples],
+        gradient_checkpointing=opt.gradient_checkpointing,
+    )  # refuse now, not an hour in
+    return dataset, eval_set, pad, steps_per_epoch
+
+
 def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_steps: int, resume_from) -> _Run:
     """The model, adapter, optimizer and logs of a run whose output folder is claimed."""
     dataset, eval_set, pad = data
     opt, main, output = config.train, accelerator.is_main_process, Path(config.output_dir)
-    model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
     sharded = formed_engine(accelerator) in SHARDED
-    if resume_from is not None and sharded:
-        # FSDP and ZeRO-3 shard the parameters in prepare: the adapter goes into the whole model before it.
-        verify_checkpoint(resume_from)
-        restore_adapter(model, resume_from / "adapter")
+
+    def adapted() -> nn.Module:
+        model = _adapted_model(config, dataset, pad, main=main, fresh=resume_from is None)
+        if resume_from is not None:
+            verify_checkpoint(resume_from)  # on every process: another machine may see another copy
+            if sharded:  # FSDP and ZeRO-3 shard the parameters in prepare: the adapter goes in before it
+                restore_adapter(model, resume_from / "adapter")
+        return model
+
+    model = _decided_together(accelerator, adapted)  # before prepare, whose collectives a refusal would leave hanging
     trainable, optimizer, scheduler = _optimization(model, opt, total_steps)
     _engine_setup(accelerator, model, opt)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -461,8 +483,7 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
             scheduler=scheduler,
             restore_optimizer=lambda state: restore_optimizer_state(accelerator, model, optimizer, state),
         )
-        start_step, history = progress["step"], progress["history"]
-        _check_launch_of(resume_from, progress, accelerator, start_step)
+        start_step, history = progress["step"], progress["history"]  # its engine and processes: _claim_output
         logger.info("resuming %s from step %d of %d", output, start_step, total_steps)
 
     log = _Logger(output, main, resumed_at=start_step)
@@ -504,8 +525,10 @@ def _engine_setup(accelerator, model: nn.Module, opt: OptimConfig) -> None:
 
 
 def _check_launch_of(checkpoint: Path, progress: dict[str, Any], accelerator, step: int) -> None:
-    """A checkpoint continues under the engine that wrote it; with another number of processes it continues too,
-    and the log says how. Checkpoints written before these keys existed came from plain DDP."""
+    """A checkpoint continues under the engine that wrote it (another engine is refused: its optimizer state is laid
+    out differently); with another number of processes it continues too, and the log says how. Checked on the main
+    process before the output folder is written to (:func:`_claim_output`). Checkpoints written before these keys
+    existed came from plain DDP."""
     engine, processes = progress.get("engine", "ddp"), progress.get("processes")
     if engine != formed_engine(accelerator):
         raise UserError(
@@ -673,6 +696,8 @@ def _claim_output(config: RunConfig, accelerator, *, resume: bool, overwrite: bo
 
     def claim() -> str | None:
         found = _prepare_output(config, resume=resume, overwrite=overwrite, total_steps=total_steps)
+        if found is not None:  # refused before anything is written or loaded: the checkpoint and its run stay
+            _check_launch_of(found, read_progress(found), accelerator, int(found.name.split("-")[1]))
         (output / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return None if found is None else str(found)
 
@@ -681,22 +706,39 @@ def _claim_output(config: RunConfig, accelerator, *, resume: bool, overwrite: bo
 
 
 def _main_decides(accelerator, decide):
-    """Run ``decide`` on the main process and give every process its result, or its refusal: a UserError found on
-    the main process (an output folder of another run) ends every process with the same message, rather than the
-    others with the process group's "Connection closed by peer" when the main one exits."""
-    from accelerate.utils import broadcast_object_list
+    """Run ``decide`` on the main process and give every process its result, or its refusal (see
+    :func:`_decided_together`)."""
+    return _decided_together(accelerator, decide, everywhere=False)
 
-    verdict: list = [None, None]  # (refusal, result)
-    if accelerator.is_main_process:
+
+def _decided_together(accelerator, decide, *, everywhere: bool = True):
+    """Run ``decide`` on every process (``everywhere``; each gets its own result) or on the main one (each gets the
+    main one's result), then end every process with the same UserError if any process refused.
+
+    A refusal found by one process alone (a data file one machine lacks, the main process's checkpoint writer) would
+    otherwise end that process while the others wait in the next collective, to die there with the process group's
+    "Connection closed by peer" or a launcher's SIGTERM. Found by some processes only, the message names the first
+    of them. Every process must call this at the same point: it is a collective."""
+    refusal, result = None, None
+    if everywhere or accelerator.is_main_process:
         try:
-            verdict = [None, decide()]
+            result = decide()
         except UserError as error:
-            verdict = [str(error), None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(verdict, from_process=0)
-    if verdict[0] is not None:
-        raise UserError(verdict[0])
-    return verdict[1]
+            refusal = str(error)
+    if accelerator.num_processes == 1:
+        if refusal is not None:
+            raise UserError(refusal)
+        return result
+    import torch.distributed as dist
+
+    verdicts: list = [None] * accelerator.num_processes
+    dist.all_gather_object(verdicts, (refusal, None if everywhere else result))
+    refused = [(rank, message) for rank, (message, _) in enumerate(verdicts) if message is not None]
+    if refused:
+        rank, message = refused[0]
+        everyone = len(refused) == len(verdicts) or not everywhere
+        raise UserError(message if everyone else f"process {rank} of {len(verdicts)}: {message}")
+    return result if everywhere else verdicts[0][1]
 
 
 def _optimization(model: nn.Module, opt: OptimConfig, total_steps: int):
@@ -753,6 +795,8 @@ def _accumulate(run: _Run, step: int, micro: list[dict[str, torch.Tensor]]) -> t
             with contextlib.nullcontext() if sync else accelerator.no_sync(run.model), accelerator.autocast():
                 loss = response_loss(run.model, batch)
                 aux = aux_loss(run.unwrapped, reduction=run.opt.aux_reduction)
+                if sync:
+                    _nonfinite_before_deepspeed_update(run, step, step_loss + step_aux + (loss + aux).detach() * weight)
                 accelerator.backward((loss + aux) * weight, **options)
             step_loss += loss.detach() * weight / processes
             step_aux += aux.detach() * weight / processes
@@ -761,11 +805,56 @@ def _accumulate(run: _Run, step: int, micro: list[dict[str, torch.Tensor]]) -> t
     return step_loss, step_aux
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``tensor``: its shard under FSDP2 (a ``DTensor``, whose whole value would take a
+    collective), else the tensor itself (under FSDP1 already this process's shard of the flat parameter)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(_local(tensor)).all())
+
+
+def _all_finite(accelerator, local: torch.Tensor) -> bool:
+    """``local`` (a boolean) holds on every process: one all-reduce, the same answer everywhere. A maximum of the
+    failures, since Accelerate's ``reduce`` knows only sum, mean and max (any other name sums: a "min" of the flags
+    let one process's failure through when another's check passed)."""
+    failed = (~local.bool()).float().to(accelerator.device)
+    return not bool(accelerator.reduce(failed, reduction="max"))
+
+
 def _finite_everywhere(run: _Run, loss: torch.Tensor) -> bool:
-    """The loss and every gradient are finite on every process."""
-    grads = [torch.isfinite(p.grad).all() for p in run.trainable if p.grad is not None]
+    """The loss and every gradient are finite on every process, decided by one all-reduce so that every process
+    skips or stops at the same step.
+
+    Each process checks its own gradients: under DDP whole tensors (the same after the reduction), under FSDP its
+    shards (FSDP2's ``DTensor`` read through ``to_local``: every element is on exactly one process, so the
+    reduction sees all of them). Under DeepSpeed the engine has already clipped, updated and released the gradients
+    inside the last backward (``p.grad`` is ``None``), so only the loss is checked here; :func:`_accumulate` checks
+    it before that backward (:func:`_nonfinite_before_deepspeed_update`)."""
+    grads = [torch.isfinite(_local(p.grad)).all() for p in run.trainable if p.grad is not None]
     finite = torch.isfinite(loss) & torch.stack(grads or [torch.tensor(True)]).all()
-    return bool(run.accelerator.reduce(finite.float().to(run.accelerator.device), reduction="min"))
+    return _all_finite(run.accelerator, finite)
+
+
+def _nonfinite_stop(step: int, why: str = "") -> UserError:
+    return UserError(
+        f"step {step + 1}: the loss or a gradient is not finite; stopped ({why or 'train.on_nonfinite=stop'}). "
+        "The last checkpoint is intact; lower the learning rate or use fp32, then --resume."
+    )
+
+
+def _nonfinite_before_deepspeed_update(run: _Run, step: int, loss_so_far: torch.Tensor) -> None:
+    """Under DeepSpeed (bf16 or fp32), before the step's last backward, in which the engine updates the weights:
+    a non-finite loss of the step on any process stops the run there, so it never reaches the weights. It stops
+    even under ``train.on_nonfinite=skip``: the step's earlier micro-batches are already accumulated in the
+    engine's gradient partitions, which the trainer cannot discard. Under fp16 DeepSpeed's loss scaler skips
+    overflowing steps itself. A gradient that is non-finite while the loss is finite is DeepSpeed's to see."""
+    engine = formed_engine(run.accelerator)
+    if not engine.startswith("deepspeed") or run.opt.precision == "fp16":
+        return
+    if not _all_finite(run.accelerator, torch.isfinite(loss_so_far)):
+        raise _nonfinite_stop(step, f"under {engine} a step cannot be skipped once accumulated")
 
 
 def _optimizer_step(run: _Run, step: int) -> bool:
@@ -773,17 +862,15 @@ def _optimizer_step(run: _Run, step: int) -> bool:
     the weights: the update is skipped (False) or the run stops (``train.on_nonfinite``). Under DeepSpeed the engine
     clips and updates within the last micro-batch's backward (the optimizer's ``step`` is then a no-op), so there a
     non-finite loss still stops or counts the step but comes after DeepSpeed's own update (fp16's loss scaler skips
-    overflowing steps itself)."""
+    overflowing steps itself); in bf16 and fp32 a non-finite loss stops the run before that backward
+    (:func:`_nonfinite_before_deepspeed_update`)."""
     opt, accelerator = run.opt, run.accelerator
     micro = _micro_batches(run, step)
     step_loss, step_aux = _accumulate(run, step, micro)
     if not _finite_everywhere(run, step_loss + step_aux):
         run.optimizer.zero_grad(set_to_none=True)
         if opt.on_nonfinite == "stop":
-            raise UserError(
-                f"step {step + 1}: the loss or a gradient is not finite; stopped (train.on_nonfinite=stop). "
-                "The last checkpoint is intact; lower the learning rate or use fp32, then --resume."
-            )
+            raise _nonfinite_stop(step)
         run.skipped += 1
         logger.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step + 1, run.skipped)
         run.bar.update(1)
@@ -857,12 +944,17 @@ def _warn_collapse(run: _Run, done: int) -> None:
 def _save(run: _Run, step: int) -> None:
     """Checkpoint ``step`` (main process), then prune the old ones; every process waits for it."""
     model = run.unwrapped
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad:  # never write a checkpoint that cannot be resumed from
-        raise UserError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
+
+    def finite() -> None:  # under FSDP and ZeRO-3 each process checks its own shards
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not _finite(p)]
+        if bad:  # never write a checkpoint that cannot be resumed from
+            raise UserError(f"step {step}: adapter weights are not finite ({bad[:3]}); no checkpoint written.")
+
+    _decided_together(run.accelerator, finite)
     gathered = gathered_state_dict(run.accelerator, run.model)  # on every process: a collective under sharding
     optimizer_state = gathered_optimizer_state(run.accelerator, run.model, run.optimizer)  # FSDP: a collective too
-    if run.main:
+
+    def write() -> None:
         save_checkpoint(
             run.output / f"checkpoint-{step}",
             save_adapter=lambda path: save_adapter(model, path, state_dict=gathered),
@@ -878,7 +970,8 @@ def _save(run: _Run, step: int) -> None:
             optimizer_state=optimizer_state,
         )
         prune_checkpoints(run.output, run.opt.keep_checkpoints)
-    run.accelerator.wait_for_everyone()
+
+    _main_decides(run.accelerator, write)  # the others wait for it, and end with its refusal
 
 
 # -- finish ------------------------------------------------------------------------------------------------------
@@ -891,7 +984,8 @@ def _finish(run: _Run) -> TrainResult:
     _save(run, run.total_steps)
     adapter_dir = run.output / "adapter"
     gathered = gathered_state_dict(run.accelerator, run.model)
-    if run.main:
+
+    def write() -> None:
         save_adapter(run.unwrapped, adapter_dir, state_dict=gathered)
         write_training_format(adapter_dir, run.dataset.training_format)  # smore eval --adapter scores it so
         if run.history:
@@ -901,6 +995,7 @@ def _finish(run: _Run) -> TrainResult:
         logger.info(
             "adapter saved to %s; load it with smore.load_adapter(base_model, %r)", adapter_dir, str(adapter_dir)
         )
-    run.accelerator.wait_for_everyone()
+
+    _main_decides(run.accelerator, write)
     final_loss = run.history[-1].get("step_loss", run.history[-1]["loss"]) if run.history else float("nan")
     return TrainResult(run.output, adapter_dir, run.total_steps, final_loss, run.last_eval, run.history)
