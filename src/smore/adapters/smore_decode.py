@@ -109,6 +109,7 @@ class Folded:
     versions: list[int]
     levels: list[LevelTables]
     router_dims: list[int]  # d_g,ℓ per level: the blocks of the router rows, slot by slot
+    expert_offsets: list[int]  # where each level's block starts in the block-sparse experts' columns
     experts: torch.Tensor | None  # (R, Σ_ℓ s_ℓ d_{ℓ+1}) block-sparse γ Bᵀ, or None for the per-level path
     experts_bias: torch.Tensor | None
     paths: PathTables | None = None  # every path at once (small uniform trees), else slot by slot
@@ -193,6 +194,9 @@ def fold(delta, block: bool | None = None, paths: bool | None = None) -> Folded:
         versions=[p._version for p in params],
         levels=tables,
         router_dims=router_dims,
+        expert_offsets=[
+            sum(s * w for s, w in zip(delta.num_experts[:level], delta.widths[1:])) for level in range(delta.num_levels)
+        ],
         experts=experts,
         experts_bias=experts_bias,
     )
@@ -362,9 +366,13 @@ def expert_outputs(delta, folded: Folded, down: torch.Tensor) -> list[torch.Tens
     """Per level, U of every expert (N, s_ℓ, d_{ℓ+1}), γ_ℓ included."""
     n = down.shape[0]
     if folded.experts is not None:
-        every = torch.addmm(folded.experts_bias, down, folded.experts)  # (N, Σ_ℓ s_ℓ d_{ℓ+1})
-        sizes = [s * delta.widths[level + 1] for level, s in enumerate(delta.num_experts)]
-        return [u.view(n, s, -1) for u, s in zip(every.split(sizes, dim=-1), delta.num_experts)]
+        every = torch.addmm(folded.experts_bias, down, folded.experts)  # (N, Σ_ℓ s_ℓ d_{ℓ+1}), fresh and contiguous
+        # Each level's block as (N, s_ℓ, d_{ℓ+1}) in one call (a split and a view would be two).
+        row = every.shape[1]
+        return [
+            every.as_strided((n, s, width), (row, width, 1), offset)
+            for s, width, offset in zip(delta.num_experts, delta.widths[1:], folded.expert_offsets)
+        ]
     if delta.shared_pool:  # one pool: B once, scaled per level
         pool = delta._all_experts(down, 0, 1.0).transpose(0, 1)
         return [pool if gamma == 1.0 else pool * gamma for gamma in delta.scalings]
