@@ -8,7 +8,9 @@ import errno
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 from collections import namedtuple
 
@@ -68,6 +70,19 @@ def test_conversion_gives_the_gguf_model_and_is_reused(package, monkeypatch):
 
     monkeypatch.setattr(embedded, "convert_gguf", no_second_conversion)
     assert prepare_model(STAND_IN) == folder
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed installed")
+def test_conversion_does_not_print_deepspeeds_accelerator_warning(package, tmp_path):
+    """save_pretrained unwraps through Accelerate, which imports deepspeed when it is installed; on a CPU machine that
+    import warns "Setting accelerator to CPU" (to stdout), which the demo's first run must not show. A fresh process,
+    since this one may have imported deepspeed already."""
+    script = f"from smore.embedded import EmbeddedModel, prepare_model; prepare_model({STAND_IN!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
+    completed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / "cache").is_dir()  # the conversion ran
+    assert "Setting accelerator" not in completed.stdout + completed.stderr
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "delete_weights", "bad_json"])

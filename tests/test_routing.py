@@ -375,6 +375,22 @@ def test_tree_router_aux_counts_every_parent_branch(masked):
 
 
 @pytest.mark.parametrize("gate", ["switch", "noisy_topk"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_forced_aux_loss_of_a_routing_is_the_routers_own(gate, masked):
+    """The decode path's deferred aux loss (the gates forced to a routing's selection) sums the levels as the router
+    does: the same number, to the bit."""
+    router = build_router(gate, balance_weight=0.3).eval()
+    valid = torch.tensor([True, False, True, True, True, False]) if masked else None
+    x = torch.randn(6, 6, dtype=F64)
+    logits = {}
+    for level, level_router in enumerate(router.levels):
+        level_router.gate.register_forward_pre_hook(lambda m, args, level=level: logits.__setitem__(level, args[0]))
+    routing = router(x, valid)
+    per_level = [logits[level].reshape(6, logits[level].shape[0] // 6, -1) for level in range(len(router.levels))]
+    assert torch.equal(router.forced_aux_loss(per_level, list(routing.indices), valid), routing.aux_loss)
+
+
+@pytest.mark.parametrize("gate", ["switch", "noisy_topk"])
 def test_tree_router_aux_ignores_padded_tokens(gate):
     router = build_router(gate, balance_weight=0.5)
     valid = torch.tensor([True, False, True, True, False, True, True])

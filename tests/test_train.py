@@ -4,6 +4,7 @@ output-folder protection and config errors."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import os
@@ -184,6 +185,22 @@ def test_cli_trains_from_yaml(workspace, tmp_path, capsys):
     path.write_text(yaml.safe_dump(run_document(workspace, tmp_path / "run", max_steps=2)))
     assert main(["train", str(path), "train.max_steps=3"]) == 0
     assert "trained 3 steps" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed installed")
+def test_a_cpu_run_does_not_import_deepspeed(workspace, tmp_path):
+    """Importing deepspeed logs "Setting accelerator to CPU" on a CPU machine; a run without a ZeRO engine has no
+    use for it (Accelerate's unwrap_model imported it). A fresh process, since this one may have imported it."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_document(workspace, tmp_path / "run", "smore", max_steps=1)))
+    script = (
+        f"import sys; from smore.cli import main; assert main(['train', {str(path)!r}]) == 0; "
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'deepspeed'))"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.splitlines()[-1] == "[]"
+    assert "Setting accelerator" not in completed.stdout + completed.stderr
 
 
 @pytest.mark.slow

@@ -156,6 +156,24 @@ def prepare_model(model: EmbeddedModel = SMOLLM2, cache: str | os.PathLike | Non
     return folder
 
 
+@contextlib.contextmanager
+def _deepspeed_warnings_dropped() -> Iterator[None]:
+    """Drop the warnings of DeepSpeed's logger while the block runs. ``save_pretrained`` unwraps the model through
+    Accelerate, which imports deepspeed whenever it is installed (to check for its engine), and that import warns
+    "Setting accelerator to CPU" on a CPU machine although nothing here uses DeepSpeed. A filter, not a level:
+    deepspeed sets its logger's level and handler when it is imported, but leaves the logger's filters alone."""
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    deepspeed_logger.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        deepspeed_logger.removeFilter(errors_only)
+
+
 def convert_gguf(source: Path, destination: Path, *, model: EmbeddedModel, source_sha256: str) -> None:
     """Dequantise ``source`` into a float32 Hugging Face folder ``destination`` with its manifest, and check that the
     saved folder gives the same logits as the model read from the GGUF."""
@@ -173,7 +191,8 @@ def convert_gguf(source: Path, destination: Path, *, model: EmbeddedModel, sourc
     if hasattr(network.config, "quantization_config"):
         del network.config.quantization_config
     destination.mkdir(parents=True)
-    network.save_pretrained(destination)
+    with _deepspeed_warnings_dropped():
+        network.save_pretrained(destination)
     tokenizer.save_pretrained(destination)
     probe = _probe(network, tokenizer)
     reloaded = _probe(AutoModelForCausalLM.from_pretrained(destination, dtype=torch.float32), tokenizer)

@@ -377,14 +377,7 @@ class SMoREDelta(nn.Module):
 
         def compute() -> torch.Tensor:
             logits, indices = routing()
-            total = logits[0].new_zeros(())
-            for level in reversed(range(self.num_levels)):  # the router's order, so the sum is the same
-                n, parents, s = logits[level].shape
-                flat_valid = None if valid is None else valid.repeat_interleave(parents)
-                gate = self.router.levels[level].gate
-                forced = indices[level].reshape(n * parents, -1)
-                total = total + gate(logits[level].reshape(n * parents, s), valid=flat_valid, forced=forced).aux_loss
-            return total
+            return self.router.forced_aux_loss(logits, indices, valid)
 
         self.__dict__.pop("_aux_loss", None)
         self.__dict__["_aux_thunk"] = compute

@@ -8,7 +8,7 @@ routed in one batched call per level; the only Python loop is over the L levels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,16 @@ ROUTER_ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
     "prelu": lambda prelu_init: nn.PReLU(init=prelu_init),  # one learnable slope, the authors' "prelu|<init>"
 }
 """Router activation by name; each builder takes the initial PReLU slope (read by ``prelu`` only)."""
+
+
+def tree_aux_loss(level_losses: Sequence[torch.Tensor], *, like: torch.Tensor) -> torch.Tensor:
+    """The tree's auxiliary loss from its levels' (bottom first): their sum from a zero of ``like``'s dtype and device,
+    top level first, the order routing runs in. Every path that computes it (the router's forward, the decode path's
+    deferred loss) sums here, so all give the same number: float addition is not associative."""
+    total = like.new_zeros(())
+    for loss in reversed(level_losses):
+        total = total + loss
+    return total
 
 
 class LevelRouter(nn.Module):
@@ -114,8 +124,7 @@ class TreeRouter(nn.Module):
         is ``down_proj(x)`` when the caller computed it already."""
         n = x.shape[0]
         context = (self.down_proj(x) if down is None else down).unsqueeze(1)  # (N, P=1, d_down): one root per token
-        indices, weights, probs = [], [], []
-        aux = x.new_zeros(())
+        indices, weights, probs, aux = [], [], [], []
         for level in reversed(range(len(self.levels))):
             router = self.levels[level]
             parents, k = context.shape[1], router.gate.fanout
@@ -125,11 +134,26 @@ class TreeRouter(nn.Module):
             indices.insert(0, out.indices.reshape(n, parents * k))
             weights.insert(0, out.weights.reshape(n, parents * k))
             probs.insert(0, out.probs.reshape(n, parents, -1))
-            aux = aux + out.aux_loss
+            aux.insert(0, out.aux_loss)
             if level == 0:
                 break
             # Children inherit the parent's context and append the key their parent was scored with.
             child_keys = keys[out.indices].reshape(n, parents, k, -1)  # (N, P, k, d_g)
             context = torch.cat([context.unsqueeze(2).expand(-1, -1, k, -1), child_keys], dim=-1)
             context = context.reshape(n, parents * k, -1)
-        return TreeRouting(indices=tuple(indices), weights=tuple(weights), probs=tuple(probs), aux_loss=aux)
+        aux_loss = tree_aux_loss(aux, like=x)
+        return TreeRouting(indices=tuple(indices), weights=tuple(weights), probs=tuple(probs), aux_loss=aux_loss)
+
+    def forced_aux_loss(
+        self, logits: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The aux loss of a routing given per level (bottom first) as logits (N, P, s) and selections (N, P·k),
+        computed by the gates themselves, ``forced`` to the selection: what :meth:`forward` gives for it."""
+        level_losses = []
+        for level in reversed(range(len(self.levels))):  # top-down, the gates called in the order forward calls them
+            n, parents, s = logits[level].shape
+            flat_valid = None if valid is None else valid.repeat_interleave(parents)
+            forced = indices[level].reshape(n * parents, -1)
+            out = self.levels[level].gate(logits[level].reshape(n * parents, s), valid=flat_valid, forced=forced)
+            level_losses.insert(0, out.aux_loss)
+        return tree_aux_loss(level_losses, like=logits[0])

@@ -470,10 +470,13 @@ def _start(config: RunConfig, accelerator, data, steps_per_epoch: int, total_ste
         return model
 
     model = _decided_together(accelerator, adapted)  # before prepare, whose collectives a refusal would leave hanging
+    # prepare wraps this module and does not replace it (DDP, FSDP and DeepSpeed's engine hold it as .module, FSDP2
+    # shards it in place, torch.compile holds it as _orig_mod): it is what accelerator.unwrap_model would return. Not
+    # that call: it imports deepspeed whenever it is installed, which warns "Setting accelerator to CPU" on CPU runs.
+    unwrapped = model
     trainable, optimizer, scheduler = _optimization(model, opt, total_steps)
     _engine_setup(accelerator, model, opt)
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
     start_step, history = 0, []
     if resume_from is not None:
         progress = load_checkpoint(
