@@ -15,4 +15,5 @@ run train_step python bench/train_step.py "${common[@]}" --repeats 5 --json "$ou
 run generation python bench/generation.py "${common[@]}" --batches 1,8,32 --repeats 3 --json "$out/generation.json"
 run generation_compiled python bench/generation.py "${common[@]}" --batches 1,8,32 --repeats 3 --compile \
     --json "$out/generation_compiled.json"
+run decode_layer python bench/decode_layer.py "${common[@]}" --batches 1,8,32 --repeats 10 --json "$out/decode_layer.json"
 run sparsity python bench/sparsity.py "${common[@]}" --repeats 5 --json "$out/sparsity.json"

@@ -115,12 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return args.func(args)
+        code = args.func(args)
     except (
         UserError
     ) as error:  # the user's mistake: one clear line; any other exception is a bug and shows its traceback
         logger.error("%s", error)
-        return 2
+        code = 2
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """End a launched run's process group before the interpreter does: torn down at exit, gloo's threads can abort
+    a process ("terminate called without an active exception", SIGABRT) after it said why it stopped."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

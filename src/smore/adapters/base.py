@@ -91,7 +91,9 @@ class ForwardContext:
         """The call's arguments by name, positional ones included."""
         if not args:
             return kwargs
-        signature = self._signatures.setdefault(id(module), inspect.signature(module.forward))
+        signature = self._signatures.get(id(module))
+        if signature is None:  # once per model: inspect.signature costs more than a decoding step's adapter
+            signature = self._signatures[id(module)] = inspect.signature(module.forward)
         try:
             return signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
@@ -168,7 +170,9 @@ class AdapterWrapper(nn.Module):
     def _flat_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Tokens as (N, d) in the adapter's dtype, and the context the delta takes: which tokens are real (not
         padding) and whatever else the delta reads from the model call (its ``call_inputs``, e.g. T-REX's prior)."""
-        self.ran_with_grad = torch.is_grad_enabled()
+        grad = torch.is_grad_enabled()
+        if grad is not self.ran_with_grad:  # nn.Module.__setattr__ is slow, and this runs per adapter and call
+            self.ran_with_grad = grad
         context: dict = {"valid": None if self.context is None else self.context.valid_for(x.shape[:-1])}
         delta_dtype = self.delta_dtype
         if self._call_inputs is not None:

@@ -441,7 +441,13 @@ def forward_paths(delta, folded: Folded, x: torch.Tensor, valid: torch.Tensor | 
     down, tail = F.linear(x, folded.token_weight, folded.token_bias).split_with_sizes(folded.token_widths, -1)
     logits, indices, weights = route_paths(paths, router_rows(folded, tail))
     sizes = delta.num_experts
-    routed = functools.cache(lambda: routed_slots(paths, sizes, logits, indices))
+    memo = []  # routed_slots, computed once if read (a closure over a list: functools.cache costs more per call)
+
+    def routed():
+        if not memo:
+            memo.append(routed_slots(paths, sizes, logits, indices))
+        return memo[0]
+
     delta.defer_aux_loss(routed, valid)
     delta.__dict__["last_selection"] = DeferredSelection(lambda: tuple(routed()[1]), tuple(sizes), valid)
     alphas = weights.split_with_sizes(paths.blocks, 1)[::-1]  # bottom first, (N, P_ℓ, s_ℓ)
