@@ -740,6 +740,9 @@ def _decided_together(accelerator, decide, *, everywhere: bool = True):
     if refused:
         rank, message = refused[0]
         everyone = len(refused) == len(verdicts) or not everywhere
+        # The run ends here on every process: leave the group now, as every process agreed to; torn down at the
+        # interpreter's exit instead, gloo's threads can abort a process (SIGABRT) after it said why it stopped.
+        dist.destroy_process_group()
         raise UserError(message if everyone else f"process {rank} of {len(verdicts)}: {message}")
     return result if everywhere else verdicts[0][1]
 
