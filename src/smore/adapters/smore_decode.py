@@ -5,7 +5,8 @@ Decoding calls every adapter once per generated token, so an S'MoRE forward ther
 can be refolded into fewer, larger products, computed once per parameter update and kept in :class:`Folded`:
 
 - **one token matmul** ``x [A; W₁,ℓ D …]ᵀ`` gives every expert's ``A x + a`` and, for every level's router, the
-  down-projection already pushed through the first router layer (``W₁,ℓ [D x + d; keys] = (W₁,ℓ D) x + …``);
+  down-projection already pushed through the first router layer (``W₁,ℓ [D x + d; keys] = (W₁,ℓ D) x + …``), or,
+  when the router rows outnumber d_down, ``x [A; D]ᵀ`` and the rows after it (:func:`set_router_rows`: fewer bytes);
 - the keys an ancestor hands down enter a child's first router layer linearly, so they become **lookup tables**
   ``T_{ℓ,j} = K_j W₁,ℓ[:, cols_j]ᵀ`` (one row per expert of the ancestor's level);
 - the second router layer and the scores fold into one ``(d_g, s)`` matrix ``(K W₂)ᵀ`` for the dot-product gates
@@ -15,15 +16,15 @@ can be refolded into fewer, larger products, computed once per parameter update 
 
 For small uniform trees (:func:`use_paths`: at most :data:`MAX_PATHS` leaves, the same gate and sizes on every
 level, σ everywhere) the router does not wait for the level above: it scores **every path** of the tree at once.
-Each row of one batched matmul is a level and a choice of ancestors, whose handed-down keys are constants folded
-into the token matmul's bias; unselected experts get α = 0, and the tree combination becomes one small batched
-matmul per level over all paths. That is a fixed 27 torch calls per adapter and token against 43 slot by slot,
-for a few more FLOPs (every path of a 4-4 tree: 5 router rows instead of 3).
+Each router row is a level and a choice of ancestors, whose handed-down keys are constants folded into the row's
+bias, and one block-diagonal matmul scores every row; unselected experts get α = 0, and the tree combination
+becomes one small batched matmul per level over all paths. That is a fixed 22 torch calls per adapter and token
+against 43 slot by slot, for a few more FLOPs (every path of a 4-4 tree: 5 router rows instead of 3).
 
 The load-balancing loss is left as a thunk (:meth:`SMoREDelta.defer_aux_loss`) computed by the gates themselves
-only when something reads it (a labelled evaluation call), so generation pays nothing for it. The tree combination
-and W_proj are the training code's. Used only when :func:`applies`; ``tests/test_fast_paths.py`` checks it against
-the plain forward for every gate, variant and depth.
+only when something reads it (a labelled evaluation call), so generation pays nothing for it. Slot by slot, the
+tree combination and W_proj are the training code's. Used only when :func:`applies`; ``tests/test_fast_paths.py``
+checks it against the plain forward for every gate, variant, depth and layout.
 """
 
 from __future__ import annotations
@@ -271,12 +272,9 @@ def fold_paths(delta, folded: Folded, w_downs: list[torch.Tensor], first_biases:
         proj=(delta.proj.weight, delta.proj.bias),
     )
     if folded.experts is not None:  # W_ℓ's bias joins U_ℓ's, since every value of level ℓ adds both
-        folded.experts_bias = folded.experts_bias.clone()
-        start = sizes[0] * delta.widths[1]
         for level, w in enumerate(delta.W, start=1):
-            width = sizes[level] * delta.widths[level + 1]
+            start, width = folded.expert_offsets[level], sizes[level] * delta.widths[level + 1]
             folded.experts_bias[start : start + width].view(sizes[level], -1).add_(w.bias)
-            start += width
     return weights, biases
 
 
@@ -461,11 +459,13 @@ def forward_paths(delta, folded: Folded, x: torch.Tensor, valid: torch.Tensor | 
             if paths.carry_bias[level - 1] is not None:  # else already in U's bias
                 u = u + paths.carry_bias[level - 1]
             parents = alpha.shape[1]
-            if projected.dim() == 3 and parents == 1:
+            if projected.dim() == 3 and parents == 1:  # the leaves under the top level: mix and add in one call
                 u = torch.baddbmm(u, alpha_below, projected)
             else:
-                below = alpha_below.unsqueeze(-2) if projected.dim() == 4 else alpha_below
-                carried = (below @ projected).squeeze(-2) if projected.dim() == 4 else torch.bmm(below, projected)
+                if projected.dim() == 3:  # the leaves, shared by every path: (N, P_{ℓ-1}, d_{ℓ+1})
+                    carried = torch.bmm(alpha_below, projected)
+                else:  # a middle level's values, one set per path
+                    carried = (alpha_below.unsqueeze(-2) @ projected).squeeze(-2)
                 u = u + carried if parents == 1 else u.unsqueeze(1) + carried.view(n, parents, sizes[level], -1)
         value = u if sigma is None else sigma(u)  # (N, s_ℓ, d) shared by the parents, or (N, P_ℓ, s_ℓ, d)
         alpha_below = alpha
