@@ -4,6 +4,7 @@ gradients and weights, invalid configs and data, and the protection of an existi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -581,7 +582,19 @@ def test_a_failed_run_never_changes_an_existing_output_folder(workspace, tmp_pat
     state.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=re.escape(str(state))):
         train(run_config_from_dict(document), resume=True)
+    # well-formed JSON that its manifest vouches for, but a progress without a step: named, nothing changed
+    manifest_file = state.parent / "manifest.json"
+    good_manifest = manifest_file.read_bytes()
+    damaged = json.loads(good)
+    del damaged["progress"]["step"]
+    state.write_text(json.dumps(damaged))
+    manifest = json.loads(good_manifest)
+    manifest["trainer_state.json"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=re.escape(str(state)) + ".*integer step"):
+        train(run_config_from_dict(document), resume=True)
     state.write_bytes(good)
+    manifest_file.write_bytes(good_manifest)
     assert snapshot(output) == before
 
 

@@ -252,6 +252,6 @@ def read_progress(directory: Path) -> dict[str, Any]:
     raises a ``ValueError`` naming it."""
     file = directory / STATE
     progress = read_json_object(file, "a checkpoint folder holds trainer_state.json").get("progress")
-    if not isinstance(progress, dict):
-        raise UserError(f"{file} holds no progress mapping; the file is damaged.")
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
+        raise UserError(f"{file} holds no progress mapping with an integer step; the file is damaged.")
     return progress

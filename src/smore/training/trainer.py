@@ -700,7 +700,8 @@ def _claim_output(config: RunConfig, accelerator, *, resume: bool, overwrite: bo
     def claim() -> str | None:
         found = _prepare_output(config, resume=resume, overwrite=overwrite, total_steps=total_steps)
         if found is not None:  # refused before anything is written or loaded: the checkpoint and its run stay
-            _check_launch_of(found, read_progress(found), accelerator, int(found.name.split("-")[1]))
+            progress = read_progress(found)
+            _check_launch_of(found, progress, accelerator, progress["step"])
         (output / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return None if found is None else str(found)
 
