@@ -240,6 +240,34 @@ def test_padding_mask_reaches_adapters_during_cached_decoding():
     assert seen[1].shape == (2,) and seen[1].all()  # one decoded token per row, all real
 
 
+def test_every_adapter_of_a_call_reads_that_calls_padding_mask():
+    """The real-token mask is sliced once per model call and shared by its adapters, yet never outlives the call: a
+    mask changed in place before the next call, or another mask set directly, is what the adapters see."""
+    model = smore.adapt(tiny_llama(), small_smore(init="normal"))
+    seen = {name: [] for name in ("up", "down")}
+    for name in seen:
+        module = getattr(model.model.layers[0].mlp, f"{name}_proj")
+
+        def spy(x, valid=None, routing=None, original=module.delta.forward, name=name):
+            seen[name].append(valid)
+            return original(x, valid=valid, routing=routing)
+
+        module.delta.forward = spy
+    batch = tiny_batch(batch=2, length=5)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        model(**batch)
+        assert seen["up"][-1] is seen["down"][-1]  # one slice for the whole call
+        assert torch.equal(seen["up"][-1], mask.reshape(-1).bool())
+        mask[0, :3] = 0  # the same tensor, changed in place: the next call sees the change
+        model(**batch)
+        assert torch.equal(seen["down"][-1], mask.reshape(-1).bool())
+    context = model.model.layers[0].mlp.up_proj.context
+    other = torch.ones_like(mask)
+    context.mask = other  # set directly, without a model call
+    assert torch.equal(context.valid_for(torch.Size([2, 5])), other.reshape(-1).bool())
+
+
 @pytest.mark.parametrize("gate", ["switch", "noisy_topk"])
 def test_gradient_checkpointing_gives_the_same_gradients(gate):
     def gradients(checkpointing: bool):
