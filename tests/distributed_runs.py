@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from smore.cli import _leave_process_group
 from smore.errors import UserError
 from smore.routing.stats import RoutingTracker
 from smore.training import trainer
@@ -70,4 +71,8 @@ def main(jobs_file: str) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main(sys.argv[1]))
+    try:
+        code = main(sys.argv[1])
+    finally:  # as smore.cli does: a process group left to the interpreter's exit can abort a process (SIGABRT)
+        _leave_process_group()
+    sys.exit(code)
