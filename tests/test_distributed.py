@@ -470,7 +470,7 @@ def _accumulation_run(accelerator, model):
 
 
 def test_deepspeed_takes_one_unscaled_update_per_step_at_the_last_micro_batch():
-    """Through Accelerate 1.15's own backward and DeepSpeed engine wrapper: DeepSpeed must update once per optimizer
+    """Through Accelerate's own backward and DeepSpeed engine wrapper: DeepSpeed must update once per optimizer
     step, after the last micro-batch, with the gradient of the whole step (the loss is already normalised by the
     step's tokens, so not divided again by DeepSpeed's accumulation steps); and Accelerate's sync flag is left set.
     Before: the flag stayed True, so the wrapper called engine.step() after every micro-batch, each update with a

@@ -1,7 +1,7 @@
 """Which distributed engine a launch asked for, which one Accelerate formed, and what each needs from the trainer.
 
 ``accelerate launch --config_file configs/accelerate/X.yaml`` says what it wants through the environment
-(``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_ZERO_STAGE``). Accelerate 1.15
+(``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_ZERO_STAGE``). Accelerate 1.15-1.16
 forms FSDP and DeepSpeed only on GPUs: on a CPU machine an FSDP launch runs as plain DDP and a ZeRO launch as a
 group of one, so the trainer refuses them there instead of running something else than was asked. Plain DDP (one
 process included) is ``ddp``; a checkpoint records its engine, and a resume under another one is refused (their
