@@ -68,6 +68,11 @@ per 150 questions): 54 grid runs × ≈ 11 min (training + 200 questions) ≈ 10
 questions) ≈ 2.7 h, 3 base scorings ≈ 0.2 h: **about 13 hours** of CPU, more while other jobs share the cores. Adding
 the generative scoring (``--scoring loglik,answer``, about 2 min more a run) would add about 2 hours.
 
+While it runs (or after an interruption), ``--report --output-dir DIR`` writes ``table.md`` and ``accuracy.png`` from
+the finished runs of DIR with its saved settings, training nothing; the table starts by naming the missing runs::
+
+    python bench/paper_comparison.py --report --output-dir bench/results/paper_comparison_issue17
+
 A GPU and a bigger model: only the config changes (``--model``, ``--precision bf16``, ``--steps``, ``--batch-size``),
 or a YAML file with the same keys (``--config comparison.yaml``).
 """
@@ -214,6 +219,8 @@ def dev_split(task: str, training: list, dev_size: int) -> tuple[list, list]:
                          "some to train on: lower dev_size or choose another lr_task.")  # fmt: skip
     return training[dev_size:], training[:dev_size]
 
+
+_FIELDS = {f.name for f in fields(ComparisonConfig)}
 
 RESUMABLE = ("tasks", "methods", "seeds", "output_dir")
 """The settings a resumed comparison may change; any other change would mix incomparable runs in one table."""
@@ -395,13 +402,58 @@ def run(config: ComparisonConfig) -> Path:
                                            learning_rate=lr, name=scored_name, questions=questions,
                                            scorings=config.scoring)  # fmt: skip
                 record({"task": task, **row})
-    sweep = list(_read(output / "lr_sweep.jsonl", sweep_key).values()) if chosen else []
-    table = format_table(list(done.values()), config, model_name, chosen, sweep)
+    return write_report(config, model_name)
+
+
+def expected_runs(config: ComparisonConfig) -> list[tuple]:
+    """Every (task, method, seed) of the grid, the base model's scoring (seed 0) first in each task."""
+    return [key for task in config.tasks
+            for key in [(task, "base", 0), *((task, m, s) for s in config.seeds for m in config.methods)]]  # fmt: skip
+
+
+def write_report(config: ComparisonConfig, model_name: str) -> Path:
+    """``table.md`` and ``accuracy.png`` from the finished runs in ``config.output_dir`` (all of them once the grid
+    completes; a partial grid's report says which runs are missing)."""
+    output = Path(config.output_dir)
+    done = _read(output / "results.jsonl", result_key)
+    wanted = expected_runs(config)
+    rows = [done[key] for key in wanted if key in done]
+    missing = [key for key in wanted if key not in done]
+    if not rows:
+        raise ValueError(f"{output} has no finished runs of this comparison yet (results.jsonl); nothing to report.")
+    chosen, sweep = None, []
+    if config.learning_rates is not None:
+        swept = _read(output / "lr_sweep.jsonl", sweep_key)
+        chosen = choose_learning_rates(swept, config.methods, config.learning_rates, config.metric)
+        sweep = list(swept.values())
+    table = format_table(rows, config, model_name, chosen, sweep)
+    if missing:
+        # Why a partial table at all: a grid of hours is read while it runs; the reader must see it is partial.
+        table = (f"**Partial**: {len(rows)} of {len(wanted)} runs finished; missing: "
+                 + ", ".join(f"{t}/{m}/seed {s}" for t, m, s in missing) + "\n\n" + table)  # fmt: skip
+        logger.warning("report of %d of %d runs; %d missing", len(rows), len(wanted), len(missing))
     (output / "table.md").write_text(table + "\n")
     title = f"{model_name}, {config.steps} steps, {config.limit} questions per task, seeds {config.seeds}"
-    plot_accuracy(list(done.values()), config.metric, output / "accuracy.png", title=title)
+    plot_accuracy(rows, config.metric, output / "accuracy.png", title=title)
     sys.stdout.write(table + "\n")
     return output / "table.md"
+
+
+def report(output_dir: str) -> Path:
+    """:func:`write_report` for the comparison saved in ``output_dir``, without training or loading a model."""
+    saved = Path(output_dir) / "comparison_config.yaml"
+    if not saved.is_file():
+        raise ValueError(f"--report: {output_dir} holds no comparison ({saved.name} is missing); run the comparison "
+                         "first, or pass the --output-dir it wrote to.")  # fmt: skip
+    values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in _FIELDS}
+    config = ComparisonConfig(**{**values, "output_dir": output_dir})
+    if config.model is None:
+        from smore.embedded import SMOLLM2
+
+        model_name = SMOLLM2.name
+    else:
+        model_name = Path(config.model).name
+    return write_report(config, model_name)
 
 
 def format_table(
@@ -445,7 +497,8 @@ def format_table(
                 cells.append(f"{mean:.1f} ± {std:.1f}" if method != "base" else f"{mean:.1f}")
             params = mine[0]["trainable"]
             label = mine[0].get("description", method)
-            avg = f"{statistics.fmean(means):.1f}" if means else ""
+            # An average over fewer tasks than the others' (a partial grid) would not compare: left blank.
+            avg = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else ""
             out.append(f"| {label} | {params:,} | " + " | ".join(cells) + f" | {avg} |")
     if chosen:
         out += ["", format_sweep(sweep or [], config, chosen)]
@@ -490,10 +543,20 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(ComparisonConfig):
         kind = kinds.get(f.name, {"int": int, "float": float}.get(str(f.type), str))
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+    parser.add_argument("--report", action="store_true",
+                        help="only write table.md and accuracy.png from the finished runs of --output-dir (its saved "
+                             "settings), e.g. while the grid still runs; trains nothing")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.report:
+        try:
+            report(args.output_dir or _default("output_dir"))
+        except (ValueError, TypeError) as error:
+            logger.error("%s", error)
+            return 2
+        return 0
     values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    values.update({k: v for k, v in vars(args).items() if k in _FIELDS and v is not None})
     try:
         run(ComparisonConfig(**values))
     except (ValueError, TypeError) as error:

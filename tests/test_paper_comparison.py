@@ -79,6 +79,30 @@ def test_sweep_chooses_per_method_resumes_and_refuses_changes(package, tmp_path,
     assert paper_comparison.main([*args, "--lr-seed", "1"]) == 2
     assert {name: (out / name).read_text() for name in before} == before
 
+    # --report tabulates the folder's finished runs with its saved settings, training nothing: the same table, and a
+    # partial grid's table says which runs are missing and gives no average over the tasks a method lacks.
+    (out / "table.md").unlink()
+    assert paper_comparison.main(["--report", "--output-dir", str(out)]) == 0
+    assert (out / "table.md").read_text() == table
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # S'MoRE (2-2)'s run, the last, unfinished
+    assert paper_comparison.main(["--report", "--output-dir", str(out)]) == 0
+    partial = (out / "table.md").read_text()
+    assert partial.startswith(f"**Partial**: {len(lines) - 1} of {len(lines)} runs finished; missing: "
+                              "arc_easy/smore_2_2/seed 0")  # fmt: skip
+    assert "| smore_2_2 | lora | " not in partial and "| lora (r " in partial
+    assert paper_comparison.main(["--report", "--output-dir", str(tmp_path / "none")]) == 2
+
+
+def test_a_partial_average_is_left_blank():
+    rows = [{"task": t, "method": m, "seed": 0, "trainable": 0, "metrics": {"acc": 0.5}}
+            for t, m in [("a", "base"), ("b", "base"), ("a", "lora"), ("b", "lora"), ("a", "smore_2_2")]]  # fmt: skip
+    config = paper_comparison.ComparisonConfig(tasks=["a", "b"], methods=["lora", "smore_2_2"], scoring=["loglik"],
+                                               limit=1, holdout=1)  # fmt: skip
+    table = paper_comparison.format_table(rows, config, "m")
+    assert "| lora | 0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 |" in table
+    assert "| smore_2_2 | 0 | 50.0 ± 0.0 |  |  |" in table
+
 
 def test_too_few_questions_say_how_many(monkeypatch):
     config = paper_comparison.ComparisonConfig(tasks=["arc_easy"], learning_rates=[1e-3], dev_size=10_000, limit=2,
