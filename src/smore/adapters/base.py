@@ -72,6 +72,20 @@ def keep_quantized_differentiable(model: nn.Module) -> None:
             )
 
 
+@torch.compiler.disable  # eager even inside a compiled model: it compares parameter versions and builds tables
+def _prepare_inference(deltas: list[nn.Module], arguments: dict) -> None:
+    ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor):
+        tokens = ids.numel()
+    elif isinstance(embeds, torch.Tensor):
+        tokens = embeds.shape[:-1].numel()
+    else:
+        tokens = None  # unknown: the delta prepares as if it were few
+    for delta in deltas:
+        if not delta.training:
+            delta.prepare_inference(tokens)
+
+
 class ForwardContext:
     """What the adapters of one model need to know about the model call in flight, beyond their own input.
 
@@ -86,6 +100,10 @@ class ForwardContext:
         self._valid: tuple = (None, 0, None)  # valid_for's answer in this call: (mask, steps, valid)
         self.state = None  # the method's model-level state (its Method.state attaches it), or None
         self._signatures: dict[int, inspect.Signature] = {}
+        # Deltas with inference tables to keep current (``prepare_inference()``: S'MoRE's decode tables), refreshed
+        # here before each call without autograd: a compiled forward reads the tables as they are, since the check
+        # of their parameters' versions cannot be traced.
+        self.inference: list[nn.Module] = []
 
     def arguments(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
         """The call's arguments by name, positional ones included."""
@@ -108,6 +126,8 @@ class ForwardContext:
         self._valid = (None, 0, None)  # a new call: even the same mask object may have changed in place
         if self.state is not None:
             self.state.on_call(module, arguments)
+        if self.inference and not torch.is_grad_enabled():
+            _prepare_inference(self.inference, arguments)
 
     def valid_for(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """(N,) bool of real tokens for an input whose leading dims are (batch, time), or ``None`` if unknown."""
@@ -142,6 +162,8 @@ class AdapterWrapper(nn.Module):
         # A delta that reads more of the model call than its tokens (T-REX: each token's prior) says so by defining
         # ``call_inputs(context, leading_shape, dtype) -> dict`` of extra keyword arguments for its forward.
         self._call_inputs = getattr(delta, "call_inputs", None)
+        if context is not None and hasattr(delta, "prepare_inference"):
+            context.inference.append(delta)
         # Whether the last forward ran with autograd on: ``smore.aux_loss`` asks it before it reads a loss's value, so
         # a training step never waits for the device to tell whether a loss without a graph is 0.
         self.ran_with_grad = True

@@ -392,6 +392,13 @@ class SMoREDelta(nn.Module):
         self.__dict__.pop("_folded", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def prepare_inference(self, tokens: int | None = None) -> None:
+        """Build or refresh the decode tables now, for a model call of ``tokens`` tokens in all (the model's
+        pre-hook calls it before each call without autograd), so that a compiled forward can read them unchecked.
+        A call too long for the decode path (prefill, scoring) does not read them: nothing to do."""
+        if tokens is None or tokens <= smore_decode.MAX_TOKENS:
+            smore_decode.tables(self)
+
     @property
     def slots(self) -> list[int]:
         """F_ℓ per level (bottom first): the expert slots one token activates in level ℓ, ∏_{j ≥ ℓ} f_j."""
