@@ -25,6 +25,12 @@ The load-balancing loss is left as a thunk (:meth:`SMoREDelta.defer_aux_loss`) c
 only when something reads it (a labelled evaluation call), so generation pays nothing for it. Slot by slot, the
 tree combination and W_proj are the training code's. Used only when :func:`applies`; ``tests/test_fast_paths.py``
 checks it against the plain forward for every gate, variant, depth and layout.
+
+Under ``torch.compile`` too: the tables are plain tensors, but the check that they are current reads parameter
+versions, which dynamo cannot trace. So the adapted model's forward pre-hook (``ForwardContext``, run eagerly through
+``torch.compiler.disable``) calls :meth:`SMoREDelta.prepare_inference` before every call without autograd short enough
+for this path, and the compiled graph reads the tables as inputs: new tables after a weight update are new inputs to
+the same graph (``tests/test_compile.py``).
 """
 
 from __future__ import annotations
