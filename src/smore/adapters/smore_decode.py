@@ -55,8 +55,9 @@ def applies(delta, x: torch.Tensor) -> bool:
     """Inference without autograd on at most :data:`MAX_TOKENS` tokens. Under ``torch.compile`` only when the tables
     exist: the model's pre-hook builds them eagerly before each call (:meth:`SMoREDelta.prepare_inference`), and the
     graph reads them as inputs. Its five matmuls stay five extern kernels under inductor, where the plain forward
-    keeps its router MLPs and per-level expert products. An adapter called on its own, outside a model call,
-    compiles the plain forward."""
+    keeps its router MLPs and per-level expert products. An adapter compiled on its own, outside its model, has no
+    pre-hook: it compiles the plain forward until tables exist, then reads them as its model's last call (or its
+    own ``prepare_inference()``) left them."""
     if delta.training or torch.is_grad_enabled() or x.shape[0] > MAX_TOKENS:
         return False
     return not torch.compiler.is_compiling() or "_folded" in delta.__dict__
