@@ -95,7 +95,15 @@ import smore
 from smore.analysis.budget import meta_model, propose_configs
 from smore.config import AdapterConfig
 from smore.data import QUESTION_FORMATS, load_task
-from smore.demo import COMPARE_METHODS, demo_adapter, describe, question_key, resolve_model, run_config_for
+from smore.demo import (
+    COMPARE_METHODS,
+    demo_adapter,
+    describe,
+    model_display_name,
+    question_key,
+    resolve_model,
+    run_config_for,
+)
 from smore.evaluation import SCORINGS, evaluate_detailed
 from smore.training import train
 
@@ -380,10 +388,6 @@ def run(config: ComparisonConfig) -> Path:
     _check_same_settings(output / "comparison_config.yaml", config)
     (output / "comparison_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
-    def record(row: dict[str, Any]) -> None:
-        _append(results_file, row)
-        done[result_key(row)] = row
-
     chosen = sweep_learning_rates(grid, sweep_training) if sweep_training is not None else None
     for task, (training, scored_name, questions) in splits.items():
         train_file = grid.write_training(task, training)
@@ -391,7 +395,8 @@ def run(config: ComparisonConfig) -> Path:
         if (task, "base", 0) not in done:
             base = AutoModelForCausalLM.from_pretrained(model_dir)
             metrics, correct = grid.score(base, scored_name, questions, config.scoring)
-            record({"task": task, "method": "base", "seed": 0, "trainable": 0, "metrics": metrics, "correct": correct})
+            _append(results_file, {"task": task, "method": "base", "seed": 0, "trainable": 0, "metrics": metrics,
+                                   "correct": correct})  # fmt: skip
         for seed in config.seeds:
             for method in config.methods:
                 if (task, method, seed) in done:
@@ -401,7 +406,7 @@ def run(config: ComparisonConfig) -> Path:
                 row = grid.train_and_score(method, output / task / f"{method}-seed{seed}", train_file, seed=seed,
                                            learning_rate=lr, name=scored_name, questions=questions,
                                            scorings=config.scoring)  # fmt: skip
-                record({"task": task, **row})
+                _append(results_file, {"task": task, **row})
     return write_report(config, model_name)
 
 
@@ -447,13 +452,7 @@ def report(output_dir: str) -> Path:
                          "first, or pass the --output-dir it wrote to.")  # fmt: skip
     values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in _FIELDS}
     config = ComparisonConfig(**{**values, "output_dir": output_dir})
-    if config.model is None:
-        from smore.embedded import SMOLLM2
-
-        model_name = SMOLLM2.name
-    else:
-        model_name = Path(config.model).name
-    return write_report(config, model_name)
+    return write_report(config, model_display_name(config.model))
 
 
 def format_table(

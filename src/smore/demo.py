@@ -150,16 +150,25 @@ class DemoResult:
         }
 
 
+def model_display_name(model: str | None) -> str:
+    """How tables name ``model``: its folder's name, or the embedded model's (without converting it)."""
+    if model is not None:
+        return Path(model).name
+    from smore.embedded import SMOLLM2
+
+    return SMOLLM2.name
+
+
 def resolve_model(model: str | None, cache: str | None = None) -> tuple[Path, str]:
     """The model folder and its display name: the given folder, or the embedded model (converted on first use)."""
     if model is not None:
         path = Path(model)
         if not (path / "config.json").is_file():
             raise UserError(f"model={model!r} is not a Hugging Face model folder (no config.json there).")
-        return path, path.name
+        return path, model_display_name(model)
     from smore.embedded import SMOLLM2, prepare_model
 
-    return prepare_model(SMOLLM2, cache), SMOLLM2.name
+    return prepare_model(SMOLLM2, cache), model_display_name(None)
 
 
 def method_configs(model_dir: Path, budget: AdapterConfig, methods: Sequence[str]) -> list[AdapterConfig]:
