@@ -112,6 +112,7 @@ def adapt(
         wrapper.delta.to(device=weight.device, dtype=dtype)
         wrapper.delta.train(base.training)  # a new module starts in training mode; follow the model's mode
         wrappers[name] = wrapper
+    _share_inputs(wrappers)
     keep_quantized_differentiable(model)  # a bitsandbytes 4-bit base on CPU: see there
     state.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
@@ -127,6 +128,19 @@ def adapt(
     model.smore_state = state
     logger.info("adapted %d modules with %s", len(state.modules), config.method)
     return model
+
+
+def _share_inputs(wrappers: dict[str, AdapterWrapper]) -> None:
+    """Hand the deltas that can compute for siblings (``share_input``: S'MoRE's decode path) the deltas of the other
+    layers of their parent module with the same shape: layers a model usually calls on one input (gate_proj and
+    up_proj, k_proj and v_proj). Whether a model really does is the delta's to observe."""
+    siblings: dict[tuple, list[nn.Module]] = {}
+    for name, wrapper in wrappers.items():
+        if hasattr(wrapper.delta, "share_input"):
+            siblings.setdefault((name.rpartition(".")[0], type(wrapper), wrapper.shape), []).append(wrapper.delta)
+    for deltas in siblings.values():
+        if len(deltas) > 1:
+            deltas[0].share_input(deltas)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -392,6 +392,14 @@ class SMoREDelta(nn.Module):
         self.__dict__.pop("_folded", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def share_input(self, siblings: list[SMoREDelta]) -> None:
+        """Decode ``siblings`` (this delta among them) in one pass where the model calls them on one input: the
+        adapters of one parent module's layers of the same shape (a gated MLP's gate_proj and up_proj), which
+        injection hands over. See :class:`smore_decode.DecodeGroup`."""
+        group = smore_decode.DecodeGroup(siblings)
+        for delta in siblings:
+            delta.__dict__["_decode_group"] = group  # not a submodule: outside the state dict and module tree
+
     def prepare_inference(self, tokens: int | None = None) -> None:
         """Build or refresh the decode tables now, for a model call of ``tokens`` tokens in all (the model's
         pre-hook calls it before each call without autograd), so that a compiled forward can read them unchecked.

@@ -21,6 +21,11 @@ bias, and one block-diagonal matmul scores every row; unselected experts get α 
 becomes one small batched matmul per level over all paths. That is a fixed 22 torch calls per adapter and token
 against 43 slot by slot, for a few more FLOPs (every path of a 4-4 tree: 5 router rows instead of 3).
 
+Sibling adapters that their model calls on one input (a gated MLP's gate_proj and up_proj) decode in one pass
+(:class:`DecodeGroup`): their tables stacked on a leading dim, :func:`forward_stacked` computes every member in the
+torch calls of one, and the others' Δy wait until they are called on that input. One adapter alone is the same
+function with a stack of one (views of its own tables), so there is one every-path code path.
+
 The load-balancing loss is left as a thunk (:meth:`SMoREDelta.defer_aux_loss`) computed by the gates themselves
 only when something reads it (a labelled evaluation call), so generation pays nothing for it. Slot by slot, the
 tree combination and W_proj are the training code's. Used only when :func:`applies`; ``tests/test_fast_paths.py``
@@ -35,6 +40,7 @@ the same graph (``tests/test_compile.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -110,6 +116,28 @@ class PathTables:
 
 
 @dataclass
+class Stacked:
+    """The tensors :func:`forward_stacked` reads for G deltas of one every-path layout, each with a leading dim of G
+    and every matrix as the right operand of a batched matmul (transposed from ``F.linear``'s layout): one delta's
+    own (G = 1, views of its :class:`Folded`, :func:`stack`) or a :class:`DecodeGroup`'s (copies)."""
+
+    token_weight: torch.Tensor
+    """(G · W, d_in): the members' token matmuls one after the other, so that one ``F.linear`` serves them all."""
+    token_bias: torch.Tensor
+    router_weight: torch.Tensor | None  # (G, d_down, K), when the router rows are not folded into the token matmul
+    router_bias: torch.Tensor | None  # (G, 1, K)
+    query: torch.Tensor | None  # (G, rows · d_g, rows · d_g), the noisy gate only
+    query_bias: torch.Tensor | None
+    score: torch.Tensor  # (G, rows · d_g, rows · s)
+    score_bias: torch.Tensor | None  # (G, 1, rows · s), dot-product gates only
+    experts: torch.Tensor | None  # (G, R, Σ_ℓ s_ℓ d_{ℓ+1}), or None for the per-level experts (G = 1 only)
+    experts_bias: torch.Tensor | None
+    carry: list[torch.Tensor]  # (G, d_ℓ, d_{ℓ+1}) per level ℓ ≥ 1
+    proj: torch.Tensor  # (G, d_L, d_out)
+    proj_bias: torch.Tensor | None  # (G, 1, d_out)
+
+
+@dataclass
 class Folded:
     """The refolded matrices of one :class:`SMoREDelta`, valid while its parameters keep their versions."""
 
@@ -127,6 +155,7 @@ class Folded:
     token_widths: list[int] | None = None  # R, then the router columns
     router_weight: torch.Tensor | None = None  # (K, d_down) router rows applied to D x + d, when not folded in
     router_bias: torch.Tensor | None = None
+    stacked: Stacked | None = None  # the every-path tensors as forward_stacked reads them (G = 1: views)
 
     def current(self) -> bool:
         return [p._version for p in self.params] == self.versions
@@ -214,6 +243,8 @@ def fold(delta, block: bool | None = None, paths: bool | None = None) -> Folded:
     else:
         weights, biases = w_downs, first_biases
     set_router_rows(delta, folded, torch.cat(weights), torch.cat(biases))
+    if folded.paths is not None:
+        folded.stacked = stack([folded])
     return folded
 
 
@@ -396,9 +427,17 @@ def slot_outputs(delta, folded: Folded, down: torch.Tensor, indices: list[torch.
 
 def forward(delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Δy (N, d_out), equal to :meth:`SMoREDelta.forward` in eval mode; sets the same side outputs."""
+    group = delta.__dict__.get("_decode_group")
+    if group is not None and not torch.compiler.is_compiling():  # compiled: one graph per delta, no Python state
+        return group.forward(delta, x, valid)
+    return forward_alone(delta, x, valid)
+
+
+def forward_alone(delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`forward` for this delta only."""
     folded = tables(delta)
     if folded.paths is not None:
-        return forward_paths(delta, folded, x, valid)
+        return forward_stacked([delta], [folded], folded.stacked, x, valid)[0]
     down, tail = F.linear(x, folded.token_weight, folded.token_bias).split_with_sizes(folded.token_widths, -1)
     token_terms = router_rows(folded, tail).split(folded.router_dims, dim=-1)
     indices, weights, logits = route(delta, folded, token_terms)
@@ -410,15 +449,48 @@ def forward(delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return delta.proj(message.squeeze(1))
 
 
-def route_paths(paths: PathTables, pre_activation: torch.Tensor):
-    """Score every router row for tokens whose rows' pre-activations are (N, rows · d_g): logits (N, rows, s), the
-    gate's selection (N, rows, k) and α of every expert (N, rows, s), 0 where not selected."""
-    n = pre_activation.shape[0]
+def stack(folds: list[Folded]) -> Stacked:
+    """The :class:`Stacked` tensors of deltas with every-path tables of the same shapes: views for one delta,
+    copies (``torch.stack``) for several."""
+
+    def joined(tensors: list[torch.Tensor | None], transpose: bool = False, bias: bool = False):
+        if tensors[0] is None:
+            return None
+        tensors = [t.t() if transpose else t.unsqueeze(0) if bias else t for t in tensors]
+        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+    paths = [folded.paths for folded in folds]
+    return Stacked(
+        token_weight=torch.cat([folded.token_weight for folded in folds]),
+        token_bias=torch.cat([folded.token_bias for folded in folds]),
+        router_weight=joined([folded.router_weight for folded in folds], transpose=True),
+        router_bias=joined([folded.router_bias for folded in folds], bias=True),
+        query=joined([p.query for p in paths], transpose=True),
+        query_bias=joined([p.query_bias for p in paths], bias=True),
+        score=joined([p.score for p in paths], transpose=True),
+        score_bias=joined([p.score_bias for p in paths], bias=True),
+        experts=joined([folded.experts for folded in folds]),
+        experts_bias=joined([folded.experts_bias for folded in folds], bias=True),
+        carry=[joined(list(weights), transpose=True) for weights in zip(*[p.carry for p in paths])],
+        proj=joined([p.proj[0] for p in paths], transpose=True),
+        proj_bias=joined([p.proj[1] for p in paths], bias=True),
+    )
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight + bias`` per member: x (G, M, a), weight (G, a, b), bias (G, 1, b) or None."""
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+
+
+def route_paths(paths: PathTables, stacked: Stacked, pre_activation: torch.Tensor):
+    """Score every router row for tokens whose rows' pre-activations are (G, N, rows · d_g): logits (G, N, rows, s),
+    the gate's selection (G, N, rows, k) and α of every expert (G, N, rows, s), 0 where not selected."""
+    g, n = pre_activation.shape[:2]
     hidden = paths.activation(pre_activation)
-    if paths.query is not None:  # cosine: normalise each row's query, then score it against the normalised keys
-        query = F.linear(hidden, paths.query, paths.query_bias).view(n, -1, paths.router_dim)
-        hidden = F.normalize(query, dim=-1).view(n, -1)
-    logits = F.linear(hidden, paths.score, paths.score_bias).view(n, sum(paths.blocks), -1)
+    if stacked.query is not None:  # cosine: normalise each row's query, then score it against the normalised keys
+        query = batched_linear(hidden, stacked.query, stacked.query_bias).view(g, n, -1, paths.router_dim)
+        hidden = F.normalize(query, dim=-1).view(g, n, -1)
+    logits = batched_linear(hidden, stacked.score, stacked.score_bias).view(g, n, sum(paths.blocks), -1)
     indices, alpha = paths.select(logits)
     weights = alpha if paths.dense else torch.zeros_like(logits).scatter_(-1, indices, alpha)
     return logits, indices, weights
@@ -442,42 +514,161 @@ def routed_slots(paths: PathTables, sizes: list[int], logits: torch.Tensor, indi
     return slot_logits, slot_indices
 
 
-def forward_paths(delta, folded: Folded, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """:func:`forward` for the every-path layout: route every path, then combine every path bottom-up, α = 0
-    dropping the experts nobody selected."""
-    paths = folded.paths
-    n = x.shape[0]
-    down, tail = F.linear(x, folded.token_weight, folded.token_bias).split_with_sizes(folded.token_widths, -1)
-    logits, indices, weights = route_paths(paths, router_rows(folded, tail))
+def defer_side_outputs(delta, member: int, paths: PathTables, logits: torch.Tensor, indices: torch.Tensor, valid):
+    """The aux loss and the selection of ``delta``, member ``member`` of a stacked call, from its rows of the logits
+    and the selection (G, N, rows, ·), read off only if something asks (generation never does)."""
     sizes = delta.num_experts
     memo = []  # routed_slots, computed once if read (a closure over a list: functools.cache costs more per call)
 
     def routed():
         if not memo:
-            memo.append(routed_slots(paths, sizes, logits, indices))
+            memo.append(routed_slots(paths, sizes, logits[member], indices[member]))
         return memo[0]
 
     delta.defer_aux_loss(routed, valid)
     delta.__dict__["last_selection"] = DeferredSelection(lambda: tuple(routed()[1]), tuple(sizes), valid)
-    alphas = weights.split_with_sizes(paths.blocks, 1)[::-1]  # bottom first, (N, P_ℓ, s_ℓ)
+
+
+def forward_stacked(deltas: list, folds: list[Folded], stacked: Stacked, x: torch.Tensor, valid) -> torch.Tensor:
+    """Δy (G, N, d_out) of G deltas of one every-path layout for the same tokens x (N, d_in), in the torch calls of
+    one: route every path, then combine every path bottom-up, α = 0 dropping the experts nobody selected. Sets each
+    delta's side outputs."""
+    paths = folds[0].paths
+    g, n = len(deltas), x.shape[0]
+    tokens = F.linear(x, stacked.token_weight, stacked.token_bias).view(n, g, -1).transpose(0, 1)  # (G, N, W)
+    down, tail = tokens.split_with_sizes(folds[0].token_widths, -1)
+    if stacked.router_weight is not None:
+        tail = batched_linear(tail, stacked.router_weight, stacked.router_bias)
+    logits, indices, weights = route_paths(paths, stacked, tail)
+    for member, delta in enumerate(deltas):
+        defer_side_outputs(delta, member, paths, logits, indices, valid)
+    sizes = deltas[0].num_experts
+    # From here on (G, N) is one batch dim B: the α products are per token, only W_ℓ and W_proj per member.
+    alphas = weights.flatten(0, 1).split_with_sizes(paths.blocks, 1)[::-1]  # bottom first, (B, P_ℓ, s_ℓ)
+    if stacked.experts is not None:
+        every = batched_linear(down, stacked.experts, stacked.experts_bias)  # (G, N, Σ_ℓ s_ℓ d_{ℓ+1}), contiguous
+        row = every.shape[-1]  # each level's block as (B, s_ℓ, d_{ℓ+1}) in one call (a split and a view: two)
+        per_level = [
+            every.as_strided((g * n, s, width), (row, width, 1), offset)
+            for s, width, offset in zip(sizes, deltas[0].widths[1:], folds[0].expert_offsets)
+        ]
+    else:  # the per-level layout: one delta (a group stacks block experts only)
+        per_level = expert_outputs(deltas[0], folds[0], down[0])
     value = alpha_below = None
-    for level, u in enumerate(expert_outputs(delta, folded, down)):  # u: (N, s_ℓ, d_{ℓ+1})
+    for level, u in enumerate(per_level):  # u: (B, s_ℓ, d_{ℓ+1})
         sigma, alpha = paths.sigma[level], alphas[level]
         if value is not None:
             # W_ℓ Σ α v = Σ α W_ℓ v: W_ℓ runs on the values of the level below before their α mix them, so that on
             # the leaves it runs once per expert, shared by every path, and the mix and the sum with U are one call.
-            projected = F.linear(value, paths.carry[level - 1])  # no bias: Σ α is not 1 for every gate
-            if paths.carry_bias[level - 1] is not None:  # else already in U's bias
+            width = value.shape[-1]
+            projected = torch.bmm(value.reshape(g, -1, width), stacked.carry[level - 1])  # no bias: Σ α is not 1
+            projected = projected.view(*value.shape[:-1], -1)  # for every gate
+            if paths.carry_bias[level - 1] is not None:  # else already in U's bias (one delta: a group has none)
                 u = u + paths.carry_bias[level - 1]
             parents = alpha.shape[1]
             if projected.dim() == 3 and parents == 1:  # the leaves under the top level: mix and add in one call
                 u = torch.baddbmm(u, alpha_below, projected)
             else:
-                if projected.dim() == 3:  # the leaves, shared by every path: (N, P_{ℓ-1}, d_{ℓ+1})
+                if projected.dim() == 3:  # the leaves, shared by every path: (B, P_{ℓ-1}, d_{ℓ+1})
                     carried = torch.bmm(alpha_below, projected)
                 else:  # a middle level's values, one set per path
                     carried = (alpha_below.unsqueeze(-2) @ projected).squeeze(-2)
-                u = u + carried if parents == 1 else u.unsqueeze(1) + carried.view(n, parents, sizes[level], -1)
-        value = u if sigma is None else sigma(u)  # (N, s_ℓ, d) shared by the parents, or (N, P_ℓ, s_ℓ, d)
+                u = u + carried if parents == 1 else u.unsqueeze(1) + carried.view(g * n, parents, sizes[level], -1)
+        value = u if sigma is None else sigma(u)  # (B, s_ℓ, d) shared by the parents, or (B, P_ℓ, s_ℓ, d)
         alpha_below = alpha
-    return F.linear(torch.bmm(alpha_below, value).view(n, -1), *paths.proj)  # the top level has one parent
+    message = torch.bmm(alpha_below, value).view(g, n, -1)  # the top level has one parent
+    return batched_linear(message, stacked.proj, stacked.proj_bias)
+
+
+def stackable(deltas: list, folds: list[Folded]) -> bool:
+    """Whether :func:`forward_stacked` can serve these deltas at once: every-path tables with block experts, of the
+    same shapes, and the same gate and σ (which the call takes from the first; prelu's slopes are per delta)."""
+    first = deltas[0]
+
+    def signature(delta, folded: Folded) -> tuple:
+        if folded.paths is None or folded.experts is None or delta.activation == "prelu":
+            return ()
+        gate = delta.router.levels[0].gate
+        shapes = []
+        for field in dataclasses.fields(Stacked):
+            value = getattr(folded.stacked, field.name)
+            shapes.append([t.shape for t in value] if isinstance(value, list) else getattr(value, "shape", None))
+        return type(gate), getattr(gate, "top_k", None), getattr(gate, "renormalize", None), delta.activation, shapes
+
+    reference = signature(first, folds[0])
+    return bool(reference) and all(signature(d, f) == reference for d, f in zip(deltas[1:], folds[1:]))
+
+
+def same_input(seen: tuple, x: torch.Tensor) -> bool:
+    """Whether ``x`` is the input recorded in ``seen`` (input, its version): the same memory, shape and strides (the
+    record keeps that memory alive, so no other tensor can have taken it), unchanged since (the version counter,
+    where the tensor has one: inference-mode tensors keep none)."""
+    recorded, version = seen
+    return (
+        recorded.data_ptr() == x.data_ptr()
+        and recorded.shape == x.shape
+        and recorded.stride() == x.stride()
+        and recorded.dtype == x.dtype
+        and version == input_version(x)
+    )
+
+
+def input_version(x: torch.Tensor) -> int | None:
+    return None if x.is_inference() else x._version
+
+
+class DecodeGroup:
+    """Sibling deltas that their model calls on one input, computed in one pass when decoding: a gated MLP's
+    gate_proj and up_proj both read the block's input. A decoding step pays an adapter's torch calls, not its FLOPs
+    (see the module docstring), so the group's first call computes every member with :func:`forward_stacked` in the
+    calls of one and keeps the others' Δy until they are called on that input.
+
+    That the members share their input is observed, not assumed from the model's code: the group starts fusing once
+    a member is called on the input another member was just called on (same memory, shape and version), and stops at
+    the first call that does not take a result kept for it. A miss costs one computed Δy that nobody reads. Under
+    ``torch.compile`` every delta computes alone (one graph per delta, no Python state across calls).
+
+    Made by :meth:`SMoREDelta.share_input` when the model is adapted, for the layers of one parent module with the
+    same shape; only the decode path reads it.
+    """
+
+    def __init__(self, members: list) -> None:
+        self.members = list(members)
+        self.fusing = False
+        self.seen: tuple | None = None  # (input, version, member) of the last call computed alone
+        self.pending: tuple | None = None  # (input, version, {member: Δy}) kept from a fused call
+        self.sources: list[Folded] | None = None  # the members' tables the stack was built from
+        self.stacked: Stacked | None = None
+        self.stacks = True  # False once the members' tables turned out not to stack (another layout or shape)
+
+    def tables(self) -> tuple[list[Folded], Stacked | None]:
+        folds = [tables(member) for member in self.members]
+        if self.sources is None or any(new is not old for new, old in zip(folds, self.sources)):
+            self.sources = folds
+            self.stacked = stack(folds) if stackable(self.members, folds) else None
+        return folds, self.stacked
+
+    def forward(self, delta, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            results = pending[2]
+            if delta in results and same_input(pending[:2], x):
+                out = results.pop(delta)
+                if results:  # a third member still to come
+                    self.pending = pending
+                return out
+            self.fusing = False  # a member was called on another input: the model does not share it
+        if self.fusing:
+            folds, stacked = self.tables()
+            if stacked is not None:
+                out = forward_stacked(self.members, folds, stacked, x, valid)  # (G, N, d_out)
+                own = self.members.index(delta)
+                others = {m: out[i] for i, m in enumerate(self.members) if i != own}
+                self.pending = (x, input_version(x), others)
+                return out[own]
+            self.fusing = self.stacks = False  # another layout or shape: each member alone from now on
+        elif self.stacks and self.seen is not None and self.seen[2] is not delta and same_input(self.seen[:2], x):
+            self.fusing = True
+        self.seen = (x, input_version(x), delta)
+        return forward_alone(delta, x, valid)
