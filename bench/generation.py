@@ -9,6 +9,10 @@ reusing the cache (the loop ``generate()`` runs, without its bookkeeping). Eval 
     python bench/generation.py --json bench/results/generation.json
     python bench/generation.py --device cuda --dtype bfloat16
     python bench/generation.py --quick --compile          # every model through torch.compile (inductor)
+    python bench/generation.py --batches 1 --siblings-alone   # also each S'MoRE adapter decoding alone
+
+``--siblings-alone`` adds a copy of each S'MoRE model whose sibling adapters (gate_proj and up_proj) decode one by
+one instead of in one pass (``smore_decode.DecodeGroup``), timed in the same rounds: what the fusion gains.
 
 ``--compile [BACKEND]`` passes every model (base, S'MoRE, PEFT LoRA) through ``torch.compile`` the same way
 (default backend inductor); the warmup calls absorb the compilation, the cache's growing length included (dynamo
@@ -85,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="BACKEND",
         help="torch.compile every model with this backend (default inductor), all alike",
     )
+    p.add_argument(
+        "--siblings-alone",
+        action="store_true",
+        help="also time each S'MoRE model with its sibling adapters decoding one by one (no DecodeGroup)",
+    )
     args = p.parse_args(argv)
     if args.compile is not None and args.warmup < 1:
         raise SystemExit("--compile needs --warmup 1 or more: the first calls compile, they must not be timed.")
@@ -99,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in SMORE_CONFIGS.items():
         model = smore.adapt(copy.deepcopy(base), smore.SMoREConfig(**values, target_modules=TARGETS)).eval()
         models[name], counts[name] = model, smore.summary(model).trainable
+        if args.siblings_alone:
+            alone = copy.deepcopy(model)
+            for module in alone.modules():
+                module.__dict__.pop("_decode_group", None)
+            models[f"{name}, siblings alone"], counts[f"{name}, siblings alone"] = alone, counts[name]
         if lora_name is None:  # one LoRA, matched to the first S'MoRE config
             rank = common.matched_lora_rank(counts[name], shapes)
             lora_name = f"PEFT LoRA r={rank} unmerged"
