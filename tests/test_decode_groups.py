@@ -170,3 +170,19 @@ def test_members_whose_tables_do_not_stack_decode_alone():
     assert_same_decoding(decode(model), reference)
     group = group_of(model)
     assert not group.fusing and not group.stacks
+
+
+def test_a_member_in_training_mode_is_not_computed_by_its_sibling():
+    model = adapted()
+    decode(model)
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.train()  # its forward takes the training path, which the stacked eval pass must not stand in for
+    x = torch.randn(1, 1, 32, dtype=torch.float64)
+    with torch.no_grad():
+        mlp(x)
+        assert group_of(model).pending is None, "the eval pass computed a member in training mode"
+        torch.manual_seed(0)
+        out = mlp(x)
+        torch.manual_seed(0)
+        expected = alone(model).model.layers[0].mlp(x)
+    assert_close(out, expected)

@@ -659,7 +659,7 @@ class DecodeGroup:
                     self.pending = pending
                 return out
             self.fusing = False  # a member was called on another input: the model does not share it
-        if self.fusing:
+        if self.fusing and not any(member.training for member in self.members):  # the decode path is eval's
             folds, stacked = self.tables()
             if stacked is not None:
                 out = forward_stacked(self.members, folds, stacked, x, valid)  # (G, N, d_out)
