@@ -639,7 +639,12 @@ class DecodeGroup:
         self.pending: tuple | None = None  # (input, version, {member: Δy}) kept from a fused call
         self.sources: list[Folded] | None = None  # the members' tables the stack was built from
         self.stacked: Stacked | None = None
-        self.stacks = True  # False once the members' tables turned out not to stack (another layout or shape)
+
+    @property
+    def stacks(self) -> bool:
+        """False once the members' tables turned out not to stack (another layout or shape, which weight updates
+        never change)."""
+        return self.sources is None or self.stacked is not None
 
     def tables(self) -> tuple[list[Folded], Stacked | None]:
         folds = [tables(member) for member in self.members]
@@ -667,7 +672,7 @@ class DecodeGroup:
                 others = {m: out[i] for i, m in enumerate(self.members) if i != own}
                 self.pending = (x, input_version(x), others)
                 return out[own]
-            self.fusing = self.stacks = False  # another layout or shape: each member alone from now on
+            self.fusing = False  # another layout or shape: each member alone from now on (``stacks``)
         elif self.stacks and self.seen is not None and self.seen[2] is not delta and same_input(self.seen[:2], x):
             self.fusing = True
         self.seen = (x, input_version(x), delta)
